@@ -1,0 +1,18 @@
+"""oscar: 2-bit KV-cache quantization with OScaR (Canalized Rotation + Omni-Token Scaling).
+
+    cfg   = oscar.OScaRConfig()                      # INT2 K/V, group 32, residual 128
+    cache = oscar.quantize_kv(k, v, config=cfg)      # k, v: [batch, num_kv_heads, seq_len, head_dim]
+    cache.append(k_new, v_new)
+    out   = oscar.decode_attention(q, cache)         # q: [batch, num_q_heads, q_len, head_dim]
+    k_hat, v_hat = oscar.dequantize_kv(cache)
+
+NumPy arrays and CPU tensors run on the NumPy reference; CUDA tensors on the Numba kernels.
+"""
+
+from .config import OScaRConfig
+from .cache import QuantizedKVCache
+from .api import quantize_kv, decode_attention, dequantize_kv
+
+__version__ = "0.1.0"
+__all__ = ["OScaRConfig", "QuantizedKVCache", "quantize_kv", "decode_attention",
+           "dequantize_kv", "__version__"]

@@ -1,0 +1,167 @@
+"""The public verbs: quantize_kv, decode_attention, dequantize_kv.
+
+Backend selection: NumPy arrays and CPU torch tensors run on the NumPy reference
+(``backend="reference"``); CUDA torch tensors run on the Numba kernels (``backend="numba"``,
+needs the ``numba`` extra). ``backend=None`` picks by the input; an explicit backend that does
+not fit the input is an error, never a silent copy between devices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _validate as V
+from .cache import QuantizedKVCache, dequantize_reference
+from .config import OScaRConfig
+from .reference.attention import decode_attention as _ref_decode_attention
+
+BACKENDS = ("reference", "numba")
+
+
+def _pick_backend(backend, x, name):
+    on_cuda = V.is_torch(x) and x.is_cuda
+    if backend is None:
+        return "numba" if on_cuda else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    if backend == "reference" and on_cuda:
+        raise ValueError(f"{name}: backend='reference' runs on the host, got a tensor on "
+                         f"{x.device}; move it with .cpu() or use backend='numba'")
+    if backend == "numba" and not on_cuda:
+        raise ValueError(f"{name}: backend='numba' needs CUDA torch tensors, got "
+                         f"{type(x).__name__} on {V.device_name(x)}")
+    return backend
+
+
+def _numba_backend():
+    try:
+        from . import _cuda_bridge
+    except ImportError as exc:  # numba-cuda missing or broken
+        raise ImportError(
+            "CUDA tensors need the Numba backend: pip install 'oscar-kv[numba]' "
+            f"(numba-cuda could not be imported: {exc})"
+        ) from exc
+    return _cuda_bridge
+
+
+def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = None
+                ) -> QuantizedKVCache:
+    """Quantize keys and values ``[batch, num_kv_heads, seq_len, head_dim]`` into a cache.
+
+    The first ``floor(seq_len / R) * R`` tokens are rotated, scaled, quantized and packed; the
+    rest stay in the residual window (R = ``config.residual_length``). ``seq_len`` may be 0.
+
+    Args:
+        k, v: float16, bfloat16 or float32; NumPy arrays, CPU or CUDA torch tensors.
+        config: an :class:`OScaRConfig` (default: the paper's INT2 configuration).
+        backend: None (by input), ``"reference"`` or ``"numba"``.
+    """
+    config = OScaRConfig() if config is None else config
+    if not isinstance(config, OScaRConfig):
+        raise TypeError(f"config: expected OScaRConfig, got {type(config).__name__}")
+    shape, dt = V.check_kv(k, v)
+    b, h, t, d = shape
+    config.check_head_dim(d)
+    backend = _pick_backend(backend, k, "k")
+    if backend == "numba":
+        return _numba_backend().quantize_kv(k, v, config)
+    cache = QuantizedKVCache.empty(b, h, d, dt, config)
+    if t:
+        cache.append(k, v)
+    return cache
+
+
+def _check_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale: expected a positive finite float, got {scale}")
+    return float(scale)
+
+
+def check_query(q, cache: QuantizedKVCache):
+    """Validate ``q [batch, num_q_heads, q_len, head_dim]`` against a cache; returns q's dtype."""
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"cache: expected QuantizedKVCache, got {type(cache).__name__}")
+    shape = V.check_rank4("q", q, "batch, num_q_heads, q_len, head_dim")
+    dt = V.check_float_dtype("q", q)
+    b, hq, q_len, d = shape
+    if b != cache.batch or d != cache.head_dim:
+        raise ValueError(f"q: expected shape [{cache.batch}, num_q_heads, q_len, "
+                         f"{cache.head_dim}] to match the cache, got {shape}")
+    if hq % cache.num_kv_heads:
+        raise ValueError(f"q: num_q_heads ({hq}) must be a multiple of the cache's "
+                         f"num_kv_heads ({cache.num_kv_heads})")
+    if cache.seq_len == 0:
+        raise ValueError("cache: expected at least one token, got an empty cache")
+    if not 1 <= q_len <= cache.seq_len:
+        raise ValueError(f"q: expected 1 <= q_len <= cache.seq_len ({cache.seq_len}) (the "
+                         f"queries are the last q_len tokens of the cache), got q_len={q_len}")
+    return dt
+
+
+def decode_attention(q, cache: QuantizedKVCache, scale: float | None = None,
+                     return_lse: bool = False):
+    """Attention of ``q [batch, num_q_heads, q_len, head_dim]`` over a quantized cache.
+
+    Query head h reads KV head ``h // (num_q_heads // num_kv_heads)`` (GQA). With q_len > 1 the
+    queries are the last q_len tokens of the cache and attend causally. Equivalent to exact
+    softmax attention over :func:`dequantize_kv` of the cache.
+
+    Returns ``out [batch, num_q_heads, q_len, head_dim]`` in q's dtype and container, and with
+    ``return_lse=True`` also the float32 natural-log log-sum-exp ``[batch, num_q_heads, q_len]``.
+    """
+    dt = check_query(q, cache)
+    scale = _check_scale(scale, cache.head_dim)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    if cache.backend == "numba":
+        return _numba_backend().decode_attention(q, cache, scale, return_lse)
+    if V.is_torch(q) and q.is_cuda:
+        raise ValueError(f"q: expected a host array for a reference-backend cache, got a "
+                         f"tensor on {q.device}")
+    q32 = V.to_numpy_f32(q)
+    V.check_finite("q", q32)
+    k_res, v_res = cache.residual()
+    out, lse = _ref_decode_attention(q32, cache.packed(), k_res, v_res, cache.config, scale,
+                                     return_lse=True)
+    out = _like(q, out, dt)
+    return (out, _like(q, lse, "float32")) if return_lse else out
+
+
+def dequantize_kv(cache: QuantizedKVCache):
+    """The cache's keys and values back as ``[batch, num_kv_heads, seq_len, head_dim]``.
+
+    Quantized tokens are dequantized, un-scaled and un-rotated; residual tokens are returned as
+    stored. The result has the cache's dtype and lives where the cache lives (NumPy for
+    NumPy-built caches, torch for torch-built ones).
+    """
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"cache: expected QuantizedKVCache, got {type(cache).__name__}")
+    if cache.backend == "numba":
+        return _numba_backend().dequantize_kv(cache)
+    k_hat, v_hat = dequantize_reference(cache._store)
+    like = "torch" if getattr(cache._store, "torch_inputs", False) else None
+    return _to_output(k_hat, cache.dtype, like), _to_output(v_hat, cache.dtype, like)
+
+
+def _to_output(x64, dtype, like):
+    if like == "torch":
+        import torch
+
+        return torch.from_numpy(np.asarray(x64, np.float32)).to(getattr(torch, dtype))
+    np_dt = {"float16": np.float16, "float32": np.float32, "bfloat16": np.float32}[dtype]
+    return np.asarray(x64).astype(np_dt)
+
+
+def _like(ref, x, dtype):
+    """Return ``x`` (NumPy) in ref's container: torch tensor of dtype, or NumPy array."""
+    if V.is_torch(ref):
+        return _to_output(x, dtype, "torch")
+    if dtype == "bfloat16":
+        dtype = "float32"
+    return np.asarray(x).astype(dtype)

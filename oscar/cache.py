@@ -1,0 +1,232 @@
+"""The quantized KV cache of one attention layer (SPEC section 4).
+
+A cache of ``seq_len`` tokens holds ``quantized_len = floor(seq_len / R) * R`` tokens in packed
+form (docs/format.md) and ``residual_len = seq_len - quantized_len`` most recent tokens in the
+input dtype. Appending fills the residual; when it reaches R tokens they are quantized as one
+block and the residual empties. Blocks are independent, so the packed bytes do not depend on how
+the tokens arrived (all at once, one by one, or in chunks).
+
+The storage lives with a backend: NumPy arrays for the reference backend (NumPy inputs and CPU
+torch tensors), torch CUDA tensors for the Numba backend. The public methods are the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validate as V
+from .config import OScaRConfig
+from .reference.block import (
+    PackedBlock,
+    concat_blocks,
+    dequantize_block,
+    empty_block,
+    quantize_block,
+)
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+_NUMPY_RESIDUAL_DTYPE = {"float16": np.float16, "float32": np.float32,
+                         # NumPy has no bfloat16: bfloat16 values are held exactly in float32
+                         "bfloat16": np.float32}
+
+
+class ReferenceStore:
+    """Storage and operations of the reference backend (NumPy arrays on the host)."""
+
+    backend = "reference"
+
+    def __init__(self, batch, num_kv_heads, head_dim, dtype, config: OScaRConfig):
+        self.config = config
+        self.dtype = dtype
+        self.block = empty_block(batch, num_kv_heads, head_dim, config)
+        r = config.residual_length
+        rdt = _NUMPY_RESIDUAL_DTYPE[dtype]
+        self.k_res = np.zeros((batch, num_kv_heads, r, head_dim), rdt)
+        self.v_res = np.zeros((batch, num_kv_heads, r, head_dim), rdt)
+        self.residual_len = 0
+        self.torch_inputs = False  # dequantize_kv returns torch tensors for torch-built caches
+
+    @property
+    def quantized_len(self) -> int:
+        return self.block.seq_len
+
+    def check_device(self, name, x) -> None:
+        if V.is_torch(x) and x.is_cuda:
+            raise ValueError(f"{name}: expected a CPU tensor or NumPy array for a "
+                             f"reference-backend cache, got a tensor on {x.device}")
+
+    def _flush(self, k32: np.ndarray, v32: np.ndarray) -> None:
+        new = quantize_block(k32, v32, self.config)
+        self.block = new if self.block.seq_len == 0 else concat_blocks([self.block, new])
+
+    def append(self, k, v) -> None:
+        """Append validated tokens ``[B, H, n, D]`` (NumPy or CPU torch)."""
+        self.torch_inputs = self.torch_inputs or V.is_torch(k)
+        k32 = V.to_numpy_f32(k)
+        v32 = V.to_numpy_f32(v)
+        V.check_finite("k", k32)
+        V.check_finite("v", v32)
+        # Residual storage in the input dtype: values are rounded to it before quantization,
+        # exactly as a cache holding them in that dtype would see them.
+        rdt = self.k_res.dtype
+        k32 = k32.astype(rdt).astype(np.float32)
+        v32 = v32.astype(rdt).astype(np.float32)
+        r = self.config.residual_length
+        n = k32.shape[2]
+        pos = 0
+        # 1) top up a partly filled residual
+        if self.residual_len:
+            take = min(r - self.residual_len, n)
+            sl = slice(self.residual_len, self.residual_len + take)
+            self.k_res[:, :, sl] = k32[:, :, :take]
+            self.v_res[:, :, sl] = v32[:, :, :take]
+            self.residual_len += take
+            pos = take
+            if self.residual_len == r:
+                self._flush(self.k_res.astype(np.float32), self.v_res.astype(np.float32))
+                self.residual_len = 0
+        # 2) whole blocks go straight to the quantizer (same bytes as block-by-block)
+        whole = (n - pos) // r * r
+        if whole:
+            self._flush(k32[:, :, pos : pos + whole], v32[:, :, pos : pos + whole])
+            pos += whole
+        # 3) the rest starts a new residual
+        rest = n - pos
+        if rest:
+            self.k_res[:, :, :rest] = k32[:, :, pos:]
+            self.v_res[:, :, :rest] = v32[:, :, pos:]
+            self.residual_len = rest
+
+    def residual(self):
+        return (self.k_res[:, :, : self.residual_len].astype(np.float32),
+                self.v_res[:, :, : self.residual_len].astype(np.float32))
+
+    def packed(self) -> PackedBlock:
+        return self.block
+
+    def nbytes(self) -> int:
+        res = 2 * self.k_res[:, :, : self.residual_len].size * _ITEMSIZE[self.dtype]
+        return self.block.nbytes + res
+
+
+class QuantizedKVCache:
+    """Packed 2/4/8-bit keys and values of one layer, plus an unquantized residual window.
+
+    Build it with :func:`oscar.quantize_kv` (or :meth:`empty`), stream tokens in with
+    :meth:`append`, read it with :func:`oscar.decode_attention` and :func:`oscar.dequantize_kv`.
+
+    Attributes:
+        config: the :class:`OScaRConfig` it was built with.
+        batch, num_kv_heads, head_dim: the fixed dimensions of every K/V appended.
+        dtype: the input dtype name (``"float16"``, ``"bfloat16"`` or ``"float32"``).
+        backend: ``"reference"`` (NumPy) or ``"numba"`` (CUDA).
+    """
+
+    def __init__(self, store, batch, num_kv_heads, head_dim, dtype, config, device="cpu"):
+        self._store = store
+        self.batch = batch
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.config = config
+        self.device = device
+
+    @classmethod
+    def empty(cls, batch, num_kv_heads, head_dim, dtype="float32", config=None,
+              backend="reference"):
+        """An empty cache on the reference backend (use quantize_kv for CUDA tensors)."""
+        config = OScaRConfig() if config is None else config
+        if not isinstance(config, OScaRConfig):
+            raise TypeError(f"config: expected OScaRConfig, got {type(config).__name__}")
+        for name, val in (("batch", batch), ("num_kv_heads", num_kv_heads)):
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
+        config.check_head_dim(head_dim)
+        if dtype not in V.FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected one of {V.FLOAT_DTYPES}, got {dtype!r}")
+        if backend != "reference":
+            raise ValueError(f"backend: expected 'reference' for an empty host cache, "
+                             f"got {backend!r}")
+        store = ReferenceStore(batch, num_kv_heads, head_dim, dtype, config)
+        return cls(store, batch, num_kv_heads, head_dim, dtype, config)
+
+    # --- sizes -------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._store.backend
+
+    @property
+    def quantized_len(self) -> int:
+        """Tokens held in packed form (a multiple of residual_length)."""
+        return self._store.quantized_len
+
+    @property
+    def residual_len(self) -> int:
+        """Most recent tokens held unquantized (0 .. residual_length - 1)."""
+        return self._store.residual_len
+
+    @property
+    def seq_len(self) -> int:
+        return self.quantized_len + self.residual_len
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, (scale, min) params, norms, and the residual tokens."""
+        return int(self._store.nbytes())
+
+    @property
+    def bf16_nbytes(self) -> int:
+        """Bytes of a bfloat16 cache of the same tokens (K and V)."""
+        return 2 * 2 * self.batch * self.num_kv_heads * self.seq_len * self.head_dim
+
+    @property
+    def bits_per_element(self) -> float:
+        """Average stored bits per K or V element (``8 * nbytes / (2 B H T D)``)."""
+        n = 2 * self.batch * self.num_kv_heads * self.seq_len * self.head_dim
+        return 8.0 * self.nbytes / n if n else 0.0
+
+    @property
+    def compression(self) -> float:
+        """``bf16_nbytes / nbytes`` (how many times smaller than a bfloat16 cache)."""
+        return self.bf16_nbytes / self.nbytes if self.nbytes else 1.0
+
+    # --- data --------------------------------------------------------------------------------
+    def append(self, k_new, v_new) -> "QuantizedKVCache":
+        """Append tokens ``[batch, num_kv_heads, n, head_dim]`` (n >= 1); returns self.
+
+        Full residual windows are quantized as they complete. Raises ValueError/TypeError for
+        a shape, dtype or device that does not match the cache, and for NaN/Inf values.
+        """
+        shape, dt = V.check_kv(k_new, v_new, "k_new", "v_new")
+        expected = (self.batch, self.num_kv_heads, shape[2], self.head_dim)
+        if shape != expected or shape[2] == 0:
+            raise ValueError(
+                "k_new: expected shape [batch, num_kv_heads, n >= 1, head_dim] = "
+                f"[{self.batch}, {self.num_kv_heads}, n, {self.head_dim}], got {shape}"
+            )
+        if dt != self.dtype:
+            raise TypeError(f"k_new: expected dtype {self.dtype} (the cache's), got {dt}")
+        self._store.check_device("k_new", k_new)
+        self._store.append(k_new, v_new)
+        return self
+
+    def packed(self) -> PackedBlock:
+        """The packed arrays of the quantized tokens (docs/format.md), backend-native."""
+        return self._store.packed()
+
+    def residual(self):
+        """``(k, v)`` of the residual tokens, ``[batch, num_kv_heads, residual_len, head_dim]``."""
+        return self._store.residual()
+
+    def __repr__(self) -> str:
+        return (f"QuantizedKVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, seq_len={self.seq_len} (quantized "
+                f"{self.quantized_len}, residual {self.residual_len}), dtype={self.dtype}, "
+                f"backend={self.backend!r}, {self.bits_per_element:.2f} bits/element)")
+
+
+def dequantize_reference(store: ReferenceStore):
+    """``(k_hat, v_hat)`` float32 ``[B, H, seq_len, D]`` of a reference store."""
+    k_hat, v_hat = dequantize_block(store.block, store.config)
+    k_res, v_res = store.residual()
+    return (np.concatenate((k_hat, k_res), axis=2), np.concatenate((v_hat, v_res), axis=2))
