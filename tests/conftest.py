@@ -1,0 +1,23 @@
+"""Test configuration shared by every test file.
+
+* Puts ``tests/`` on sys.path so helper modules import as plain modules (no __init__.py).
+* Runs Numba kernels under the CUDA simulator when no NVIDIA GPU is visible (CPU CI), unless
+  NUMBA_ENABLE_CUDASIM is already set. This must happen before numba is first imported.
+* Shortens the interpreter's thread switch interval: the simulator runs each CUDA thread as a
+  Python thread, and barriers are 5-10x faster with a short interval (../shared/KERNELS.md).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def _gpu_visible() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+
+
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _gpu_visible():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+sys.setswitchinterval(1e-4)
