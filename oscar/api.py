@@ -46,8 +46,8 @@ def _numba_backend():
     return _cuda_bridge
 
 
-def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = None
-                ) -> QuantizedKVCache:
+def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = None,
+                max_seq_len: int | None = None) -> QuantizedKVCache:
     """Quantize keys and values ``[batch, num_kv_heads, seq_len, head_dim]`` into a cache.
 
     The first ``floor(seq_len / R) * R`` tokens are rotated, scaled, quantized and packed; the
@@ -57,6 +57,10 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
         k, v: float16, bfloat16 or float32; NumPy arrays, CPU or CUDA torch tensors.
         config: an :class:`OScaRConfig` (default: the paper's INT2 configuration).
         backend: None (by input), ``"reference"`` or ``"numba"``.
+        max_seq_len: optional number of tokens to reserve packed storage for (CUDA caches grow
+            geometrically otherwise; see :meth:`QuantizedKVCache.reserve`).
+
+    On CUDA this synchronizes once, at the end, to raise on NaN/Inf or float16 overflow.
     """
     config = OScaRConfig() if config is None else config
     if not isinstance(config, OScaRConfig):
@@ -64,9 +68,12 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
     shape, dt = V.check_kv(k, v)
     b, h, t, d = shape
     config.check_head_dim(d)
+    if max_seq_len is not None and (isinstance(max_seq_len, bool)
+                                    or not isinstance(max_seq_len, int) or max_seq_len < 0):
+        raise ValueError(f"max_seq_len: expected a non-negative int or None, got {max_seq_len!r}")
     backend = _pick_backend(backend, k, "k")
     if backend == "numba":
-        return _numba_backend().quantize_kv(k, v, config)
+        return _numba_backend().quantize_kv(k, v, config, max_seq_len)
     cache = QuantizedKVCache.empty(b, h, d, dt, config)
     if t:
         cache.append(k, v)

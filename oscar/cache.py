@@ -210,6 +210,34 @@ class QuantizedKVCache:
         self._store.append(k_new, v_new)
         return self
 
+    def reserve(self, seq_len: int) -> "QuantizedKVCache":
+        """Pre-allocate packed storage for ``seq_len`` tokens (CUDA caches; no-op on the host).
+
+        A CUDA cache otherwise grows its buffers geometrically when a flush needs room; reserving
+        up front avoids any reallocation, which a CUDA-graph decode loop needs.
+        """
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+            raise ValueError(f"seq_len: expected a non-negative int, got {seq_len!r}")
+        if hasattr(self._store, "reserve"):
+            self._store.reserve(seq_len)
+        return self
+
+    def check(self) -> "QuantizedKVCache":
+        """Raise ValueError if a flush met NaN/Inf or float16 overflow (synchronizes on CUDA).
+
+        The reference backend raises eagerly in :meth:`append`; the CUDA backend does not
+        synchronize there, writes NaN (scale, min) for the affected groups, and records the event
+        in a device status word that this method reads.
+        """
+        status = self._store.read_status() if hasattr(self._store, "read_status") else 0
+        if status & 1:
+            raise ValueError("cache: a flush met NaN or Inf in k or v; the affected groups "
+                             "hold NaN parameters")
+        if status & 2:
+            raise ValueError("cache: a flush met values outside the float16 range of "
+                             "param_dtype='float16'")
+        return self
+
     def packed(self) -> PackedBlock:
         """The packed arrays of the quantized tokens (docs/format.md), backend-native."""
         return self._store.packed()

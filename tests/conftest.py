@@ -21,3 +21,35 @@ if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _gpu_visible():
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 sys.setswitchinterval(1e-4)
+
+
+def _cuda_available() -> tuple[bool, str]:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False, "NUMBA_ENABLE_CUDASIM=1: kernels run in the simulator, not on a GPU"
+    try:
+        import oscar.kernels_numba._compat as compat
+    except ImportError as exc:
+        return False, f"numba-cuda not importable ({exc})"
+    if not compat.cuda.is_available():
+        return False, "no CUDA GPU visible to numba"
+    try:
+        import torch
+    except ImportError:
+        return False, "torch not installed"
+    if not torch.cuda.is_available():
+        return False, "torch has no CUDA"
+    return True, ""
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    if not any("gpu" in item.keywords for item in items):
+        return
+    ok, why = _cuda_available()
+    if ok:
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {why}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,294 @@
+"""The Numba backend: torch CUDA tensors in, Numba kernels on torch's current stream, torch out.
+
+Storage of a CUDA cache is torch tensors on the cache's device (torch's caching allocator, so a
+decode step can be captured in a ``torch.cuda.CUDAGraph``). Long-lived buffers are wrapped as Numba
+device arrays once, when they are allocated (``cuda.as_cuda_array`` costs ~20 us per call);
+per-call tensors (queries, outputs, new tokens) are wrapped per call, zero-copy through
+``__cuda_array_interface__``. bfloat16 tensors travel as int16 views (torch exports bfloat16 as a
+void type) and the kernels convert the bits.
+
+Capacity: the packed buffers grow geometrically (x2, rounded up to whole residual windows) when a
+flush needs more room, so appending T tokens costs O(T) amortized copies and no reallocation per
+flush; ``QuantizedKVCache.reserve(seq_len)`` (or ``quantize_kv(..., max_seq_len=...)``) allocates
+once up front, which is what a CUDA-graph decode loop wants.
+
+Synchronization: ``decode_attention`` and ``append`` never synchronize with the host. ``quantize_kv``
+synchronizes once at the end to raise on NaN/Inf input and float16 overflow (documented cost).
+After that, a flush inside ``append`` that meets non-finite values writes NaN (scale, min) for the
+affected groups (so exactly the affected attention outputs become NaN) and records it in a device
+status word that :meth:`QuantizedKVCache.check` reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .cache import QuantizedKVCache
+from .config import OScaRConfig
+from .kernels_numba._compat import cuda
+from .kernels_numba import attention as _attn
+from .kernels_numba import dequantize as _deq
+from .kernels_numba import quantize as _quant
+from .reference.block import PackedBlock
+
+#: status bits written by the quantize kernel (kernels_numba/quantize.py)
+STATUS_NONFINITE, STATUS_FP16_OVERFLOW = 1, 2
+
+_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _nb(t: torch.Tensor):
+    """Zero-copy Numba view of a torch CUDA tensor (bfloat16 as int16 bits)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return cuda.as_cuda_array(t)
+
+
+def _nb_u32(t: torch.Tensor):
+    """Numba uint32 view of an int32 tensor holding packed code words (same bits)."""
+    return cuda.as_cuda_array(t).view(np.uint32)
+
+
+class _Launch:
+    """Context for a launch: Numba on the tensor's device, stream = torch's current stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        self._ctx = cuda.gpus[self.device.index]
+        self._ctx.__enter__()
+        return cuda.external_stream(torch.cuda.current_stream(self.device).cuda_stream)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class NumbaStore:
+    """Packed capacity buffers + residual window of one layer on one CUDA device."""
+
+    backend = "numba"
+
+    def __init__(self, batch, num_kv_heads, head_dim, dtype, config: OScaRConfig, device,
+                 capacity: int = 0):
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
+        r = config.residual_length
+        tdt = _TORCH_DTYPE[dtype]
+        self.k_res = torch.zeros((batch, num_kv_heads, r, head_dim), dtype=tdt, device=device)
+        self.v_res = torch.zeros_like(self.k_res)
+        self.k_res_nb, self.v_res_nb = _nb(self.k_res), _nb(self.v_res)
+        self.residual_len = 0
+        self.quantized_len = 0
+        self.status = torch.zeros(1, dtype=torch.int32, device=device)
+        self.status_nb = cuda.as_cuda_array(self.status)
+        self.capacity = 0
+        self._alloc(_round_up(max(capacity, r), r))
+
+    # --- buffers -----------------------------------------------------------------------------
+    def _shapes(self, cap):
+        c, b, h, d = self.config, self.batch, self.num_kv_heads, self.head_dim
+        s = 1 if c.norm_scope == "token" else h
+        return dict(
+            k_codes=((b, h, cap // 32, d * c.key_bits // 32, 32), torch.int32),
+            k_params=((b, h, cap // c.key_group_size, d, 2), self._param_dtype),
+            v_codes=((b, h, cap, d * c.value_bits // 32), torch.int32),
+            v_params=((b, h, cap, d // c.value_group_size, 2), self._param_dtype),
+            norms=((b, s, cap) if c.scale_tokens else (1, 1, 1), torch.float32),
+        )
+
+    @property
+    def _param_dtype(self):
+        return torch.float16 if self.config.param_dtype == "float16" else torch.float32
+
+    _TOKEN_AXIS = dict(k_codes=2, k_params=2, v_codes=2, v_params=2, norms=2)
+
+    def _alloc(self, cap: int) -> None:
+        """(Re)allocate the packed buffers with room for ``cap`` tokens, keeping contents."""
+        old = getattr(self, "buf", None)
+        buf = {}
+        for name, (shape, dt) in self._shapes(cap).items():
+            t = torch.zeros(shape, dtype=dt, device=self.device)
+            if old is not None and self.quantized_len and not (
+                    name == "norms" and not self.config.scale_tokens):
+                n = self._tokens_to_len(name, self.quantized_len)
+                t[:, :, :n].copy_(old[name][:, :, :n])
+            buf[name] = t
+        self.buf = buf
+        self.capacity = cap
+        self.nb = {n: (_nb_u32(t) if n.endswith("codes") else cuda.as_cuda_array(t))
+                   for n, t in buf.items()}
+
+    def _tokens_to_len(self, name, tokens):
+        """Length along the token axis of array ``name`` for ``tokens`` tokens."""
+        if name == "k_codes":
+            return tokens // 32
+        if name == "k_params":
+            return tokens // self.config.key_group_size
+        return tokens
+
+    def reserve(self, seq_len: int) -> None:
+        """Make room for ``seq_len`` quantized tokens without further reallocation."""
+        need = _round_up(seq_len, self.config.residual_length)
+        if need > self.capacity:
+            self._alloc(need)
+
+    def _ensure(self, tokens: int) -> None:
+        if tokens > self.capacity:
+            self._alloc(max(tokens, _round_up(2 * self.capacity, self.config.residual_length)))
+
+    def _views(self, start: int, stop: int) -> dict:
+        """Numba views of the packed buffers for tokens [start, stop)."""
+        out = {}
+        for name, arr in self.nb.items():
+            if name == "norms" and not self.config.scale_tokens:
+                out[name] = arr
+            else:
+                a, b = self._tokens_to_len(name, start), self._tokens_to_len(name, stop)
+                out[name] = arr[:, :, a:b]
+        return out
+
+    # --- operations --------------------------------------------------------------------------
+    def check_device(self, name, x) -> None:
+        if not (isinstance(x, torch.Tensor) and x.is_cuda and x.device == self.device):
+            where = x.device if isinstance(x, torch.Tensor) else "host (numpy)"
+            raise ValueError(f"{name}: expected a CUDA tensor on {self.device} (the cache's "
+                             f"device), got {where}")
+
+    def _quantize(self, k: torch.Tensor, v: torch.Tensor, stream) -> None:
+        """Quantize whole windows ``k, v [B, H, n*R, D]`` into the packed buffers."""
+        n = k.shape[2]
+        start = self.quantized_len
+        self._ensure(start + n)
+        views = self._views(start, start + n)
+        _quant.quantize_block(_nb(k), _nb(v), views["k_codes"], views["k_params"],
+                              views["v_codes"], views["v_params"], views["norms"],
+                              self.status_nb, self.config, self.dtype, stream=stream)
+        self.quantized_len += n
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        r = self.config.residual_length
+        n = k.shape[2]
+        pos = 0
+        with _Launch(self.device) as stream:
+            if self.residual_len:
+                take = min(r - self.residual_len, n)
+                sl = slice(self.residual_len, self.residual_len + take)
+                self.k_res[:, :, sl].copy_(k[:, :, :take])
+                self.v_res[:, :, sl].copy_(v[:, :, :take])
+                self.residual_len += take
+                pos = take
+                if self.residual_len == r:
+                    self._quantize(self.k_res, self.v_res, stream)
+                    self.residual_len = 0
+            whole = (n - pos) // r * r
+            if whole:
+                self._quantize(k[:, :, pos: pos + whole], v[:, :, pos: pos + whole], stream)
+                pos += whole
+            rest = n - pos
+            if rest:
+                self.k_res[:, :, :rest].copy_(k[:, :, pos:])
+                self.v_res[:, :, :rest].copy_(v[:, :, pos:])
+                self.residual_len = rest
+
+    def read_status(self) -> int:
+        """Synchronize and return the status word (bit 1: non-finite, bit 2: fp16 overflow)."""
+        return int(self.status.item())
+
+    def residual(self):
+        return (self.k_res[:, :, : self.residual_len], self.v_res[:, :, : self.residual_len])
+
+    def packed(self) -> PackedBlock:
+        t = self.quantized_len
+        b = {name: self.buf[name][:, :, : self._tokens_to_len(name, t)] for name in self.buf}
+        return PackedBlock(k_codes=b["k_codes"], k_params=b["k_params"], v_codes=b["v_codes"],
+                           v_params=b["v_params"],
+                           norms=b["norms"] if self.config.scale_tokens else None)
+
+    def nbytes(self) -> int:
+        p = self.packed()
+        n = sum(a.numel() * a.element_size() for a in (p.k_codes, p.k_params, p.v_codes,
+                                                       p.v_params))
+        if p.norms is not None:
+            n += p.norms.numel() * 4
+        return n + 2 * self.k_res[:, :, : self.residual_len].numel() * self.k_res.element_size()
+
+    def decode_attention(self, q: torch.Tensor, scale: float, return_lse: bool):
+        b, hq, q_len, d = q.shape
+        out = torch.empty((b, hq, q_len, d), dtype=torch.float32, device=self.device)
+        lse = torch.empty((b, hq, q_len), dtype=torch.float32, device=self.device)
+        splits = _attn.choose_num_splits(b, self.num_kv_heads, self.quantized_len)
+        shapes = _attn.workspace_shapes(b, hq, q_len, d, splits)
+        ws_t = {n: torch.empty(s, dtype=torch.float32, device=self.device)
+                for n, s in shapes.items()}
+        with _Launch(self.device) as stream:
+            _attn.decode_attention(
+                _nb(q), self.nb["k_codes"], self.nb["k_params"], self.nb["v_codes"],
+                self.nb["v_params"], self.nb["norms"], self.k_res_nb, self.v_res_nb,
+                cuda.as_cuda_array(out), cuda.as_cuda_array(lse),
+                {n: cuda.as_cuda_array(t) for n, t in ws_t.items()}, self.config, scale,
+                self.quantized_len, self.residual_len, _dtype_name(q), self.dtype, splits,
+                stream=stream)
+        out = out if q.dtype == torch.float32 else out.to(q.dtype)
+        return (out, lse) if return_lse else out
+
+    def dequantize(self):
+        b, h, d, t = self.batch, self.num_kv_heads, self.head_dim, self.quantized_len
+        k_hat = torch.empty((b, h, t, d), dtype=torch.float32, device=self.device)
+        v_hat = torch.empty_like(k_hat)
+        if t:
+            views = self._views(0, t)
+            with _Launch(self.device) as stream:
+                _deq.dequantize_block(views["k_codes"], views["k_params"], views["v_codes"],
+                                      views["v_params"], views["norms"],
+                                      cuda.as_cuda_array(k_hat), cuda.as_cuda_array(v_hat),
+                                      self.config, stream=stream)
+        k_res, v_res = self.residual()
+        tdt = _TORCH_DTYPE[self.dtype]
+        return (torch.cat((k_hat.to(tdt), k_res), dim=2), torch.cat((v_hat.to(tdt), v_res), dim=2))
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OScaRConfig,
+                max_seq_len: int | None = None) -> QuantizedKVCache:
+    """Quantize CUDA tensors (validated by the caller) into a Numba-backed cache.
+
+    Synchronizes once at the end to raise ValueError on NaN/Inf inputs or float16 overflow.
+    """
+    b, h, t, d = k.shape
+    dt = _dtype_name(k)
+    r = config.residual_length
+    store = NumbaStore(b, h, d, dt, config, k.device, capacity=max(t // r * r,
+                                                                   max_seq_len or 0))
+    cache = QuantizedKVCache(store, b, h, d, dt, config, device=str(k.device))
+    if t:
+        store.append(k, v)
+        res_bad = store.residual_len and not bool(
+            torch.isfinite(store.k_res[:, :, : store.residual_len]).all()
+            & torch.isfinite(store.v_res[:, :, : store.residual_len]).all())
+        status = store.read_status()
+        if status & STATUS_NONFINITE or res_bad:
+            raise ValueError("k, v: expected finite values, got NaN or Inf")
+        if status & STATUS_FP16_OVERFLOW:
+            raise ValueError("k, v: a quantization group has min/max/scale outside the float16 "
+                             "range of param_dtype='float16'; use param_dtype='float32'")
+    return cache
+
+
+def decode_attention(q, cache: QuantizedKVCache, scale: float, return_lse: bool):
+    cache._store.check_device("q", q)
+    return cache._store.decode_attention(q, scale, return_lse)
+
+
+def dequantize_kv(cache: QuantizedKVCache):
+    return cache._store.dequantize()
