@@ -163,15 +163,23 @@ class NumbaStore:
                              f"device), got {where}")
 
     def _quantize(self, k: torch.Tensor, v: torch.Tensor, stream) -> None:
-        """Quantize whole windows ``k, v [B, H, n*R, D]`` into the packed buffers."""
+        """Quantize whole windows ``k, v [B, H, n*R, D]`` after the quantized tokens."""
         n = k.shape[2]
-        start = self.quantized_len
-        self._ensure(start + n)
-        views = self._views(start, start + n)
+        self._ensure(self.quantized_len + n)
+        self._launch_quantize(k, v, self.quantized_len, stream)
+        self.quantized_len += n
+
+    def _launch_quantize(self, k, v, start, stream) -> None:
+        """One launch of the fused quantize kernel into tokens [start, start + n) (in capacity)."""
+        views = self._views(start, start + k.shape[2])
         _quant.quantize_block(_nb(k), _nb(v), views["k_codes"], views["k_params"],
                               views["v_codes"], views["v_params"], views["norms"],
                               self.status_nb, self.config, self.dtype, stream=stream)
-        self.quantized_len += n
+
+    def _quantize_into(self, k, v, start: int) -> None:
+        """Benchmark hook: re-quantize ``k, v`` into existing capacity at ``start`` (no state)."""
+        with _Launch(self.device) as stream:
+            self._launch_quantize(k, v, start, stream)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         r = self.config.residual_length

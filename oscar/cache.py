@@ -55,13 +55,8 @@ class ReferenceStore:
             raise ValueError(f"{name}: expected a CPU tensor or NumPy array for a "
                              f"reference-backend cache, got a tensor on {x.device}")
 
-    def _flush(self, k32: np.ndarray, v32: np.ndarray) -> None:
-        new = quantize_block(k32, v32, self.config)
-        self.block = new if self.block.seq_len == 0 else concat_blocks([self.block, new])
-
     def append(self, k, v) -> None:
         """Append validated tokens ``[B, H, n, D]`` (NumPy or CPU torch)."""
-        self.torch_inputs = self.torch_inputs or V.is_torch(k)
         k32 = V.to_numpy_f32(k)
         v32 = V.to_numpy_f32(v)
         V.check_finite("k", k32)
@@ -73,29 +68,27 @@ class ReferenceStore:
         v32 = v32.astype(rdt).astype(np.float32)
         r = self.config.residual_length
         n = k32.shape[2]
-        pos = 0
-        # 1) top up a partly filled residual
-        if self.residual_len:
-            take = min(r - self.residual_len, n)
-            sl = slice(self.residual_len, self.residual_len + take)
-            self.k_res[:, :, sl] = k32[:, :, :take]
-            self.v_res[:, :, sl] = v32[:, :, :take]
-            self.residual_len += take
-            pos = take
-            if self.residual_len == r:
-                self._flush(self.k_res.astype(np.float32), self.v_res.astype(np.float32))
-                self.residual_len = 0
-        # 2) whole blocks go straight to the quantizer (same bytes as block-by-block)
-        whole = (n - pos) // r * r
-        if whole:
-            self._flush(k32[:, :, pos : pos + whole], v32[:, :, pos : pos + whole])
-            pos += whole
-        # 3) the rest starts a new residual
-        rest = n - pos
-        if rest:
-            self.k_res[:, :, :rest] = k32[:, :, pos:]
-            self.v_res[:, :, :rest] = v32[:, :, pos:]
-            self.residual_len = rest
+        filled = self.residual_len
+        # New tokens that complete windows: the stored residual plus these are quantized as one
+        # block (windows are independent: same bytes as one window at a time), *before* any
+        # state changes, so that an append the quantizer rejects (float16 range) leaves the
+        # cache as it was.
+        take = max(0, (filled + n) // r * r - filled)
+        if take:
+            new = quantize_block(
+                np.concatenate((self.k_res[:, :, :filled].astype(np.float32),
+                                k32[:, :, :take]), axis=2),
+                np.concatenate((self.v_res[:, :, :filled].astype(np.float32),
+                                v32[:, :, :take]), axis=2),
+                self.config,
+            )
+            self.block = new if self.block.seq_len == 0 else concat_blocks([self.block, new])
+            filled = 0
+        rest = n - take
+        self.k_res[:, :, filled : filled + rest] = k32[:, :, take:]
+        self.v_res[:, :, filled : filled + rest] = v32[:, :, take:]
+        self.residual_len = filled + rest
+        self.torch_inputs = self.torch_inputs or V.is_torch(k)
 
     def residual(self):
         return (self.k_res[:, :, : self.residual_len].astype(np.float32),

@@ -68,7 +68,7 @@ def make_tni_kv(batch: int = 1, num_kv_heads: int = 8, num_q_heads: int = 32,
                 norm_sigma: float = 0.25, head_norm_sigma: float = 0.1,
                 outlier_channels: int = 4, outlier_scale: float = 6.0,
                 sink_norm_ratio: float = 0.15, sink_mass: float = 0.4,
-                query_sigma: float = 1.0, value_sigma: float = 0.2,
+                query_sigma: float = 0.5, value_sigma: float = 0.2,
                 sink_value_ratio: float = 0.1) -> SyntheticKV:
     """Seeded synthetic K/V/Q of one layer with Token Norm Imbalance and low-norm sinks.
 
@@ -102,7 +102,7 @@ def make_tni_kv(batch: int = 1, num_kv_heads: int = 8, num_q_heads: int = 32,
         sink_norm_ratio: sink key norm over the median ordinary key norm (default 0.15).
         sink_mass: target share of softmax mass on the sinks, per query head, in [0, 1)
             (default 0.4); the achieved mean is in ``description``.
-        query_sigma: per-channel std of the query's content part (default 1.0: ordinary logits
+        query_sigma: per-channel std of the query's content part (default 0.5: ordinary logits
             then vary with std about ``m_t`` around the bias term).
         value_sigma: log-normal sigma of per-token value scale (default 0.2).
         sink_value_ratio: sink value scale relative to ordinary values (default 0.1).

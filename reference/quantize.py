@@ -81,6 +81,8 @@ def dequantize_keys(codes: np.ndarray, params: np.ndarray) -> np.ndarray:
     """Inverse of :func:`quantize_keys`: float32 ``[batch, heads, tokens, head_dim]``."""
     b, h, t, d = codes.shape
     ng = params.shape[2]
+    if ng == 0:  # an empty block (a cache of residual tokens only) has no group size to infer
+        return np.zeros((b, h, 0, d), np.float32)
     g = codes.reshape(b, h, ng, t // ng, d).transpose(0, 1, 2, 4, 3)
     x = dequantize_groups(g, params)
     return x.transpose(0, 1, 2, 4, 3).reshape(b, h, t, d)
