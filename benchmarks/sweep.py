@@ -1,0 +1,145 @@
+"""Decode sweep on the GPU: oscar INT2/INT4 vs torch SDPA bf16, written as a table and a plot.
+
+    python benchmarks/sweep.py --out DIR [--quick]
+
+Writes DIR/sweep.md (markdown table with date, GPU, driver, versions), DIR/sweep.json and
+DIR/speedup.png (speedup vs seq_len per batch size, with the ~5.1x byte-ratio ceiling drawn).
+All times: device time from CUDA events, L2 flushed, median (gpu_timing.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+import oscar  # noqa: E402
+from cases import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS  # noqa: E402
+from gpu_timing import (copy_bandwidth, graph_us_per_replay, host_us_per_call,  # noqa: E402
+                        sdpa_bf16, time_cuda)
+
+CEILING = 16 / 3.03  # bf16 bits over INT2 g32 fp16-param bits per element (K and V, + norms)
+
+
+def environment() -> dict:
+    import numba
+    import numpy
+
+    drv = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    return dict(date=datetime.date.today().isoformat(), gpu=drv, torch=torch.__version__,
+                numba=numba.__version__, numpy=numpy.__version__, oscar=oscar.__version__)
+
+
+def decode_row(batch, seq_len, bits, copy_tbps, host=False):
+    cfg = oscar.OScaRConfig(key_bits=bits, value_bits=bits)
+    g = torch.Generator(device="cuda").manual_seed(seq_len + batch)
+    k = torch.randn(batch, NUM_KV_HEADS, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                    generator=g)
+    v = torch.randn_like(k)
+    q = torch.randn(batch, NUM_Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                    generator=g)
+    cache = oscar.quantize_kv(k, v, cfg)
+    ms = time_cuda(lambda: oscar.decode_attention(q, cache))
+    sdpa_ms = time_cuda(lambda: sdpa_bf16(q, k, v))
+    nbytes = cache.nbytes + 2 * q.numel() * 2
+    tbps = nbytes / (ms * 1e-3) / 1e12
+    sdpa_tbps = (2 * k.numel() * 2 + 2 * q.numel() * 2) / (sdpa_ms * 1e-3) / 1e12
+    row = dict(batch=batch, seq_len=seq_len, bits=bits, oscar_ms=ms, sdpa_ms=sdpa_ms,
+               speedup=sdpa_ms / ms, bytes=nbytes, tbps=tbps, share=tbps / copy_tbps,
+               sdpa_tbps=sdpa_tbps)
+    if host:
+        row["host_us"] = host_us_per_call(lambda: oscar.decode_attention(q, cache))
+        row["graph_us"] = graph_us_per_replay(lambda: oscar.decode_attention(q, cache))
+    del k, v, cache
+    torch.cuda.empty_cache()
+    return row
+
+
+def quantize_row(tokens, copy_tbps):
+    k = torch.randn(1, NUM_KV_HEADS, tokens, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    cache = oscar.quantize_kv(k, v)
+    ms = time_cuda(lambda: cache._store._quantize_into(k, v, 0))
+    nbytes = 2 * k.numel() * 2 + cache.nbytes
+    tbps = nbytes / (ms * 1e-3) / 1e12
+    return dict(tokens=tokens, ms=ms, bytes=nbytes, tbps=tbps, share=tbps / copy_tbps)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="sweep_out")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    env = environment()
+    copy_tbps = copy_bandwidth()
+    batches = [1, 8] if args.quick else [1, 8, 16]
+    lens = [4096, 32768, 131072] if args.quick else [1024, 4096, 16384, 32768, 65536, 131072]
+    rows = []
+    for b in batches:
+        for t in lens:
+            if b * t > 16 * 131072:
+                continue
+            rows.append(decode_row(b, t, 2, copy_tbps, host=(b == 1 and t == 32768)))
+            print(rows[-1], flush=True)
+    for b, t in [(8, 131072)]:
+        rows.append(decode_row(b, t, 4, copy_tbps))
+        print(rows[-1], flush=True)
+    quant = [quantize_row(128, copy_tbps), quantize_row(32768, copy_tbps)]
+    result = dict(env=env, copy_tbps=copy_tbps, decode=rows, quantize=quant)
+    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    lines = [f"Date {env['date']}; GPU {env['gpu']}; torch {env['torch']}; numba {env['numba']}; "
+             f"numpy {env['numpy']}; copy bandwidth {copy_tbps:.2f} TB/s (read + write).", "",
+             "| batch | seq_len | bits | oscar ms | SDPA bf16 ms | speedup | packed bytes | TB/s "
+             "| % of copy | SDPA TB/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['seq_len']} | {r['bits']} | {r['oscar_ms']:.4f} | "
+                     f"{r['sdpa_ms']:.4f} | {r['speedup']:.2f}x | {r['bytes'] / 1e6:.1f} MB | "
+                     f"{r['tbps']:.2f} | {100 * r['share']:.0f}% | {r['sdpa_tbps']:.2f} |")
+    for r in rows:
+        if "host_us" in r:
+            lines += ["", f"Host cost of one decode step (B={r['batch']}, T={r['seq_len']}): eager "
+                      f"{r['host_us']:.1f} us/call, CUDA graph replay {r['graph_us']:.1f} us."]
+    lines += ["", "| quantize tokens | ms | bytes (read + written) | TB/s | % of copy |",
+              "|---|---|---|---|---|"]
+    for r in quant:
+        lines.append(f"| {r['tokens']} | {r['ms']:.4f} | {r['bytes'] / 1e6:.1f} MB | "
+                     f"{r['tbps']:.2f} | {100 * r['share']:.0f}% |")
+    with open(os.path.join(args.out, "sweep.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for b in batches:
+            pts = [(r["seq_len"], r["speedup"]) for r in rows if r["batch"] == b and r["bits"] == 2]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"INT2, batch {b}")
+        ax.axhline(CEILING, ls="--", color="gray", label=f"byte-ratio ceiling {CEILING:.1f}x")
+        ax.axhline(1.0, ls=":", color="black")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("seq_len")
+        ax.set_ylabel("speedup over SDPA bf16")
+        ax.set_title(f"oscar decode vs SDPA bf16 ({env['gpu'].split(',')[0]})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "speedup.png"), dpi=120)
+    except ImportError:
+        print("matplotlib missing: no plot")
+
+
+if __name__ == "__main__":
+    main()
