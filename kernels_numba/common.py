@@ -76,3 +76,46 @@ def fwht_shared(buf, rows, d, tid, nthreads):
             p += nthreads
         h *= 2
     cuda.syncthreads()
+
+
+# --- added for the quantize / dequantize / hadamard kernels -----------------------------------
+
+#: Numba element type of a 4-D / 2-D input array per input dtype name. bfloat16 arrives as int16
+#: bits (torch exports bfloat16 through __cuda_array_interface__ as a void type).
+INPUT_ELEMENT_TYPES = {"float16": "float16", "bfloat16": "int16", "float32": "float32"}
+
+if SIMULATOR:
+
+    @cuda.jit(device=True)
+    def mul_rn(a, b):
+        """float32 product rounded once (simulator shim: NumPy float32 multiply)."""
+        return np.float32(np.float32(a) * np.float32(b))
+
+else:
+    # mul.rn.f32: PTX never fuses an instruction with an explicit rounding mode into an FMA,
+    # whereas a plain mul.f32 followed by add.f32 is contracted to one fma by ptxas (--fmad=true
+    # is the default and numba-cuda exposes no switch). Use this wherever a product feeds an add
+    # and the result must equal the NumPy reference bit for bit.
+    mul_rn = libdevice.fmul_rn
+
+
+@cuda.jit(device=True)
+def to_float32(x):
+    """float16 / float32 element to float32 (exact)."""
+    return np.float32(x)
+
+
+def float32_loader(in_dtype: str):
+    """The device function that turns one input element of ``in_dtype`` into float32, exactly."""
+    if in_dtype == "bfloat16":
+        return bf16_bits_to_f32
+    if in_dtype in ("float16", "float32"):
+        return to_float32
+    raise ValueError(f"in_dtype: expected one of {tuple(INPUT_ELEMENT_TYPES)}, got {in_dtype!r}")
+
+
+def check_threads(threads) -> None:
+    """ValueError unless ``threads`` (threads per block of a launch) is a power of two, 32..1024."""
+    if (isinstance(threads, bool) or not isinstance(threads, int) or not 32 <= threads <= 1024
+            or threads & (threads - 1)):
+        raise ValueError(f"threads: expected a power of two from 32 to 1024, got {threads!r}")

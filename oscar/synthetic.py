@@ -11,7 +11,10 @@ The synthetic model has the three features the paper builds on (SPEC section 1):
   lives on ``outlier_channels`` channels of magnitude ``outlier_scale`` (the fixed large-magnitude
   channels of real LLM keys), plus unit Gaussian content on every channel.
 * **Log-normal token norms.** Each ordinary token's key is multiplied by a log-normal factor shared
-  by all KV heads (``norm_sigma``) and a smaller per-head one (``head_norm_sigma``).
+  by all KV heads (``norm_sigma``) and a smaller per-head one (``head_norm_sigma``). By default the
+  factor scales the whole key, bias included; ``bias_follows_norm=False`` scales only the content
+  (a constant bias, as RMSNorm-ed hidden states would give), and then OScaR's gain over KIVI on
+  this data mostly disappears: see docs/algorithm.md for the measured sensitivity.
 * **Low-norm attention sinks.** ``num_sinks`` tokens (the first token and delimiter-like tokens
   further on) have keys of norm ``sink_norm_ratio`` times the median ordinary key norm, orthogonal
   to the key bias, and small values (``sink_value_ratio``: attending a sink is close to a no-op).
@@ -20,10 +23,10 @@ The synthetic model has the three features the paper builds on (SPEC section 1):
   origin, do not. The strength of that anti-alignment is solved per query head so that the sinks
   receive ``sink_mass`` of the full-precision softmax mass.
 
-Why not a query aligned with a sink direction: a low-norm sink would then need a query many
-times longer than the keys, and that long query multiplies every key's quantization error along
-its direction; real 2-bit caches do not fall apart like that. The anti-aligned bias needs only a
-moderate query, and is one common reading of how low-norm sinks attract attention.
+Why not a query aligned with a sink direction instead: a low-norm sink would then need a query
+many times longer than the keys, and that long query multiplies every key's quantization error
+along its direction, so every 2-bit configuration would look broken. The anti-aligned bias needs
+only a moderate query, and is one common reading of how low-norm sinks attract attention.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def make_tni_kv(batch: int = 1, num_kv_heads: int = 8, num_q_heads: int = 32,
                 outlier_channels: int = 4, outlier_scale: float = 6.0,
                 sink_norm_ratio: float = 0.15, sink_mass: float = 0.4,
                 query_sigma: float = 0.5, value_sigma: float = 0.2,
-                sink_value_ratio: float = 0.1) -> SyntheticKV:
+                sink_value_ratio: float = 0.1, bias_follows_norm: bool = True) -> SyntheticKV:
     """Seeded synthetic K/V/Q of one layer with Token Norm Imbalance and low-norm sinks.
 
     Same arguments, same arrays (NumPy ``default_rng(seed)``). Per batch row and KV head ``h``
@@ -77,9 +80,10 @@ def make_tni_kv(batch: int = 1, num_kv_heads: int = 8, num_q_heads: int = 32,
 
     * ``mu_h``: zero except on ``outlier_channels`` distinct random channels, where it is
       ``+-outlier_scale`` (random signs).
-    * ordinary token t: ``k_t = m_t * s_ht * (mu_h + z_t)``, ``z_t ~ N(0, I)``,
-      ``m_t = exp(norm_sigma * N(0,1))`` shared by all heads, ``s_ht = exp(head_norm_sigma *
-      N(0,1))`` per head; ``v_t = exp(value_sigma * N(0,1)) * N(0, I)``.
+    * ordinary token t: ``k_t = m_t * s_ht * (mu_h + z_t)`` (``bias_follows_norm=False``:
+      ``s_ht * (mu_h + m_t * z_t)``), ``z_t ~ N(0, I)``, ``m_t = exp(norm_sigma * N(0,1))``
+      shared by all heads, ``s_ht = exp(head_norm_sigma * N(0,1))`` per head;
+      ``v_t = exp(value_sigma * N(0,1)) * N(0, I)``.
     * sink token: ``k = sink_norm_ratio * median_t ||k_t|| * unit(e)``, ``e`` one random direction
       per head (orthogonal to ``mu_h``), perturbed by 10% per sink; ``v = sink_value_ratio * N(0, I)``.
     * query head j of the group: ``q = -a_j * unit(mu_h) + query_sigma * w_j``, ``w_j ~ N(0, I)``
@@ -102,10 +106,12 @@ def make_tni_kv(batch: int = 1, num_kv_heads: int = 8, num_q_heads: int = 32,
         sink_norm_ratio: sink key norm over the median ordinary key norm (default 0.15).
         sink_mass: target share of softmax mass on the sinks, per query head, in [0, 1)
             (default 0.4); the achieved mean is in ``description``.
-        query_sigma: per-channel std of the query's content part (default 0.5: ordinary logits
-            then vary with std about ``m_t`` around the bias term).
+        query_sigma: per-channel std of the query's content part (default 0.5: the content
+            part of an ordinary logit then has std about ``0.5 * m_t``).
         value_sigma: log-normal sigma of per-token value scale (default 0.2).
         sink_value_ratio: sink value scale relative to ordinary values (default 0.1).
+        bias_follows_norm: whether the token norm factor ``m_t`` also scales the key bias
+            (default True; see above).
 
     Returns:
         :class:`SyntheticKV` with ``q [batch, num_q_heads, 1, head_dim]``.
@@ -146,12 +152,15 @@ def make_tni_kv(batch: int = 1, num_kv_heads: int = 8, num_q_heads: int = 32,
 
     m = np.exp(norm_sigma * rng.standard_normal((b, 1, t, 1)))
     s = np.exp(head_norm_sigma * rng.standard_normal((b, h, t, 1)))
-    k = m * s * (mu[:, :, None, :] + rng.standard_normal((b, h, t, d)))
+    z = rng.standard_normal((b, h, t, d))
+    k = m * s * (mu[:, :, None, :] + z) if bias_follows_norm else s * (mu[:, :, None, :] + m * z)
     v = np.exp(value_sigma * rng.standard_normal((b, 1, t, 1))) * rng.standard_normal((b, h, t, d))
 
     if num_sinks:
-        ordinary = ~is_sink
-        med = np.median(np.linalg.norm(k[:, :, ordinary], axis=-1), axis=-1)  # [B, H]
+        # the reference norm: median over ordinary tokens (over all drawn keys if every token
+        # is a sink, e.g. seq_len == num_sinks)
+        drawn = np.linalg.norm(k, axis=-1)  # [B, H, T]
+        med = np.median(drawn[:, :, ~is_sink] if (~is_sink).any() else drawn, axis=-1)
         e = _remove_component(rng.standard_normal((b, h, 1, d)), mu_dir[:, :, None, :])
         e = e + _SINK_DIRECTION_NOISE * np.linalg.norm(e, axis=-1, keepdims=True) / np.sqrt(d) \
             * rng.standard_normal((b, h, num_sinks, d))
@@ -160,28 +169,35 @@ def make_tni_kv(batch: int = 1, num_kv_heads: int = 8, num_q_heads: int = 32,
         k[:, :, sinks] = sink_norm_ratio * med[:, :, None, None] * e
         v[:, :, sinks] = sink_value_ratio * rng.standard_normal((b, h, num_sinks, d))
 
-    group = hq // h
     w = query_sigma * rng.standard_normal((b, hq, d))
-    w = _remove_component(w, np.repeat(mu_dir, group, axis=1))
-    q = np.empty((b, hq, d))
-    scale = 1.0 / np.sqrt(d)
-    masses = []
-    for bi in range(b):
-        for j in range(hq):
-            kh = k[bi, j // group]
-            a = _solve_anti_alignment(kh, w[bi, j], mu_dir[bi, j // group], is_sink, sink_mass,
-                                      scale)
-            q[bi, j] = w[bi, j] - a * mu_dir[bi, j // group]
-            masses.append(_sink_share(kh @ q[bi, j] * scale, is_sink))
-
+    q, masses = _queries(k, w, mu_dir, is_sink, sink_mass)
     desc = (f"synthetic TNI (seed {seed}): batch {b}, {h} KV / {hq} query heads, seq_len {t}, "
             f"head_dim {d}; {num_sinks} sinks at {sinks.tolist()[:8]}"
             f"{'...' if num_sinks > 8 else ''} with key norm x{sink_norm_ratio:g}, mean sink "
             f"attention {np.mean(masses) if masses else 0.0:.3f}; norm_sigma {norm_sigma:g}, "
-            f"{outlier_channels} outlier channels x{outlier_scale:g}")
+            f"{outlier_channels} outlier channels x{outlier_scale:g}"
+            f"{'' if bias_follows_norm else ', constant bias'}")
     return SyntheticKV(k=k.astype(np.float32), v=v.astype(np.float32),
-                       q=q[:, :, None, :].astype(np.float32), sink_positions=sinks,
+                       q=q.astype(np.float32), sink_positions=sinks,
                        description=desc)
+
+
+def _queries(k, w, mu_dir, is_sink, sink_mass):
+    """Queries ``[B, Hq, 1, D]`` = content ``w`` (mu component removed) minus the solved
+    anti-alignment with the key bias; also the achieved sink shares (a list, one per head)."""
+    b, h, _, d = k.shape
+    group = w.shape[1] // h
+    w = _remove_component(w, np.repeat(mu_dir, group, axis=1))
+    q = np.empty_like(w)
+    scale = 1.0 / np.sqrt(d)
+    masses = []
+    for bi in range(b):
+        for j in range(w.shape[1]):
+            kh, u = k[bi, j // group], mu_dir[bi, j // group]
+            a = _solve_anti_alignment(kh, w[bi, j], u, is_sink, sink_mass, scale)
+            q[bi, j] = w[bi, j] - a * u
+            masses.append(_sink_share(scale * (kh @ q[bi, j]), is_sink))
+    return q[:, :, None, :], masses
 
 
 def _check_shape_args(batch, num_kv_heads, num_q_heads, seq_len, head_dim) -> None:
@@ -276,7 +292,7 @@ def load_kv(path, num_q_heads: int | None = None, sink_positions=None) -> Synthe
     b, h, t, d = k.shape
     if "q" in arrays:
         q = _as_rank4(path, "q", arrays["q"], "batch, num_q_heads, q_len, head_dim",
-                      batch_axis=arrays["k"].ndim == 3)
+                      allow_3d=arrays["k"].ndim == 3)
         if q.shape[0] != b or q.shape[3] != d or q.shape[1] % h or not 1 <= q.shape[2] <= t:
             raise ValueError(f"{path}: array 'q': expected [{b}, a multiple of {h}, 1 .. {t}, "
                              f"{d}] to match 'k' {k.shape}, got {q.shape}")
@@ -314,17 +330,15 @@ def _sink_positions_arg(path, arrays, sink_positions, seq_len) -> np.ndarray:
     return np.unique(pos.astype(np.int64))
 
 
-def _as_rank4(path, name, x, dims, batch_axis=None) -> np.ndarray:
-    """float32 4-D copy of a file array; 3-D gets a batch axis of 1 (when batch_axis allows)."""
+def _as_rank4(path, name, x, dims, allow_3d=True) -> np.ndarray:
+    """float32 4-D copy of a file array; a 3-D one (when allowed) gets a batch axis of 1."""
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"{path}: array {name!r}: expected a float dtype, got {x.dtype}")
-    if batch_axis is None:
-        batch_axis = x.ndim == 3
-    if x.ndim == 3 and batch_axis:
+    if x.ndim == 3 and allow_3d:
         x = x[None]
     if x.ndim != 4:
-        want = f"4-D [{dims}] or 3-D without batch" if batch_axis is not False or x.ndim == 4 \
-            else f"4-D [{dims}] (3-D only when 'k' is 3-D)"
+        want = f"4-D [{dims}]" + (" or 3-D without batch" if allow_3d else
+                                 " (3-D only when 'k' is 3-D)")
         raise ValueError(f"{path}: array {name!r}: expected {want}, got shape {x.shape}")
     if 0 in x.shape:
         raise ValueError(f"{path}: array {name!r}: expected non-empty dimensions, got {x.shape}")

@@ -1,0 +1,748 @@
+"""Decode attention straight from the packed cache: flash-decoding in two launches.
+
+Computes exactly :func:`oscar.reference.attention.decode_attention` (SPEC section 5) in float32:
+
+    s_t = scale * n_t * (H q_h) . u_hat_t      quantized token t (H q only with rotate_keys;
+                                               n_t = 1 without scale_tokens)
+    s_r = scale * q_h . k_r                    residual token r
+    p   = softmax over the causally visible tokens (max-subtracted), lse = log sum exp
+    out = H (sum_t p_t v_rot_hat_t) + sum_r p_r v_r      (H only with rotate_values)
+
+Query row i of ``q_len`` sits at position ``T - q_len + i`` (T = quantized_len + residual_len)
+and sees tokens ``0 .. T - q_len + i``. Query head h reads KV head ``h // G``, G = Hq / H.
+
+Kernel 1, ``split`` (one block per (batch * kv head, split); 128 threads = 4 warps)
+    The block takes the G query heads sharing its KV head and all q_len rows together
+    (``rows = G * q_len``), so every packed word is read from memory once, and a contiguous
+    range of 32-token tiles (ranges aligned to whole key groups; see :func:`choose_num_splits`).
+    It loads its queries once into shared memory, rotates them (``fwht_shared``) and multiplies
+    by ``scale``. Per key group it folds the dequantization into the query:
+    ``q'_c = q_c * scale_c`` and ``kmin_r = sum_c q_c * min_c``, so that
+    ``q . u_hat_t = sum_c q'_c * code_tc + kmin_r`` (one FMA per code and row).
+    Per tile:
+      QK   thread = (slot = warp, lane = token of the tile). A warp reads word w of its 32 tokens
+           as 128 contiguous bytes (the key layout of reference/pack.py). Warps split the rows
+           (``RG`` row groups) and, when rows < 4, the key words (``WSPLIT`` word slices); each
+           thread unpacks a code once and uses it for all its rows. Partial dots go to shared
+           memory and are summed, masked and scaled by n_t in a second pass.
+      softmax  online, per row: running max m, sum l, rescale factor alpha (empty rows keep
+           m = -inf, l = 0, alpha = 1: no exp(-inf + inf) anywhere).
+      PV   the tile's value words (32 token rows, contiguous) and (scale, min) are staged in shared
+           memory with coalesced loads; ``ps[r, t, g] = p_rt * vscale_tg`` and
+           ``pmin[r, g] = sum_t p_rt * vmin_tg`` fold the value dequantization, so each code
+           costs one FMA per row. Thread t owns channels ``t % min(D, 128) + 128 * j`` and rows
+           ``t // min(D, 128) + (128 // min(D, 128)) * k``; its accumulators live in registers.
+    Writes per (b, hq, i, split): the running max, the sum of exps and the unnormalized rotated
+    value sum ``acc[D]`` (float32 workspace). Splits with no visible token write (-inf, 0, 0).
+Kernel 2, ``merge`` (one block per (batch, query head, row); 128 threads)
+    Computes the residual scores itself (thread = residual token), merges the splits and the
+    residual by log-sum-exp (block tree reductions), sums the splits' ``acc`` (thread = channel),
+    un-rotates once with ``fwht_shared`` (rotate_values), adds the residual values and writes
+    ``out`` and ``lse`` (natural log).
+
+Shared memory (static, float32 unless noted), kernel 1: queries and pre-scaled queries
+``2 * rows * D``; scores ``rows * 32`` plus partials ``WSPLIT * rows * 32``; value words
+``32 * D * value_bits / 32`` (uint32); value params ``2 * 32 * D / gv``; ``ps`` ``rows * 32 * D / gv``
+(dropped for p * scale on the fly when it does not fit) and ``pmin``; about 10 KB for Llama-3.1-8B
+shapes (rows 4, D 128). Kernel 2: ``2 D + residual_length + MAX_SPLITS + 128``.
+
+Limits: head_dim a power of two in 32..256; key/value bits 2, 4, 8; key groups 32/64/128; any
+value group of the configuration; rows = G * q_len at most 128 and small enough that kernel 1
+fits in 48 KB of static shared memory (e.g. G * q_len <= 32 at D = 128, <= 16 at D = 256);
+``num_splits <= MAX_SPLITS``. Kernels are specialized by cached factories on the compile-time
+parameters (bits, groups, head_dim, G * q_len, dtypes, flags); q_len is part of the key, since
+it sets the register and shared-memory layout (decode uses one or a few fixed q_len).
+
+Float32 everywhere; codes become floats with the exponent trick (exact for codes < 2**23) on the
+GPU, a plain conversion in the simulator. The simulator has no warp shuffles, so all reductions go
+through shared memory and ``syncthreads`` (v1; the performance pass may use shuffles on the GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from ._compat import SIMULATOR, cuda, np
+from .common import bf16_bits_to_f32, fwht_shared, int_as_float
+
+#: Threads per block of both kernels: 4 warps, enough to overlap the phases of neighbouring
+#: blocks on one SM while keeping the per-tile work per thread large.
+NUM_THREADS = 128
+WARP_SIZE = 32
+NUM_WARPS = NUM_THREADS // WARP_SIZE
+#: Tokens per key tile: the packed key layout stores word w of 32 consecutive tokens in 128
+#: contiguous bytes (reference/pack.py TILE_TOKENS), read by one warp, lane = token.
+TILE_TOKENS = 32
+#: Upper bound of num_splits: sizes the merge kernel's weight buffer and keeps gridDim.y small.
+MAX_SPLITS = 256
+#: A split should stream at least this many tiles (256 tokens), or its fixed cost (query load,
+#: rotation, partial write of rows * D floats, one merge term) outweighs its share of the cache.
+MIN_TILES_PER_SPLIT = 8
+#: Blocks per SM to aim for when splitting: enough resident blocks to cover load latency
+#: (a block uses ~10 KB of shared memory and 128 threads, so 4 fit easily).
+TARGET_BLOCKS_PER_SM = 4
+#: Fan-in of the shared-memory reductions: 2 barriers and 16 + 8 serial steps instead of a
+#: 7-barrier tree (barriers dominate, on the GPU and even more in the simulator).
+REDUCE_FAN = 16
+#: Static shared memory per block that needs no opt-in on any architecture.
+SHARED_MEMORY_LIMIT = 48 * 1024
+#: float32 2**23: OR-ing a code < 2**23 into its mantissa gives 2**23 + code exactly.
+_MAGIC_BITS = 0x4B000000
+_MAGIC_FLOAT = 8388608.0
+
+Q_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.int16}
+PARAM_DTYPES = {"float16": np.float16, "float32": np.float32}
+_SIG_TYPE = {"float16": "float16", "float32": "float32", "bfloat16": "int16"}
+
+
+# --- device helpers -------------------------------------------------------------------------
+
+if SIMULATOR:
+
+    @cuda.jit(device=True)
+    def _code_to_f32(code):
+        """An unsigned code as float32 (simulator: plain conversion, same value)."""
+        return np.float32(code)
+
+else:
+
+    @cuda.jit(device=True)
+    def _code_to_f32(code):
+        """An unsigned code < 2**23 as float32 without I2F (quarter rate): a LOP and an FADD."""
+        return int_as_float(np.int32(code) | np.int32(_MAGIC_BITS)) - np.float32(_MAGIC_FLOAT)
+
+
+@cuda.jit(device=True)
+def _load_float(x):
+    """float16 / float32 element to float32."""
+    return np.float32(x)
+
+
+def _loader(dtype_name):
+    """Device function turning one stored element of ``dtype_name`` into float32."""
+    return bf16_bits_to_f32 if dtype_name == "bfloat16" else _load_float
+
+
+@cuda.jit(device=True)
+def _block_max(red, red2, val, tid):
+    """Max of ``val`` over the block, returned to every thread (two barriers).
+
+    Fan-in REDUCE_FAN: NUM_THREADS / REDUCE_FAN threads combine REDUCE_FAN values each, then every
+    thread combines those partials itself. Two arrays, so back-to-back calls need no extra barrier.
+    """
+    red[tid] = val
+    cuda.syncthreads()
+    if tid < NUM_THREADS // REDUCE_FAN:
+        m = red[tid * REDUCE_FAN]
+        for j in range(1, REDUCE_FAN):
+            m = max(m, red[tid * REDUCE_FAN + j])
+        red2[tid] = m
+    cuda.syncthreads()
+    m = red2[0]
+    for j in range(1, NUM_THREADS // REDUCE_FAN):
+        m = max(m, red2[j])
+    return m
+
+
+@cuda.jit(device=True)
+def _block_sum(red, red2, val, tid):
+    """Sum of ``val`` over the block, returned to every thread (as :func:`_block_max`)."""
+    red[tid] = val
+    cuda.syncthreads()
+    if tid < NUM_THREADS // REDUCE_FAN:
+        s = red[tid * REDUCE_FAN]
+        for j in range(1, REDUCE_FAN):
+            s += red[tid * REDUCE_FAN + j]
+        red2[tid] = s
+    cuda.syncthreads()
+    s = red2[0]
+    for j in range(1, NUM_THREADS // REDUCE_FAN):
+        s += red2[j]
+    return s
+
+
+def _pow2_ceil(n):
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _hadamard_scale(head_dim):
+    """float32(1/sqrt(D)), rounded once as in reference.hadamard.hadamard_scale."""
+    return float(np.float32(1.0 / np.sqrt(np.float64(head_dim))))
+
+
+# --- kernel 1: split ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _split_layout(key_bits, value_bits, key_group_size, value_group_size, head_dim, rows):
+    """Compile-time work split of kernel 1 and its shared-memory bytes (see the spec sheet)."""
+    d = head_dim
+    kw = d * key_bits // 32
+    vw = d * value_bits // 32
+    ngv = d // value_group_size
+    rg = min(NUM_WARPS, _pow2_ceil(rows))  # row groups over the warps (QK)
+    wsplit = min(NUM_WARPS // rg, kw)  # key-word slices when rows < 4 (QK)
+    dw = min(d, NUM_THREADS)
+    lay = dict(
+        kw=kw, vw=vw, ngv=ngv, rg=rg, wsplit=wsplit,
+        rps=-(-rows // rg), wps=kw // wsplit,
+        dw=dw, dpt=d // dw, rs=NUM_THREADS // dw, rpt=-(-rows // (NUM_THREADS // dw)),
+        # threads per row summing the key-group min fold (then one thread sums TPR partials)
+        tpr=min(NUM_THREADS // _pow2_ceil(rows), REDUCE_FAN) if _pow2_ceil(rows) <= NUM_THREADS
+        else 0,
+        tpg=key_group_size // TILE_TOKENS,
+    )
+    base = 4 * (2 * rows * d + rows + NUM_THREADS + (lay["wsplit"] + 1) * rows * TILE_TOKENS
+                + TILE_TOKENS * vw + 2 * TILE_TOKENS * ngv + rows * ngv + 3 * rows)
+    ps_bytes = 4 * rows * TILE_TOKENS * ngv
+    lay["stage_ps"] = base + ps_bytes <= SHARED_MEMORY_LIMIT
+    lay["smem"] = base + (ps_bytes if lay["stage_ps"] else 4)
+    return lay
+
+
+def _check_split_fits(lay, rows, head_dim):
+    if lay["tpr"] == 0 or lay["smem"] > SHARED_MEMORY_LIMIT:
+        raise ValueError(
+            f"num_q_heads / num_kv_heads * q_len = {rows} query rows per KV head is too many for "
+            f"head_dim {head_dim}: the split kernel would need {lay['smem']} bytes of shared "
+            f"memory (limit {SHARED_MEMORY_LIMIT}) or more than {NUM_THREADS} rows; use a smaller "
+            "q_len per call"
+        )
+
+
+def _split_signature(param_dtype, q_dtype):
+    p, q = param_dtype, _SIG_TYPE[q_dtype]
+    return (f"void({q}[:, :, :, ::1], uint32[:, :, :, :, ::1], {p}[:, :, :, :, ::1], "
+            f"uint32[:, :, :, ::1], {p}[:, :, :, :, ::1], float32[:, :, ::1], "
+            "float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, :, ::1], "
+            "float32, int32, int32, int32)")
+
+
+def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
+                 param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head):
+    """Python function and signature of kernel 1 for one compile-time configuration."""
+    D, G, LQ = head_dim, gqa, q_len
+    ROWS = G * LQ
+    lay = _split_layout(key_bits, value_bits, key_group_size, value_group_size, head_dim, ROWS)
+    _check_split_fits(lay, ROWS, head_dim)
+    KW, VW, NGV = lay["kw"], lay["vw"], lay["ngv"]
+    RG, WSPLIT, RPS, WPS = lay["rg"], lay["wsplit"], lay["rps"], lay["wps"]
+    DW, DPT, RS, RPT, TPR, TPG = lay["dw"], lay["dpt"], lay["rs"], lay["rpt"], lay["tpr"], lay["tpg"]
+    STAGE_PS = lay["stage_ps"]
+    PS_SHAPE = (ROWS, TILE_TOKENS, NGV) if STAGE_PS else (1, 1, 1)
+    KB, VB = key_bits, value_bits
+    KCPW, VCPW = 32 // key_bits, 32 // value_bits
+    KMASK, VMASK = (1 << key_bits) - 1, (1 << value_bits) - 1
+    GV = value_group_size
+    NT = NUM_THREADS
+    NACC = DPT * RPT
+    ROTATE, SCALE_TOKENS, NORM_PER_HEAD = bool(rotate_keys), bool(scale_tokens), bool(norm_per_head)
+    HS = _hadamard_scale(D)
+    load_q = _loader(q_dtype)
+    code_f32 = _code_to_f32
+
+    @cuda.jit(device=True)
+    def write_partials(ws_max, ws_sum, ws_acc, acc, m_s, l_s, b, kvh, split, tid, d0, r0):
+        for jd in range(DPT):
+            d = d0 + DW * jd
+            for k in range(RPT):
+                r = r0 + RS * k
+                if r < ROWS:
+                    ws_acc[b, kvh * G + r // LQ, r % LQ, split, d] = acc[jd * RPT + k]
+        if tid < ROWS:
+            ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = m_s[tid]
+            ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = l_s[tid]
+
+    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc,
+                     scale, quantized_len, residual_len, num_splits):
+        tid = cuda.threadIdx.x
+        lane = tid % TILE_TOKENS
+        slot = tid // TILE_TOKENS
+        split = cuda.blockIdx.y
+        nkv = k_codes.shape[1]
+        b = cuda.blockIdx.x // nkv
+        kvh = cuda.blockIdx.x % nkv
+        nh = kvh if NORM_PER_HEAD else 0
+        neg_inf = np.float32(-math.inf)
+        seq_len = quantized_len + residual_len
+
+        ntiles = quantized_len // TILE_TOKENS
+        per = (ntiles + num_splits - 1) // num_splits
+        per = (per + TPG - 1) // TPG * TPG  # whole key groups per split
+        t_begin = split * per
+        t_end = min(t_begin + per, ntiles)
+
+        # per-thread PV ownership: channels d0 + DW * j, rows r0 + RS * k
+        d0 = tid % DW
+        r0 = tid // DW
+        acc = cuda.local.array(NACC, np.float32)
+        for j in range(NACC):
+            acc[j] = np.float32(0.0)
+
+        m_s = cuda.shared.array(ROWS, np.float32)  # running max per row
+        l_s = cuda.shared.array(ROWS, np.float32)  # running sum of exps per row
+        if tid < ROWS:  # each thread later reads back only its own entries, or after barriers
+            m_s[tid] = neg_inf
+            l_s[tid] = np.float32(0.0)
+        if t_begin >= t_end:  # block-uniform: no barrier is skipped by part of the block
+            write_partials(ws_max, ws_sum, ws_acc, acc, m_s, l_s, b, kvh, split, tid, d0, r0)
+            return
+
+        qs = cuda.shared.array((ROWS, D), np.float32)  # rotated, scaled queries
+        qp = cuda.shared.array((ROWS, D), np.float32)  # ... times the key group's scales
+        kmin = cuda.shared.array(ROWS, np.float32)  # sum_c q_c * min_c of the key group
+        red = cuda.shared.array(NT, np.float32)
+        part = cuda.shared.array((WSPLIT, ROWS, TILE_TOKENS), np.float32)
+        sc = cuda.shared.array((ROWS, TILE_TOKENS), np.float32)  # scores, then p
+        vws = cuda.shared.array((TILE_TOKENS, VW), np.uint32)
+        vsc = cuda.shared.array((TILE_TOKENS, NGV), np.float32)
+        vmn = cuda.shared.array((TILE_TOKENS, NGV), np.float32)
+        ps = cuda.shared.array(PS_SHAPE, np.float32)
+        pmin = cuda.shared.array((ROWS, NGV), np.float32)
+        alpha_s = cuda.shared.array(ROWS, np.float32)
+
+        for idx in range(tid, ROWS * D, NT):
+            r = idx // D
+            c = idx % D
+            qs[r, c] = load_q(q[b, kvh * G + r // LQ, r % LQ, c])
+        if ROTATE:
+            fwht_shared(qs, ROWS, D, tid, NT)
+            qfac = scale * np.float32(HS)
+        else:
+            cuda.syncthreads()
+            qfac = scale
+        for idx in range(tid, ROWS * D, NT):
+            qs[idx // D, idx % D] *= qfac
+        cuda.syncthreads()
+
+        for tile in range(t_begin, t_end):
+            tok0 = tile * TILE_TOKENS
+            if tile % TPG == 0:  # first tile of a key group: fold its (scale, min) into q
+                grp = tile // TPG
+                for idx in range(tid, ROWS * D, NT):
+                    r = idx // D
+                    c = idx % D
+                    qp[r, c] = qs[r, c] * np.float32(k_params[b, kvh, grp, c, 0])
+                r = tid // TPR
+                s = np.float32(0.0)
+                if r < ROWS:
+                    for c in range(tid % TPR, D, TPR):
+                        s += qs[r, c] * np.float32(k_params[b, kvh, grp, c, 1])
+                red[tid] = s
+                cuda.syncthreads()  # qp and red complete
+                if tid < ROWS:
+                    s = red[tid * TPR]
+                    for j in range(1, TPR):
+                        s += red[tid * TPR + j]
+                    kmin[tid] = s  # read after the QK barrier below
+
+            # stage the tile's value words and params (coalesced: token rows are contiguous)
+            for idx in range(tid, TILE_TOKENS * VW, NT):
+                vws[idx // VW, idx % VW] = v_codes[b, kvh, tok0 + idx // VW, idx % VW]
+            for idx in range(tid, TILE_TOKENS * NGV, NT):
+                t = idx // NGV
+                g = idx % NGV
+                vsc[t, g] = np.float32(v_params[b, kvh, tok0 + t, g, 0])
+                vmn[t, g] = np.float32(v_params[b, kvh, tok0 + t, g, 1])
+
+            # QK partial dots: lane = token, slot = (word slice, row group)
+            ws = slot % WSPLIT
+            rg = slot // WSPLIT
+            if rg < RG:
+                dots = cuda.local.array(RPS, np.float32)
+                for k in range(RPS):
+                    dots[k] = np.float32(0.0)
+                for j in range(WPS):
+                    w = ws + WSPLIT * j
+                    word = k_codes[b, kvh, tile, w, lane]
+                    for e in range(KCPW):
+                        cf = code_f32((word >> np.uint32(KB * e)) & np.uint32(KMASK))
+                        c = w * KCPW + e
+                        for k in range(RPS):
+                            r = rg + RG * k
+                            if r < ROWS:
+                                dots[k] += qp[r, c] * cf
+                for k in range(RPS):
+                    r = rg + RG * k
+                    if r < ROWS:
+                        part[ws, r, lane] = dots[k]
+            cuda.syncthreads()
+
+            # scores: sum the slices, add the min fold, times n_t; causal mask
+            for idx in range(tid, ROWS * TILE_TOKENS, NT):
+                r = idx // TILE_TOKENS
+                l = idx % TILE_TOKENS
+                t = tok0 + l
+                s = neg_inf
+                if t <= seq_len - LQ + r % LQ:
+                    s = kmin[r]
+                    for u in range(WSPLIT):
+                        s += part[u, r, l]
+                    if SCALE_TOKENS:
+                        s *= norms[b, nh, t]
+                sc[r, l] = s
+            cuda.syncthreads()
+
+            # online softmax: new running max and the rescale factor of the old sums
+            if tid < ROWS:
+                mt = neg_inf
+                for l in range(TILE_TOKENS):
+                    mt = max(mt, sc[tid, l])
+                m_old = m_s[tid]
+                m_new = max(m_old, mt)
+                alpha = np.float32(1.0)
+                if m_new != neg_inf:
+                    alpha = math.exp(m_old - m_new)  # exp(-inf) = 0 when m_old = -inf
+                m_s[tid] = m_new
+                alpha_s[tid] = alpha
+            cuda.syncthreads()
+            for idx in range(tid, ROWS * TILE_TOKENS, NT):
+                r = idx // TILE_TOKENS
+                l = idx % TILE_TOKENS
+                s = sc[r, l]
+                p = np.float32(0.0)
+                if s != neg_inf:
+                    p = math.exp(s - m_s[r])
+                sc[r, l] = p
+            cuda.syncthreads()
+
+            # fold the value dequantization into p
+            if STAGE_PS:
+                for idx in range(tid, ROWS * TILE_TOKENS * NGV, NT):
+                    r = idx // (TILE_TOKENS * NGV)
+                    l = (idx // NGV) % TILE_TOKENS
+                    g = idx % NGV
+                    ps[r, l, g] = sc[r, l] * vsc[l, g]
+            for idx in range(tid, ROWS * NGV, NT):
+                r = idx // NGV
+                g = idx % NGV
+                s = np.float32(0.0)
+                for l in range(TILE_TOKENS):
+                    s += sc[r, l] * vmn[l, g]
+                pmin[r, g] = s
+            if tid < ROWS:
+                s = np.float32(0.0)
+                for l in range(TILE_TOKENS):
+                    s += sc[tid, l]
+                l_s[tid] = l_s[tid] * alpha_s[tid] + s
+            cuda.syncthreads()
+
+            # PV: thread owns (channel, rows); each code unpacked once, one FMA per row
+            for jd in range(DPT):
+                d = d0 + DW * jd
+                w = d // VCPW
+                sh = np.uint32(VB * (d % VCPW))
+                g = d // GV
+                for k in range(RPT):
+                    r = r0 + RS * k
+                    if r < ROWS:
+                        acc[jd * RPT + k] *= alpha_s[r]
+                for l in range(TILE_TOKENS):
+                    cf = code_f32((vws[l, w] >> sh) & np.uint32(VMASK))
+                    for k in range(RPT):
+                        r = r0 + RS * k
+                        if r < ROWS:
+                            if STAGE_PS:
+                                f = ps[r, l, g]
+                            else:
+                                f = sc[r, l] * vsc[l, g]
+                            acc[jd * RPT + k] += f * cf
+                for k in range(RPT):
+                    r = r0 + RS * k
+                    if r < ROWS:
+                        acc[jd * RPT + k] += pmin[r, g]
+            cuda.syncthreads()  # the next tile overwrites the staged values, part, sc, ps
+
+        write_partials(ws_max, ws_sum, ws_acc, acc, m_s, l_s, b, kvh, split, tid, d0, r0)
+
+    return split_kernel, _split_signature(param_dtype, q_dtype)
+
+
+# --- kernel 2: merge ------------------------------------------------------------------------
+
+
+def _merge_signature(q_dtype, res_dtype):
+    q, r = _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype]
+    return (f"void({q}[:, :, :, ::1], {r}[:, :, :, ::1], {r}[:, :, :, ::1], "
+            "float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, :, ::1], "
+            "float32[:, :, :, ::1], float32[:, :, ::1], float32, int32, int32, int32)")
+
+
+def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
+    """Python function and signature of kernel 2 for one compile-time configuration."""
+    D, R = head_dim, residual_length
+    NT = NUM_THREADS
+    NRED2 = NUM_THREADS // REDUCE_FAN
+    ROTATE = bool(rotate_values)
+    HS = _hadamard_scale(D)
+    load_q = _loader(q_dtype)
+    load_r = _loader(res_dtype)
+
+    def merge_kernel(q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale, quantized_len,
+                     residual_len, num_splits):
+        tid = cuda.threadIdx.x
+        nq = q.shape[1]
+        lq = q.shape[2]
+        g_size = nq // k_res.shape[1]
+        row = cuda.blockIdx.x
+        b = row // (nq * lq)
+        hq = (row // lq) % nq
+        i = row % lq
+        kvh = hq // g_size
+        neg_inf = np.float32(-math.inf)
+        last = quantized_len + residual_len - lq + i  # last visible position
+
+        qv = cuda.shared.array(D, np.float32)
+        sr = cuda.shared.array(R, np.float32)  # residual scores, then p
+        wsp = cuda.shared.array(MAX_SPLITS, np.float32)  # split weights exp(m_split - M)
+        buf = cuda.shared.array((1, D), np.float32)
+        red = cuda.shared.array(NT, np.float32)
+        red2 = cuda.shared.array(NRED2, np.float32)
+
+        for c in range(tid, D, NT):
+            qv[c] = load_q(q[b, hq, i, c]) * scale
+        cuda.syncthreads()
+
+        m = neg_inf
+        for t in range(tid, residual_len, NT):
+            s = neg_inf
+            if quantized_len + t <= last:
+                s = np.float32(0.0)
+                for c in range(D):
+                    s += qv[c] * load_r(k_res[b, kvh, t, c])
+            sr[t] = s
+            m = max(m, s)
+        for u in range(tid, num_splits, NT):
+            m = max(m, ws_max[b, hq, i, u])
+        m = _block_max(red, red2, m, tid)
+        if m == neg_inf:  # cannot happen (token 0 is always visible); keeps exp() finite
+            m = np.float32(0.0)
+
+        total = np.float32(0.0)
+        for u in range(tid, num_splits, NT):
+            mu = ws_max[b, hq, i, u]
+            w = np.float32(0.0)
+            if mu != neg_inf:
+                w = math.exp(mu - m)
+            wsp[u] = w
+            total += w * ws_sum[b, hq, i, u]
+        for t in range(tid, residual_len, NT):
+            s = sr[t]
+            p = np.float32(0.0)
+            if s != neg_inf:
+                p = math.exp(s - m)
+            sr[t] = p
+            total += p
+        total = _block_sum(red, red2, total, tid)  # its barriers publish wsp and sr
+
+        for d in range(tid, D, NT):
+            a = np.float32(0.0)
+            for u in range(num_splits):
+                a += wsp[u] * ws_acc[b, hq, i, u, d]
+            buf[0, d] = a
+        if ROTATE:
+            fwht_shared(buf, 1, D, tid, NT)
+        for d in range(tid, D, NT):
+            o = buf[0, d]
+            if ROTATE:
+                o *= np.float32(HS)
+            for t in range(residual_len):
+                o += sr[t] * load_r(v_res[b, kvh, t, d])
+            out[b, hq, i, d] = o / total
+        if tid == 0:
+            lse[b, hq, i] = m + math.log(total)
+
+    return merge_kernel, _merge_signature(q_dtype, res_dtype)
+
+
+# --- cached compiled kernels ----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _split_kernel(*key):
+    fn, sig = _build_split(*key)
+    return cuda.jit(sig)(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_kernel(*key):
+    fn, sig = _build_merge(*key)
+    return cuda.jit(sig)(fn)
+
+
+def _split_key(config, head_dim, gqa, q_len, q_dtype):
+    return (config.key_bits, config.value_bits, config.key_group_size, config.value_group_size,
+            head_dim, gqa, q_len, config.param_dtype, q_dtype, config.rotate_keys,
+            config.scale_tokens, config.norm_scope == "head")
+
+
+def _merge_key(config, head_dim, q_dtype, res_dtype):
+    return (head_dim, config.residual_length, q_dtype, res_dtype, config.rotate_values)
+
+
+def compile_signatures():
+    """Yield ``(name, pyfunc, signature)`` for representative configurations (PTX compile test).
+
+    Split keys: (key_bits, value_bits, key_group_size, value_group_size, head_dim, G, q_len,
+    param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head); merge keys: (head_dim,
+    residual_length, q_dtype, res_dtype, rotate_values).
+    """
+    splits = [
+        (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False),  # Llama-3.1-8B
+        (4, 4, 64, 32, 64, 1, 1, "float32", "float32", True, True, True),
+        (2, 4, 128, 64, 256, 8, 2, "float16", "float16", True, True, False),
+        (8, 8, 32, 8, 32, 2, 3, "float16", "float16", False, False, False),
+        (8, 8, 32, 4, 256, 4, 1, "float16", "float16", True, True, False),  # ps on the fly
+        (2, 2, 32, 16, 128, 8, 4, "float16", "float32", True, True, False),  # 32 rows
+    ]
+    merges = [
+        (128, 128, "bfloat16", "bfloat16", True),
+        (64, 32, "float32", "float32", True),
+        (256, 256, "float16", "float16", False),
+        (32, 64, "float16", "float32", True),
+    ]
+    for key in splits:
+        fn, sig = _build_split(*key)
+        yield f"attention.split{key}", fn, sig
+    for key in merges:
+        fn, sig = _build_merge(*key)
+        yield f"attention.merge{key}", fn, sig
+
+
+# --- host side ------------------------------------------------------------------------------
+
+
+def choose_num_splits(batch, num_kv_heads, quantized_len, num_sms=132):
+    """Splits of the token axis per (batch, kv head): enough blocks to fill the GPU.
+
+    About ``TARGET_BLOCKS_PER_SM * num_sms`` blocks in all, each streaming at least
+    ``MIN_TILES_PER_SPLIT`` tiles, at most ``MAX_SPLITS`` splits; 1 for an empty cache.
+    """
+    tiles = int(quantized_len) // TILE_TOKENS
+    if tiles <= 0:
+        return 1
+    want = -(-TARGET_BLOCKS_PER_SM * int(num_sms) // max(1, int(batch) * int(num_kv_heads)))
+    cap = -(-tiles // MIN_TILES_PER_SPLIT)
+    return max(1, min(want, cap, MAX_SPLITS))
+
+
+def workspace_shapes(batch, num_q_heads, q_len, head_dim, num_splits):
+    """Shapes of the float32 workspace arrays of :func:`decode_attention`, by name.
+
+    ``split_max``/``split_sum`` ``[batch, num_q_heads, q_len, num_splits]``: each split's running
+    max and sum of exps; ``split_acc`` ``[..., num_splits, head_dim]``: its unnormalized rotated
+    value sum.
+    """
+    base = (int(batch), int(num_q_heads), int(q_len), int(num_splits))
+    return {"split_max": base, "split_sum": base, "split_acc": base + (int(head_dim),)}
+
+
+def _dtype(name, x):
+    dt = getattr(x, "dtype", None)
+    try:
+        return np.dtype(dt)
+    except TypeError:
+        pass
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if cai is None:
+        raise TypeError(f"{name}: expected a CUDA device array, got {type(x).__name__}")
+    return np.dtype(cai["typestr"])
+
+
+def _expect(name, x, shape, dtype):
+    if not SIMULATOR and not cuda.is_cuda_array(x):
+        raise TypeError(f"{name}: expected a CUDA device array, got {type(x).__name__}")
+    got = tuple(int(s) for s in x.shape)
+    if got != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {got}")
+    dt = _dtype(name, x)
+    if dt != np.dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {dt.name}")
+
+
+def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
+                     workspace, config, scale, quantized_len, residual_len, q_dtype, res_dtype,
+                     num_splits, stream=0):
+    """Decode attention over packed + residual tokens; writes ``out`` and ``lse``. Two launches.
+
+    Args:
+        q: ``[batch, num_q_heads, q_len, head_dim]`` float16/float32, or int16 bfloat16 bits.
+        k_codes: uint32 ``[batch, num_kv_heads, capacity / 32, head_dim * key_bits / 32, 32]``.
+        k_params: ``[batch, num_kv_heads, capacity / key_group_size, head_dim, 2]``.
+        v_codes: uint32 ``[batch, num_kv_heads, capacity, head_dim * value_bits / 32]``.
+        v_params: ``[batch, num_kv_heads, capacity, head_dim / value_group_size, 2]``.
+        norms: float32 ``[batch, 1 or num_kv_heads, capacity]``; any ``[1, 1, 1]`` array when
+            ``config.scale_tokens`` is False.
+        k_res, v_res: ``[batch, num_kv_heads, residual_length, head_dim]`` in ``res_dtype``.
+        out: float32 ``[batch, num_q_heads, q_len, head_dim]``; lse: float32
+            ``[batch, num_q_heads, q_len]`` (natural log).
+        workspace: dict of float32 arrays with the shapes of :func:`workspace_shapes`.
+        config: the cache's OScaRConfig. scale: logit scale.
+        quantized_len: valid packed tokens (a multiple of key_group_size, <= capacity).
+        residual_len: valid residual tokens, ``0 <= residual_len < residual_length``.
+        q_dtype, res_dtype: ``"float16"``, ``"float32"`` or ``"bfloat16"``.
+        num_splits: from :func:`choose_num_splits`, 1..MAX_SPLITS.
+        stream: the CUDA stream to launch on.
+    """
+    for name, val in (("q_dtype", q_dtype), ("res_dtype", res_dtype)):
+        if val not in Q_DTYPES:
+            raise ValueError(f"{name}: expected one of {tuple(Q_DTYPES)}, got {val!r}")
+    if len(q.shape) != 4:
+        raise ValueError(f"q: expected [batch, num_q_heads, q_len, head_dim], got {tuple(q.shape)}")
+    batch, nq, q_len, d = (int(s) for s in q.shape)
+    config.check_head_dim(d, "q.shape[3] (head_dim)")
+    if len(k_codes.shape) != 5:
+        raise ValueError(f"k_codes: expected a 5-D array, got shape {tuple(k_codes.shape)}")
+    nkv = int(k_codes.shape[1])
+    if nkv <= 0 or nq % nkv:
+        raise ValueError(f"num_q_heads ({nq}) must be a multiple of num_kv_heads ({nkv})")
+    cap = int(v_codes.shape[2]) if len(v_codes.shape) == 4 else -1
+    if cap < 0 or cap % config.key_group_size:
+        raise ValueError(f"v_codes: expected [batch, num_kv_heads, capacity, words] with capacity "
+                         f"a multiple of {config.key_group_size}, got {tuple(v_codes.shape)}")
+    r_len = config.residual_length
+    quantized_len, residual_len, num_splits = int(quantized_len), int(residual_len), int(num_splits)
+    if not 0 <= quantized_len <= cap or quantized_len % config.key_group_size:
+        raise ValueError(f"quantized_len: expected a multiple of {config.key_group_size} in "
+                         f"[0, {cap}], got {quantized_len}")
+    if not 0 <= residual_len < r_len:
+        raise ValueError(f"residual_len: expected 0 <= residual_len < {r_len}, got {residual_len}")
+    if not 1 <= q_len <= quantized_len + residual_len:
+        raise ValueError(f"q_len: expected 1 <= q_len <= seq_len ({quantized_len + residual_len}),"
+                         f" got {q_len}")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits: expected 1..{MAX_SPLITS}, got {num_splits}")
+    pd = PARAM_DTYPES[config.param_dtype]
+    _expect("q", q, (batch, nq, q_len, d), Q_DTYPES[q_dtype])
+    _expect("k_codes", k_codes, (batch, nkv, cap // 32, d * config.key_bits // 32, 32), np.uint32)
+    _expect("k_params", k_params, (batch, nkv, cap // config.key_group_size, d, 2), pd)
+    _expect("v_codes", v_codes, (batch, nkv, cap, d * config.value_bits // 32), np.uint32)
+    _expect("v_params", v_params, (batch, nkv, cap, d // config.value_group_size, 2), pd)
+    if config.scale_tokens:
+        s = nkv if config.norm_scope == "head" else 1
+        _expect("norms", norms, (batch, s, cap), np.float32)
+    elif len(norms.shape) != 3:
+        raise ValueError(f"norms: expected a 3-D array (any [1, 1, 1] without scale_tokens), "
+                         f"got shape {tuple(norms.shape)}")
+    else:
+        _expect("norms", norms, tuple(int(x) for x in norms.shape), np.float32)
+    _expect("k_res", k_res, (batch, nkv, r_len, d), Q_DTYPES[res_dtype])
+    _expect("v_res", v_res, (batch, nkv, r_len, d), Q_DTYPES[res_dtype])
+    _expect("out", out, (batch, nq, q_len, d), np.float32)
+    _expect("lse", lse, (batch, nq, q_len), np.float32)
+    for name, shape in workspace_shapes(batch, nq, q_len, d, num_splits).items():
+        if name not in workspace:
+            raise ValueError(f"workspace: expected an array named {name!r}, got {sorted(workspace)}")
+        _expect(f"workspace[{name!r}]", workspace[name], shape, np.float32)
+
+    split = _split_kernel(*_split_key(config, d, nq // nkv, q_len, q_dtype))
+    merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype))
+    scale32 = np.float32(scale)
+    ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)
+    ws_max, ws_sum, ws_acc = workspace["split_max"], workspace["split_sum"], workspace["split_acc"]
+    split[(batch * nkv, num_splits), NUM_THREADS, stream](
+        q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc, scale32, ql, rl,
+        ns)
+    merge[batch * nq * q_len, NUM_THREADS, stream](
+        q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns)

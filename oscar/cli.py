@@ -1,0 +1,107 @@
+"""The ``oscar`` command line (also ``python -m oscar``).
+
+    oscar report                       # built-in synthetic data with Token Norm Imbalance
+    oscar report --kv kv.npz --plots out/ --json out/report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import __version__
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oscar", description="OScaR 2-bit KV-cache quantization: tools.")
+    parser.add_argument("--version", action="version", version=f"oscar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    rep = sub.add_parser(
+        "report", help="quality and memory of KIVI / OScaR configurations on K/V data",
+        description="Quantize one layer's K/V with the ablation configurations (bf16, KIVI, "
+                    "rotation-only, scaling-only, OScaR; INT2 and INT4) and print bits per "
+                    "element, compression, key error, attention-output error (SQNR dB) and "
+                    "sink-token errors. Runs on the NumPy reference backend.")
+    src = rep.add_argument_group("data (built-in synthetic unless --kv is given)")
+    src.add_argument("--kv", metavar="FILE",
+                     help=".npz or .safetensors with arrays k, v [batch, num_kv_heads, seq_len, "
+                          "head_dim] (3-D: batch 1), optional q and sink_positions")
+    src.add_argument("--sinks", metavar="I,J,..",
+                     help="with --kv: sink token indices (default: the file's, else 0)")
+    src.add_argument("--num-q-heads", type=int, default=None, metavar="N",
+                     help="query heads (synthetic default 32; with --kv and no q in the file: "
+                          "default num_kv_heads)")
+    src.add_argument("--seq-len", type=int, default=1024, metavar="N", help="synthetic tokens (default 1024)")
+    src.add_argument("--batch", type=int, default=1, metavar="N", help="synthetic batch (default 1)")
+    src.add_argument("--num-kv-heads", type=int, default=8, metavar="N", help="synthetic KV heads (default 8)")
+    src.add_argument("--head-dim", type=int, default=128, metavar="N", help="synthetic head_dim (default 128)")
+    src.add_argument("--seed", type=int, default=0, metavar="N", help="synthetic seed (default 0)")
+    out = rep.add_argument_group("output")
+    out.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                     help="K/V are cast to this dtype before quantizing; the residual window is "
+                          "stored in it (default float16: a model's 16-bit cache, the bytes of "
+                          "bf16; float32 keeps the inputs exact)")
+    out.add_argument("--plots", metavar="DIR", help="write PNG plots here (needs matplotlib)")
+    out.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    return parser
+
+
+def _load(args):
+    from .synthetic import load_kv, make_tni_kv
+
+    if args.kv:
+        sinks = None if args.sinks is None else _int_list("--sinks", args.sinks)
+        return load_kv(args.kv, num_q_heads=args.num_q_heads, sink_positions=sinks)
+    if args.sinks is not None:
+        raise ValueError("--sinks: only with --kv (the synthetic data places its own sinks)")
+    return make_tni_kv(batch=args.batch, num_kv_heads=args.num_kv_heads,
+                       num_q_heads=32 if args.num_q_heads is None else args.num_q_heads,
+                       seq_len=args.seq_len, head_dim=args.head_dim, seed=args.seed)
+
+
+def _int_list(name, text):
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated token indices, got {text!r}") from None
+
+
+def _report(args) -> int:
+    from . import report
+
+    t0 = time.perf_counter()
+    data = _load(args)
+    rows, extras = report.evaluate(data, dtype=args.dtype)
+    print(data.description)
+    print(f"cache dtype {args.dtype}; full-precision attention mass on the sinks: "
+          f"{extras['sink_mass_fp']:.3f}; errors are relative Frobenius norms")
+    print(report.format_table(rows))
+    if args.plots:
+        for path in report.write_plots(args.plots, data, extras):
+            print(f"wrote {path}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_json(rows, data, extras, args.dtype), f, indent=2)
+        print(f"wrote {args.json}")
+    print(f"({time.perf_counter() - t0:.2f} s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _report(args)
+    except (ValueError, TypeError, ImportError, OSError) as exc:
+        print(f"oscar {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,465 @@
+"""kernels_numba.attention.decode_attention against reference.attention.decode_attention.
+
+The kernel reads the packed arrays of ``reference.block.quantize_block`` copied into *capacity*
+buffers larger than needed, whose tail (packed tokens past ``quantized_len``, residual tokens past
+``residual_len``) is NaN or random code words: reading any of it makes the output NaN. ``out``,
+``lse`` and the workspace are poisoned with NaN before the call, so every element must be written.
+
+Tolerance (derived; the reference runs in float64 on the same dequantized values, so the whole
+difference is the kernel's float32 rounding). With u = 2**-24 and the probabilistic bound of
+Higham and Mary (a float32 sum of n terms errs by at most lambda * sqrt(n) * u * sum|terms|, with
+probability >= 1 - 2 exp(-lambda**2 / 2) per sum; lambda = 8 makes a false failure ~1e-14):
+
+* logit of quantized token t: the kernel sums ``q'_c * code`` and ``q_c * min_c`` over D channels
+  after a float32 FWHT of q (log2 D stages, each output a sum of +-q_i), the scale products and
+  the norm product, so with ``a_tc = |min_c| + |scale_c| * code_tc`` (>= |u_hat_tc|)
+      ds_t <= lambda u sqrt(D + log2 D + 8) * scale * n_t * sum_c (|Hq|_c + ||q||_1 / sqrt(D)) a_tc
+  (the ||q||_1 / sqrt(D) term bounds the FWHT error per component, only with rotate_keys);
+  residual token r: ``ds_r <= lambda u sqrt(D + 2) * scale * sum_c |q_c k_rc|``. dS = max.
+* softmax: ``dp_t = p_t (ds_t - sum p ds)``, so ``sum_t |dp_t| |v_t| <= 2 dS V`` with V the
+  largest ``|min| + |scale| code`` or ``|v_r|``; lse moves by at most dS.
+* accumulation of ``sum_t p_t v_t`` (tile sums, running rescales, the split merge, one division)
+  over T tokens: ``lambda u sqrt(T + 64) V``; the float32 FWHT of the merged sum:
+  ``log2(D) u sqrt(D) V``; lse: ``lambda u (sqrt(T + 64) + |lse|)``.
+
+    atol_out = 2 dS V + lambda u (sqrt(T + 64) + log2(D) sqrt(D)) V
+    atol_lse = dS + lambda u (sqrt(T + 64) + |lse|)
+
+For the simulator sizes that is ~3e-5 * V, 10 to 30 times the errors seen; an indexing mistake
+(a token dropped, a wrong group's params) moves the output by ~1e-2. A designed test with q = 0
+makes every logit exactly 0 and every weight exactly 1, so lse must equal log(number of visible
+tokens) to float32 rounding: that catches a single missing token even at 32K tokens.
+
+Kinds: ``sim`` tests run the kernels under the CUDA simulator on CPU (tests/conftest.py turns it
+on without a GPU), tiny shapes; ``gpu`` tests run Llama-3.1-8B-like sizes on a real GPU (skipped
+under the simulator and without CUDA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import oscar
+from oscar.kernels_numba import attention as K
+from oscar.kernels_numba._compat import SIMULATOR, cuda
+from oscar.reference.attention import decode_attention as reference_decode_attention
+from oscar.reference.block import (PackedBlock, dequantize_block_rotated, empty_block,
+                                   quantize_block)
+from oscar.reference.hadamard import hadamard_transform
+from oscar.reference.pack import unpack_key_codes, unpack_value_codes
+from oscar.reference.quantize import dequantize_keys, dequantize_values
+
+U32 = 2.0**-24
+#: Higham-Mary probabilistic rounding-error bound factor (see the module docstring).
+LAMBDA = 8.0
+#: Tokens of capacity beyond what a case needs (their contents are poison).
+EXTRA_TILES = 1
+STORED = {"float16": np.float16, "float32": np.float32, "bfloat16": np.int16}
+
+gpu_only = pytest.mark.skipif(
+    SIMULATOR or not cuda.is_available(),
+    reason="needs a CUDA GPU (the CUDA simulator is on or no device is visible)",
+)
+
+
+# --- input builders -------------------------------------------------------------------------
+
+
+def _bf16(x):
+    """float32 -> (int16 bfloat16 bits rounded to nearest even, their float32 values)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    hi = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return hi.view(np.int16), (hi.astype(np.uint32) << 16).view(np.float32)
+
+
+def _stored(x, dtype):
+    """Array in the kernel's storage dtype and the float32 values it holds."""
+    if dtype == "bfloat16":
+        return _bf16(x)
+    s = np.asarray(x, np.float32).astype(STORED[dtype])
+    return s, s.astype(np.float32)
+
+
+def _with_capacity(a, axis, n, fill):
+    """``a`` padded along ``axis`` to ``n`` entries of ``fill`` (the poisoned capacity tail)."""
+    shape = list(a.shape)
+    shape[axis] = n
+    out = np.empty(shape, a.dtype)
+    out[...] = fill
+    idx = [slice(None)] * a.ndim
+    idx[axis] = slice(0, a.shape[axis])
+    out[tuple(idx)] = a
+    return out
+
+
+def make_case(batch, num_kv_heads, gqa, head_dim, quantized_len, residual_len, q_len, config,
+              q_dtype="float32", res_dtype="float32", seed=0, zero_q=False):
+    """Random keys/values quantized by the reference, laid out in poisoned capacity buffers."""
+    rng = np.random.default_rng(seed)
+    b, h, d, r = batch, num_kv_heads, head_dim, config.residual_length
+    k = rng.standard_normal((b, h, quantized_len, d)).astype(np.float32)
+    k *= np.exp(rng.uniform(-2.0, 2.0, (b, 1, quantized_len, 1))).astype(np.float32)  # TNI
+    k[..., : max(1, d // 16)] *= 4.0  # a few outlier channels
+    v = rng.standard_normal((b, h, quantized_len, d)).astype(np.float32)
+    block = (quantize_block(k, v, config) if quantized_len
+             else empty_block(b, h, d, config))
+
+    cap = quantized_len + EXTRA_TILES * max(32, config.key_group_size)
+    garbage = lambda a: rng.integers(0, 2**32, a.shape, dtype=np.uint64).astype(np.uint32)
+    kc = _with_capacity(block.k_codes, 2, cap // 32, 0)
+    kc[:, :, quantized_len // 32:] = garbage(kc[:, :, quantized_len // 32:])
+    vc = _with_capacity(block.v_codes, 2, cap, 0)
+    vc[:, :, quantized_len:] = garbage(vc[:, :, quantized_len:])
+    kp = _with_capacity(block.k_params, 2, cap // config.key_group_size, np.nan)
+    vp = _with_capacity(block.v_params, 2, cap, np.nan)
+    norms = (_with_capacity(block.norms, 2, cap, np.nan) if block.norms is not None
+             else np.ones((1, 1, 1), np.float32))
+
+    res_shape = (b, h, r, d)
+    k_res32 = np.full(res_shape, np.nan, np.float32)
+    v_res32 = np.full(res_shape, np.nan, np.float32)
+    k_res32[:, :, :residual_len] = rng.standard_normal((b, h, residual_len, d))
+    v_res32[:, :, :residual_len] = rng.standard_normal((b, h, residual_len, d))
+    k_res, k_res_vals = _stored(k_res32, res_dtype)
+    v_res, v_res_vals = _stored(v_res32, res_dtype)
+
+    q32 = rng.standard_normal((b, h * gqa, q_len, d)).astype(np.float32)
+    if zero_q:
+        q32[...] = 0.0
+    q, q_vals = _stored(q32, q_dtype)
+    return dict(
+        config=config, block=block, quantized_len=quantized_len, residual_len=residual_len,
+        scale=1.0 / math.sqrt(d), q_dtype=q_dtype, res_dtype=res_dtype,
+        kernel_args=(q, kc, kp, vc, vp, norms, k_res, v_res),
+        q_vals=q_vals, k_res_vals=k_res_vals[:, :, :residual_len],
+        v_res_vals=v_res_vals[:, :, :residual_len],
+    )
+
+
+def run_kernel(case, num_splits):
+    """Launch the two kernels on device copies; returns host ``(out, lse)``."""
+    q = case["kernel_args"][0]
+    b, hq, lq, d = q.shape
+    dev = [cuda.to_device(np.ascontiguousarray(a)) for a in case["kernel_args"]]
+    out = cuda.to_device(np.full((b, hq, lq, d), np.nan, np.float32))
+    lse = cuda.to_device(np.full((b, hq, lq), np.nan, np.float32))
+    ws = {name: cuda.to_device(np.full(shape, np.nan, np.float32))
+          for name, shape in K.workspace_shapes(b, hq, lq, d, num_splits).items()}
+    K.decode_attention(*dev, out, lse, ws, case["config"], case["scale"], case["quantized_len"],
+                       case["residual_len"], case["q_dtype"], case["res_dtype"], num_splits)
+    if not SIMULATOR:
+        cuda.synchronize()
+    return out.copy_to_host(), lse.copy_to_host()
+
+
+def _block_row(block, i):
+    """Batch row ``i`` of a PackedBlock (the reference is run per row to bound its memory)."""
+    sl = slice(i, i + 1)
+    return PackedBlock(block.k_codes[sl], block.k_params[sl], block.v_codes[sl],
+                       block.v_params[sl], None if block.norms is None else block.norms[sl])
+
+
+def reference(case):
+    """float64 ``(out, lse)`` of reference.attention.decode_attention, batch row by row."""
+    outs, lses = [], []
+    for i in range(case["q_vals"].shape[0]):
+        o, l = reference_decode_attention(
+            case["q_vals"][i:i + 1], _block_row(case["block"], i), case["k_res_vals"][i:i + 1],
+            case["v_res_vals"][i:i + 1], case["config"], case["scale"], return_lse=True)
+        outs.append(o)
+        lses.append(l)
+    return np.concatenate(outs), np.concatenate(lses)
+
+
+def _gamma(n):
+    """Rounding-error factor of an n-term float32 sum: min(n, lambda sqrt(n)) * u (both bound)."""
+    return min(n, LAMBDA * math.sqrt(n)) * U32
+
+
+def tolerances(case, ref_lse):
+    """``(atol_out [B, Hq, L, D], atol_lse [B, Hq, L])``: the bound of the module docstring."""
+    cfg, block = case["config"], case["block"]
+    q = case["q_vals"].astype(np.float64)
+    b, hq, lq, d = q.shape
+    h = block.v_codes.shape[1]
+    g = hq // h
+    tq, tr = case["quantized_len"], case["residual_len"]
+    scale, lg = case["scale"], math.log2(d)
+    # query head kvh * G + j, row i -> row j * lq + i of KV head kvh
+    rows = q.reshape(b, h, g * lq, d)
+    qt = hadamard_transform(rows) if cfg.rotate_keys else rows
+    logits, deltas, a_vals = [], [], []
+    if tq:
+        u_hat, v_hat = (x.astype(np.float64) for x in dequantize_block_rotated(block, cfg))
+        a_k = dequantize_keys(unpack_key_codes(block.k_codes, cfg.key_bits),
+                              np.abs(block.k_params)).astype(np.float64)  # |min| + |scale| code
+        a_v = dequantize_values(unpack_value_codes(block.v_codes, cfg.value_bits),
+                                np.abs(block.v_params)).astype(np.float64)
+        n = (np.ones((b, 1, 1, tq)) if block.norms is None
+             else block.norms.astype(np.float64)[:, :, None, :])
+        fwht = ((lg + 3) * U32 * np.linalg.norm(rows, axis=-1)[..., None]
+                * np.linalg.norm(u_hat, axis=-1)[:, :, None, :]) if cfg.rotate_keys else 0.0
+        dot = _gamma(d + 4) * np.einsum("bhrd,bhtd->bhrt", np.abs(qt), a_k)
+        logits.append(scale * n * np.einsum("bhrd,bhtd->bhrt", qt, u_hat))
+        deltas.append(scale * n * (fwht + dot))
+        a_vals.append(a_v)
+    if tr:
+        kr = case["k_res_vals"].astype(np.float64)
+        logits.append(scale * np.einsum("bhrd,bhtd->bhrt", rows, kr))
+        deltas.append(scale * _gamma(d + 2) * np.einsum("bhrd,bhtd->bhrt", np.abs(rows),
+                                                         np.abs(kr)))
+        a_vals.append(np.abs(case["v_res_vals"].astype(np.float64)))
+    s = np.concatenate(logits, axis=-1)  # [B, H, rows, T]
+    delta = np.concatenate(deltas, axis=-1)
+    a_v = np.concatenate(a_vals, axis=2)  # [B, H, T, D]
+    pos = tq + tr - lq + np.arange(g * lq) % lq  # last visible position of each row
+    visible = np.arange(tq + tr)[None, :] <= pos[:, None]
+    s = np.where(visible, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dbar = (p * delta).sum(-1, keepdims=True)
+    weight = np.einsum("bhrt,bhtd->bhrd", p, a_v)  # sum_t p_t (|min| + |scale| code) >= |out|
+    atol = (np.einsum("bhrt,bhtd->bhrd", p * (delta + dbar), a_v)
+            + _gamma(tq + tr + 64) * weight)
+    if tq and cfg.rotate_values:
+        wq = np.einsum("bhrt,bhtd->bhrd", p[..., :tq], a_vals[0])
+        atol += (lg + 2) * U32 * np.linalg.norm(wq, axis=-1, keepdims=True)
+    atol_out = 2 * atol.reshape(b, hq, lq, d)
+    atol_lse = 2 * (dbar[..., 0].reshape(b, hq, lq) + _gamma(tq + tr + 64)
+                    + U32 * np.abs(ref_lse))
+    return atol_out, atol_lse
+
+
+def check_case(case, num_splits):
+    out, lse = run_kernel(case, num_splits)
+    ref_out, ref_lse = reference(case)
+    assert np.isfinite(out).all(), f"{(~np.isfinite(out)).sum()} output elements not finite"
+    assert np.isfinite(lse).all(), f"{(~np.isfinite(lse)).sum()} lse elements not finite"
+    atol_out, atol_lse = tolerances(case, ref_lse)
+    err_out = np.abs(out - ref_out)
+    err_lse = np.abs(lse - ref_lse)
+    worst = np.unravel_index(np.argmax(err_out / atol_out), err_out.shape)
+    assert (err_out <= atol_out).all(), (
+        f"out: max error {err_out.max():.3g}; at {worst} error {err_out[worst]:.3g} > "
+        f"tolerance {atol_out[worst]:.3g}")
+    worst = np.unravel_index(np.argmax(err_lse / atol_lse), err_lse.shape)
+    assert (err_lse <= atol_lse).all(), (
+        f"lse: max error {err_lse.max():.3g}; at {worst} error {err_lse[worst]:.3g} > "
+        f"tolerance {atol_lse[worst]:.3g}")
+    return out, lse
+
+
+def visible_counts(case):
+    """Visible tokens of each query row: position ``T - q_len + i`` sees ``T - q_len + i + 1``."""
+    lq = case["q_vals"].shape[2]
+    t = case["quantized_len"] + case["residual_len"]
+    return t - lq + np.arange(lq) + 1
+
+
+def check_zero_query(case, num_splits):
+    """q = 0: every logit is exactly 0, every weight 1: lse = log(count), out = mean of values."""
+    out, lse = check_case(case, num_splits)
+    expect = np.log(visible_counts(case).astype(np.float64))
+    err = np.abs(lse - expect[None, None, :])
+    assert (err <= 4 * U32 * np.maximum(1.0, expect)).all(), (
+        f"lse differs from log(count) by up to {err.max():.3g} (one token is ~{1 / expect.max():.3g})")
+
+
+# --- simulator: properties ------------------------------------------------------------------
+
+#: (batch, num_kv_heads, gqa, q_len) with at most 8 merge blocks (batch * num_q_heads * q_len):
+#: the simulator runs each 128-thread block as Python threads, ~0.2 s a block.
+SHAPES = [(b, h, g, lq) for b in (1, 2, 3) for h in (1, 2) for g in (1, 2, 4) for lq in (1, 2, 3)
+          if b * h * g * lq <= 8]
+
+
+@st.composite
+def sim_cases(draw):
+    b, h, g, lq = draw(st.sampled_from(SHAPES))
+    key_group = draw(st.sampled_from([32, 32, 64]))
+    key_bits = draw(st.sampled_from([2, 4, 8]))
+    value_bits = draw(st.sampled_from([2, 4, 8]))
+    value_group = draw(st.sampled_from([g_ for g_ in (4, 8, 16, 32) if g_ >= 32 // value_bits]))
+    config = oscar.OScaRConfig(
+        key_bits=key_bits, value_bits=value_bits, key_group_size=key_group,
+        value_group_size=value_group, residual_length=key_group,
+        rotate_keys=draw(st.booleans()), scale_tokens=draw(st.booleans()),
+        rotate_values=draw(st.booleans()), norm_scope=draw(st.sampled_from(["token", "head"])),
+        param_dtype=draw(st.sampled_from(["float16", "float32"])))
+    quantized_len = draw(st.sampled_from([q for q in (0, 32, 64) if q % key_group == 0]))
+    residual_len = draw(st.integers(0, key_group - 1))
+    residual_len = max(residual_len, lq - quantized_len)  # q_len <= seq_len
+    case = make_case(b, h, g, 32, quantized_len, residual_len, lq, config,
+                     q_dtype=draw(st.sampled_from(["float16", "float32", "bfloat16"])),
+                     res_dtype=draw(st.sampled_from(["float16", "float32", "bfloat16"])),
+                     seed=draw(st.integers(0, 2**16)))
+    num_splits = draw(st.sampled_from([1, 2, 3]))
+    return case, num_splits
+
+
+@pytest.mark.sim
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sim_cases())
+def test_sim_matches_reference(case_splits):
+    case, num_splits = case_splits
+    check_case(case, num_splits)
+
+
+@pytest.mark.sim
+def test_sim_zero_query_counts_every_token():
+    # 2 tiles over 3 splits (the last split is empty), causal rows over the residual.
+    case = make_case(1, 1, 2, 32, 64, 3, 3, oscar.OScaRConfig(residual_length=32), zero_q=True,
+                     q_dtype="bfloat16", res_dtype="float16")
+    check_zero_query(case, num_splits=3)
+
+
+@pytest.mark.sim
+def test_sim_rows_without_visible_quantized_tokens_in_a_split():
+    # q_len 33 > residual: row 0 sits at position 31 and sees no token of tile 1, so split 1
+    # holds no visible token for it (m = -inf, l = 0 must merge to nothing).
+    case = make_case(1, 1, 1, 32, 64, 0, 33, oscar.OScaRConfig(residual_length=32), seed=3)
+    check_case(case, num_splits=2)
+
+
+@pytest.mark.sim
+def test_sim_head_dim_64_gqa4_group64():
+    cfg = oscar.OScaRConfig(key_group_size=64, residual_length=64, value_group_size=16,
+                            norm_scope="head")
+    case = make_case(1, 2, 4, 64, 64, 17, 1, cfg, q_dtype="float16", res_dtype="bfloat16", seed=5)
+    check_case(case, num_splits=1)
+
+
+# --- host-side contract (no kernel launch) --------------------------------------------------
+
+
+def test_choose_num_splits():
+    assert K.choose_num_splits(1, 8, 0) == 1
+    assert K.choose_num_splits(1, 8, 32) == 1
+    for batch, heads, qlen in [(1, 8, 131072), (1, 8, 32768), (8, 8, 32768), (64, 8, 8192),
+                               (1, 1, 1 << 20)]:
+        s = K.choose_num_splits(batch, heads, qlen, num_sms=132)
+        assert 1 <= s <= K.MAX_SPLITS
+        assert s <= -(-qlen // 32 // K.MIN_TILES_PER_SPLIT)
+        # enough blocks to fill the GPU where the sequence allows it
+        assert batch * heads * s >= min(132, batch * heads * (qlen // 32 // K.MIN_TILES_PER_SPLIT))
+
+
+def test_workspace_shapes():
+    ws = K.workspace_shapes(2, 32, 3, 128, 7)
+    assert ws == {"split_max": (2, 32, 3, 7), "split_sum": (2, 32, 3, 7),
+                  "split_acc": (2, 32, 3, 7, 128)}
+
+
+def _host_args(case, num_splits):
+    q = case["kernel_args"][0]
+    b, hq, lq, d = q.shape
+    dev = [cuda.to_device(np.ascontiguousarray(a)) for a in case["kernel_args"]]
+    out = cuda.to_device(np.zeros((b, hq, lq, d), np.float32))
+    lse = cuda.to_device(np.zeros((b, hq, lq), np.float32))
+    ws = {n: cuda.to_device(np.zeros(s, np.float32))
+          for n, s in K.workspace_shapes(b, hq, lq, d, num_splits).items()}
+    return dev, out, lse, ws
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(residual_len=32), ValueError, "residual_len"),
+    (dict(quantized_len=48), ValueError, "quantized_len"),
+    (dict(quantized_len=128), ValueError, "quantized_len"),
+    (dict(num_splits=0), ValueError, "num_splits"),
+    (dict(num_splits=K.MAX_SPLITS + 1), ValueError, "num_splits"),
+    (dict(q_dtype="float64"), ValueError, "q_dtype"),
+    (dict(q_dtype="float16"), TypeError, "q: expected dtype float16"),
+    (dict(workspace_splits=2), ValueError, "split_max"),
+])
+def test_errors_at_the_boundary(change, error, match):
+    case = make_case(1, 1, 2, 32, 32, 3, 1, oscar.OScaRConfig(residual_length=32))
+    dev, out, lse, ws = _host_args(case, change.get("workspace_splits", 1))
+    args = dict(config=case["config"], scale=case["scale"], quantized_len=32, residual_len=3,
+                q_dtype="float32", res_dtype="float32", num_splits=1)
+    args.update({k: v for k, v in change.items() if k != "workspace_splits"})
+    with pytest.raises(error, match=match):
+        K.decode_attention(*dev, out, lse, ws, **args)
+
+
+def test_too_many_rows_is_a_clear_error():
+    with pytest.raises(ValueError, match="query rows per KV head"):
+        K._build_split(2, 2, 32, 32, 256, 8, 4, "float16", "float16", True, True, False)
+
+
+def test_compile_signatures_cover_both_kernels():
+    names = [name for name, _, _ in K.compile_signatures()]
+    assert any("split" in n for n in names) and any("merge" in n for n in names)
+    for _, fn, sig in K.compile_signatures():
+        assert callable(fn) and sig.startswith("void(")
+
+
+# --- GPU: real sizes ------------------------------------------------------------------------
+
+LLAMA = dict(batch=1, num_kv_heads=8, gqa=4, head_dim=128)  # Llama-3.1-8B: 32 q heads, 8 kv
+
+#: (id, shape, quantized_len, residual_len, q_len, config changes, q dtype, res dtype, splits)
+#: quantized lengths are irregular on purpose (not multiples of the split size); splits None
+#: means choose_num_splits with the device's SM count.
+GPU_CASES = [
+    ("llama-32k-bf16", LLAMA, 32640, 77, 1, {}, "bfloat16", "bfloat16", None),
+    ("llama-b8-f16", dict(LLAMA, batch=8), 4480, 127, 1, {}, "float16", "float16", None),
+    ("d64-gqa1-4bit-g64-f32", dict(batch=2, num_kv_heads=8, gqa=1, head_dim=64), 6208, 63, 1,
+     dict(key_bits=4, value_bits=4, key_group_size=64, residual_length=64,
+          param_dtype="float32", norm_scope="head"), "float32", "float32", None),
+    ("d256-gqa8-g128-qlen2", dict(batch=1, num_kv_heads=2, gqa=8, head_dim=256), 5760, 1, 2,
+     dict(key_bits=2, value_bits=4, key_group_size=128, value_group_size=64),
+     "float16", "bfloat16", None),
+    ("llama-b3-qlen4-causal", dict(LLAMA, batch=3), 1024, 2, 4, dict(value_group_size=16),
+     "bfloat16", "float16", None),
+    ("kivi-k8v2", dict(LLAMA, batch=2), 3200, 100, 1,
+     dict(key_bits=8, rotate_keys=False, scale_tokens=False, rotate_values=False),
+     "float32", "float16", None),
+    ("scaling-only-g64", dict(LLAMA, batch=2), 2112, 5, 1,
+     dict(key_group_size=64, residual_length=64, rotate_keys=False), "float16", "float16", None),
+    ("rotation-only-gqa8", dict(batch=1, num_kv_heads=4, gqa=8, head_dim=128), 32768, 0, 1,
+     dict(scale_tokens=False), "float32", "float32", None),
+    ("empty-cache", dict(LLAMA, batch=2), 0, 50, 1, {}, "bfloat16", "bfloat16", None),
+    ("one-split", dict(LLAMA, num_kv_heads=1), 640, 5, 1, {}, "float16", "float16", 1),
+    ("more-splits-than-tiles", dict(LLAMA, num_kv_heads=1), 640, 5, 1, {}, "float16",
+     "float16", K.MAX_SPLITS),
+]
+
+
+def _gpu_case(shape, quantized_len, residual_len, q_len, changes, q_dtype, res_dtype, **kw):
+    cfg = oscar.OScaRConfig(**changes)
+    return make_case(shape["batch"], shape["num_kv_heads"], shape["gqa"], shape["head_dim"],
+                     quantized_len, residual_len, q_len, cfg, q_dtype=q_dtype,
+                     res_dtype=res_dtype, **kw)
+
+
+def _auto_splits(case):
+    q = case["kernel_args"][0]
+    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    return K.choose_num_splits(q.shape[0], case["block"].v_codes.shape[1],
+                               case["quantized_len"], num_sms=sms)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("name, shape, qlen, rlen, q_len, changes, q_dtype, res_dtype, splits",
+                         GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_gpu_matches_reference(name, shape, qlen, rlen, q_len, changes, q_dtype, res_dtype,
+                               splits):
+    case = _gpu_case(shape, qlen, rlen, q_len, changes, q_dtype, res_dtype, seed=11)
+    num_splits = _auto_splits(case) if splits is None else splits
+    out, lse = check_case(case, num_splits)
+    again = run_kernel(case, num_splits)  # no atomics: bit-identical on a second launch
+    assert np.array_equal(out, again[0]) and np.array_equal(lse, again[1])
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("splits", [None, 1, 7])
+def test_gpu_zero_query_counts_every_token(splits):
+    case = _gpu_case(LLAMA, 32768, 3, 3, {}, "bfloat16", "bfloat16", zero_q=True, seed=2)
+    check_zero_query(case, _auto_splits(case) if splits is None else splits)
