@@ -638,32 +638,33 @@ def workspace_shapes(batch, num_q_heads, q_len, head_dim, num_splits):
     return {"split_max": base, "split_sum": base, "split_acc": base + (int(head_dim),)}
 
 
-def _dtype(name, x):
-    dt = getattr(x, "dtype", None)
-    try:
-        return np.dtype(dt)
-    except TypeError:
-        pass
-    cai = getattr(x, "__cuda_array_interface__", None)
-    if cai is None:
-        raise TypeError(f"{name}: expected a CUDA device array, got {type(x).__name__}")
-    return np.dtype(cai["typestr"])
+def _dtype_name(x):
+    """dtype name of a Numba device array, NumPy array or torch tensor, without building a
+    ``__cuda_array_interface__`` (torch rebuilds it on every access)."""
+    dt = x.dtype
+    if isinstance(dt, np.dtype):
+        return dt.name
+    name = str(dt)
+    return name[len("torch."):] if name.startswith("torch.") else np.dtype(dt).name
 
 
 def _expect(name, x, shape, dtype):
-    if not SIMULATOR and not cuda.is_cuda_array(x):
+    on_device = getattr(x, "is_cuda", None)
+    if on_device is None:
+        on_device = SIMULATOR or cuda.is_cuda_array(x)
+    if not on_device:
         raise TypeError(f"{name}: expected a CUDA device array, got {type(x).__name__}")
     got = tuple(int(s) for s in x.shape)
     if got != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {got}")
-    dt = _dtype(name, x)
-    if dt != np.dtype(dtype):
-        raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {dt.name}")
+    want = np.dtype(dtype).name
+    if _dtype_name(x) != want:
+        raise TypeError(f"{name}: expected dtype {want}, got {_dtype_name(x)}")
 
 
 def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                      workspace, config, scale, quantized_len, residual_len, q_dtype, res_dtype,
-                     num_splits, stream=0):
+                     num_splits, stream=0, check=True):
     """Decode attention over packed + residual tokens; writes ``out`` and ``lse``. Two launches.
 
     Args:
@@ -684,7 +685,31 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         q_dtype, res_dtype: ``"float16"``, ``"float32"`` or ``"bfloat16"``.
         num_splits: from :func:`choose_num_splits`, 1..MAX_SPLITS.
         stream: the CUDA stream to launch on.
+        check: validate every argument first (tens of microseconds of Python); a caller that
+            has validated the same buffers once may pass False.
     """
+    if check:
+        _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
+                         workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
+                         num_splits)
+    batch, nq, q_len, d = (int(s) for s in q.shape)
+    nkv = int(k_codes.shape[1])
+    split = _split_kernel(*_split_key(config, d, nq // nkv, q_len, q_dtype))
+    merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype))
+    scale32 = np.float32(scale)
+    ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)
+    ws_max, ws_sum, ws_acc = workspace["split_max"], workspace["split_sum"], workspace["split_acc"]
+    split[(batch * nkv, int(num_splits)), NUM_THREADS, stream](
+        q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc, scale32, ql, rl,
+        ns)
+    merge[batch * nq * q_len, NUM_THREADS, stream](
+        q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns)
+
+
+def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
+                     workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
+                     num_splits):
+    """ValueError / TypeError naming the first argument that breaks the contract."""
     for name, val in (("q_dtype", q_dtype), ("res_dtype", res_dtype)):
         if val not in Q_DTYPES:
             raise ValueError(f"{name}: expected one of {tuple(Q_DTYPES)}, got {val!r}")
@@ -735,14 +760,3 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         if name not in workspace:
             raise ValueError(f"workspace: expected an array named {name!r}, got {sorted(workspace)}")
         _expect(f"workspace[{name!r}]", workspace[name], shape, np.float32)
-
-    split = _split_kernel(*_split_key(config, d, nq // nkv, q_len, q_dtype))
-    merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype))
-    scale32 = np.float32(scale)
-    ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)
-    ws_max, ws_sum, ws_acc = workspace["split_max"], workspace["split_sum"], workspace["split_acc"]
-    split[(batch * nkv, num_splits), NUM_THREADS, stream](
-        q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc, scale32, ql, rl,
-        ns)
-    merge[batch * nq * q_len, NUM_THREADS, stream](
-        q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns)

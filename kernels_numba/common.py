@@ -80,15 +80,33 @@ def fwht_shared(buf, rows, d, tid, nthreads):
 
 # --- added for the quantize / dequantize / hadamard kernels -----------------------------------
 
+
+def arithmetic_device(fn):
+    """``cuda.jit(device=True)`` for a device function that only computes (no ``cuda.*`` calls);
+    in the simulator, the plain Python function.
+
+    The simulator wraps every device-function call in a swap of the module's ``cuda`` global
+    under two locks (~10 us per call, against ~1 us for a plain call); helpers called once or more
+    per element would dominate simulated test time. The GPU build is unchanged.
+    """
+    return fn if SIMULATOR else cuda.jit(device=True)(fn)
+
+
+def plain_in_simulator(device_fn):
+    """The Python body of a compute-only ``cuda.jit(device=True)`` function in the simulator
+    (see :func:`arithmetic_device`); the device function itself on the GPU."""
+    return device_fn.__wrapped__ if SIMULATOR else device_fn
+
+
 #: Numba element type of a 4-D / 2-D input array per input dtype name. bfloat16 arrives as int16
 #: bits (torch exports bfloat16 through __cuda_array_interface__ as a void type).
 INPUT_ELEMENT_TYPES = {"float16": "float16", "bfloat16": "int16", "float32": "float32"}
 
 if SIMULATOR:
 
-    @cuda.jit(device=True)
     def mul_rn(a, b):
-        """float32 product rounded once (simulator shim: NumPy float32 multiply)."""
+        """float32 product rounded once (simulator shim: NumPy float32 multiply; a plain
+        function, see :func:`arithmetic_device`)."""
         return np.float32(np.float32(a) * np.float32(b))
 
 else:
@@ -99,7 +117,7 @@ else:
     mul_rn = libdevice.fmul_rn
 
 
-@cuda.jit(device=True)
+@arithmetic_device
 def to_float32(x):
     """float16 / float32 element to float32 (exact)."""
     return np.float32(x)
@@ -108,7 +126,7 @@ def to_float32(x):
 def float32_loader(in_dtype: str):
     """The device function that turns one input element of ``in_dtype`` into float32, exactly."""
     if in_dtype == "bfloat16":
-        return bf16_bits_to_f32
+        return plain_in_simulator(bf16_bits_to_f32)
     if in_dtype in ("float16", "float32"):
         return to_float32
     raise ValueError(f"in_dtype: expected one of {tuple(INPUT_ELEMENT_TYPES)}, got {in_dtype!r}")

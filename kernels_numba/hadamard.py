@@ -9,9 +9,10 @@ bit for bit: the same butterflies in the same stage order (``common.fwht_shared`
 * Input ``x [rows, D]`` (any strides): float16, float32, or int16 holding bfloat16 bits.
   Output ``out [rows, D]`` float32 (any strides). ``D`` a power of two from 32 to 256.
 * Grid: one block per ``ROWS_PER_BLOCK(D) = max(1, TILE_ELEMENTS // D)`` consecutive rows
-  (the last block takes the remainder). Block: ``THREADS`` threads; thread ``p`` loads and stores
-  elements ``p, p + THREADS, ...`` of the row-major tile (coalesced for contiguous rows) and takes
-  butterfly pairs in the same stride pattern inside each stage.
+  (the last block takes the remainder). Block: ``THREADS`` (256) threads, or ``threads=``;
+  thread ``p`` loads and stores elements ``p, p + THREADS, ...`` of the row-major tile
+  (coalesced for contiguous rows) and takes butterfly pairs in the same stride pattern inside
+  each stage.
 * Shared memory: one float32 tile ``[ROWS_PER_BLOCK, D]`` = ``TILE_ELEMENTS * 4`` bytes (16 KB).
 * Limits: rows < 2**31 * ROWS_PER_BLOCK. ``out`` may alias a float32 ``x`` with the same strides
   (each block reads its whole tile before it writes it).
@@ -87,7 +88,8 @@ def hadamard_transform(x, out, in_dtype: str, stream=0, *, threads: int = THREAD
     """
     check_threads(threads)
     if in_dtype not in INPUT_ELEMENT_TYPES:
-        raise ValueError(f"in_dtype: expected one of {tuple(INPUT_ELEMENT_TYPES)}, got {in_dtype!r}")
+        raise ValueError(f"in_dtype: expected one of {tuple(INPUT_ELEMENT_TYPES)}, "
+                         f"got {in_dtype!r}")
     if len(x.shape) != 2:
         raise ValueError(f"x: expected a 2-D array [rows, head_dim], got shape {tuple(x.shape)}")
     if tuple(out.shape) != tuple(x.shape):

@@ -58,8 +58,20 @@ through the rotation to the whole (head, token) row, and through a non-finite no
 stored unscaled, as in the reference); ``status[0] |= STATUS_FLOAT16_RANGE`` when param_dtype is
 float16 and a finite group's min, max or scale exceeds 65504 in magnitude -- NaN params, codes 0.
 
+Threads: ``THREADS`` (256) by default; any power of two from 32 to 1024 through ``threads=``
+(every loop is strided by the block size; the simulator tests use 32).
+
 Limits: T a multiple of key_group_size; D in {32, 64, 128, 256}; H <= 65535 and B <= 65535
 (grid y / z); T / 32 < 2**31.
+
+Performance notes (not measured yet): DRAM traffic with token scaling is K twice (norm kernel,
+then quantize kernel; the second read hits L2 when the call's keys fit in the 50 MB L2 -- a
+128-token flush does, a 32K-token prefill of bf16 Llama-3.1-8B keys (64 MB per batch row) does
+not, so the caller may split a long prefill into chunks of whole key groups), V once, the packed
+arrays once. Likely hot spots for the tuning pass: ``fwht_shared``'s pair index uses run-time
+int64 ``//`` and ``%`` by powers of two (shifts and masks would do), one ``div.rn.f32`` and one
+``rint`` per element (required for exactness), about 25 barriers per quantize block, and the
+serial scan of a value group by few threads when value groups are large.
 """
 
 from __future__ import annotations
@@ -68,17 +80,18 @@ import functools
 import math
 
 from ..reference.hadamard import hadamard_scale
+from ..reference.pack import TILE_TOKENS
 from ..reference.quantize import FLOAT16_MAX
 from ._compat import cuda, np
-from .common import (INPUT_ELEMENT_TYPES, check_threads, float32_loader, fwht_shared, mul_rn,
-                     rint_half_even)
+from .common import (INPUT_ELEMENT_TYPES, arithmetic_device, check_threads, float32_loader,
+                     fwht_shared, mul_rn, plain_in_simulator, rint_half_even)
 
-#: Threads per block: 8 warps. THREADS >= head_dim (256) lets thread c own channel c of the keys.
+#: Threads per block: 8 warps. THREADS >= head_dim lets thread c own channel c of the keys.
 THREADS = 256
-#: Tokens per packed key tile (reference.pack.TILE_TOKENS): one warp lane per token.
-TILE = 32
-#: Shared-memory budget of the norm kernel: stays under the 48 KB of a default launch and leaves
-#: room for two blocks per SM partition.
+#: Tokens per packed key tile: one warp lane per token (the packed layout's tile).
+TILE = TILE_TOKENS
+#: Shared-memory budget of the norm kernel: under the 48 KB of static shared memory a default
+#: launch allows, leaving room for several blocks per SM.
 NORM_SMEM_BUDGET = 40 * 1024
 #: Elements of one norm tile: 16 KB of float32 keeps a block busy without more smem.
 NORM_TILE_ELEMENTS = 4096
@@ -115,10 +128,10 @@ def norm_tile_tokens(head_dim: int, levels: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _param_fn(param_dtype: str):
-    """Device function: group (min, max, bad, levels) -> (scale_s, min_s, status bits) as float32."""
+    """Device function: group (min, max, bad, levels) -> (scale_s, min_s, status bits)."""
     f16 = param_dtype == "float16"
 
-    @cuda.jit(device=True)
+    @arithmetic_device
     def group_params(mn, mx, bad, levels):
         if bad:
             return _F32_NAN, _F32_NAN, STATUS_NONFINITE
@@ -135,12 +148,15 @@ def _param_fn(param_dtype: str):
     return group_params
 
 
-@cuda.jit(device=True)
+_rint_half_even = plain_in_simulator(rint_half_even)
+
+
+@arithmetic_device
 def quant_code(x, mn_s, scale_s, levels):
     """``clamp(rint((x - mn_s) / scale_s), 0, levels)`` as an int; 0 for a zero or NaN scale."""
     if not scale_s > _F32_ZERO:  # constant group (0), or a poisoned group (NaN)
         return 0
-    r = rint_half_even((x - mn_s) / scale_s)
+    r = _rint_half_even((x - mn_s) / scale_s)
     if not r >= _F32_ZERO:
         return 0
     if r > levels:
@@ -148,7 +164,7 @@ def quant_code(x, mn_s, scale_s, levels):
     return int(r)
 
 
-@cuda.jit(device=True)
+@arithmetic_device
 def bit_reverse(j, nbits):
     r = 0
     for _ in range(nbits):
@@ -157,7 +173,7 @@ def bit_reverse(j, nbits):
     return r
 
 
-@cuda.jit(device=True)
+@arithmetic_device
 def minmax_update(x, mn, mx, bad):
     """Fold one element into a running (min, max, any-non-finite)."""
     if math.isfinite(x):
@@ -303,7 +319,7 @@ def _quantize_source(key_bits, value_bits, key_group_size, value_group_size, hea
     k_words = d // k_cpw
     k_levels = np.float32((1 << key_bits) - 1)
     k_parts = max(1, nt // d)  # threads per channel in the min/max scan
-    c_step = max(nt, d)  # channel stride of a thread (one channel per thread when nt >= d)
+    c_step = min(nt, d)  # channel stride of a thread (one channel per thread when nt >= d)
     red_size = max(nt, d)
     # values
     v_cpw = 32 // value_bits
@@ -491,7 +507,8 @@ def _expect(name: str, arr, shape: tuple, dtype) -> None:
     if tuple(arr.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(arr.shape)}")
     if np.dtype(arr.dtype) != np.dtype(dtype):
-        raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, got {np.dtype(arr.dtype).name}")
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype).name}, "
+                        f"got {np.dtype(arr.dtype).name}")
 
 
 def check_block_arrays(k, v, k_codes, k_params, v_codes, v_params, norms, config, in_dtype,
@@ -501,10 +518,11 @@ def check_block_arrays(k, v, k_codes, k_params, v_codes, v_params, norms, config
     Returns ``(B, H, T, D)``. Raises ValueError / TypeError naming the argument.
     """
     if in_dtype not in INPUT_ELEMENT_TYPES:
-        raise ValueError(f"in_dtype: expected one of {tuple(INPUT_ELEMENT_TYPES)}, got {in_dtype!r}")
+        raise ValueError(f"in_dtype: expected one of {tuple(INPUT_ELEMENT_TYPES)}, "
+                         f"got {in_dtype!r}")
     if len(k.shape) != 4:
-        raise ValueError(f"{k_name}: expected a 4-D array [batch, num_kv_heads, seq_len, head_dim], "
-                         f"got shape {tuple(k.shape)}")
+        raise ValueError(f"{k_name}: expected a 4-D array [batch, num_kv_heads, seq_len, "
+                         f"head_dim], got shape {tuple(k.shape)}")
     bsz, heads, seq, d = (int(x) for x in k.shape)
     elem = np.int16 if in_dtype == "bfloat16" else np.dtype(in_dtype)
     _expect(k_name, k, (bsz, heads, seq, d), elem)
@@ -565,21 +583,27 @@ def _representative_configs():
     from oscar.config import OScaRConfig
 
     yield OScaRConfig(), 128, "bfloat16"
-    yield OScaRConfig(key_bits=4, value_bits=8, value_group_size=64, param_dtype="float32"), 64, "float16"
-    yield OScaRConfig(key_bits=8, value_bits=4, key_group_size=64, norm_scope="head"), 256, "float32"
+    yield (OScaRConfig(key_bits=4, value_bits=8, value_group_size=64, param_dtype="float32"), 64,
+           "float16")
+    yield OScaRConfig(key_bits=8, value_bits=4, key_group_size=64, norm_scope="head"), 256, \
+        "float32"
     yield OScaRConfig(key_group_size=128, value_group_size=32, rotate_keys=False,
                       rotate_values=False, scale_tokens=False, residual_length=128), 32, "float16"
-    yield OScaRConfig(key_bits=2, value_bits=8, value_group_size=4, scale_tokens=False), 256, "bfloat16"
+    yield OScaRConfig(key_bits=2, value_bits=8, value_group_size=4, scale_tokens=False), 256, \
+        "bfloat16"
 
 
 def compile_signatures():
     """(name, python function, signature) of a representative set of kernels for compile checks."""
+    norm_keys = set()
     for cfg, d, in_dtype in _representative_configs():
         key = _quantize_key(cfg, d, in_dtype)
         fn, sig = _quantize_source(*key)
         yield f"quantize.quantize{key}", fn, sig
         if cfg.scale_tokens:
-            for heads in (1, 8):
+            for heads in (1, 5):  # scope "token": no head tree; a 3-level tree with 3 zero pads
                 nkey = _norm_key(cfg, d, in_dtype, heads)
-                fn, sig = _norm_source(*nkey)
-                yield f"quantize.norms{nkey}", fn, sig
+                if nkey not in norm_keys:
+                    norm_keys.add(nkey)
+                    fn, sig = _norm_source(*nkey)
+                    yield f"quantize.norms{nkey}", fn, sig

@@ -34,10 +34,15 @@ def quantize_groups(x: np.ndarray, bits: int, param_dtype: str = "float16", name
     """
     x = np.asarray(x, dtype=np.float32)
     levels = np.float32((1 << bits) - 1)
-    mn = x.min(axis=-1)
-    mx = x.max(axis=-1)
+    # + 0.0 turns -0.0 into +0.0: NumPy's SIMD min/max may return either zero, and the stored
+    # min's sign bit must be defined (the kernels store +0.0).
+    mn = x.min(axis=-1) + np.float32(0.0)
+    mx = x.max(axis=-1) + np.float32(0.0)
     scale = (mx - mn) / levels
     store = _storage_dtype(param_dtype)
+    if not (np.isfinite(mn).all() and np.isfinite(mx).all()):
+        raise ValueError(f"{name}: expected finite values in every quantization group, got "
+                         "NaN or Inf")
     if store == np.float16:
         worst = max(np.abs(mn).max(initial=0.0), np.abs(mx).max(initial=0.0))
         if not worst <= FLOAT16_MAX or not np.abs(scale).max(initial=0.0) <= FLOAT16_MAX:

@@ -53,3 +53,49 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _atomic_simulator_shared_arrays():
+    """Work around a race in numba-cuda 0.30's simulator (test-only shim).
+
+    ``FakeCUDAShared.array`` creates a block's shared array on first use with an unlocked
+    get-then-set keyed on the caller's (file, line): two threads preempted inside that window
+    each create an array, and one of them then works on a private copy. Seen as a rare failure of
+    a 256-thread dequantize: 132 wrong outputs = one thread's 4 elements (garbage from np.empty)
+    spread over 4 rows by the FWHT, plus its own 4 outputs. This replacement takes a lock; the
+    caller key is the same (file, line) of the frame that called ``cuda.shared.array``.
+    """
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        yield
+        return
+    import threading
+
+    import numpy as np
+    from numba.cuda.simulator import kernelapi
+
+    original = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory / unsupported: as before
+            return original(self, shape, dtype, alignment)
+        dtype = np.dtype(kernelapi.numpy_support.as_dtype(dtype)
+                         if isinstance(dtype, kernelapi.types.Type) else dtype)
+        frame = sys._getframe(1)
+        caller = (frame.f_code.co_filename, frame.f_lineno)
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = np.empty(shape, dtype)
+                self._allocations[caller] = res
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+    try:
+        yield
+    finally:
+        kernelapi.FakeCUDAShared.array = original

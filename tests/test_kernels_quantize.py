@@ -22,6 +22,8 @@ Where the kernels run:
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -48,10 +50,13 @@ gpu_only = pytest.mark.skipif(
     else "no CUDA GPU visible to numba",
 )
 
+
+
 #: Threads per block under test: the simulator's cost grows with threads per barrier.
 THREADS = 32 if SIMULATOR else kq.THREADS
-#: Hypothesis examples: simulated kernels cost ~0.1-0.3 s per block.
-EXAMPLES = 16 if SIMULATOR else 60
+#: Hypothesis examples of the small-shape tests: a simulated block costs ~0.1-0.3 s; on a GPU
+#: each new configuration costs a compile (~1-2 s) instead.
+EXAMPLES = 24
 INPUT_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -129,8 +134,8 @@ def run_quantize(k_in, v_in, cfg, in_dtype, *, threads=THREADS, pad=0, status0=0
     the views.
     """
     shape = k_in.shape
-    kd, _ = _device_input(k_in, 3 * pad)
-    vd, _ = _device_input(v_in, 5 * pad)
+    kd, k_parent = _device_input(k_in, 3 * pad)  # parents stay referenced until the end
+    vd, v_parent = _device_input(v_in, 5 * pad)
     bufs, views, host_bufs = {}, {}, {}
     for name, (shp, dt, axis, unit) in packed_shapes(shape, cfg).items():
         if name == "norms" and not cfg.scale_tokens:
@@ -164,6 +169,7 @@ def run_quantize(k_in, v_in, cfg, in_dtype, *, threads=THREADS, pad=0, status0=0
             assert np.array_equal(outside.view(np.uint8), host_bufs[name].view(np.uint8)), name
     if not cfg.scale_tokens:
         assert views["norms"].copy_to_host()[0, 0, 0] == 7.0  # placeholder untouched
+    del k_parent, v_parent
     return out
 
 
@@ -309,7 +315,7 @@ def test_quantize_equals_reference(case):
     ("head_scope_g64", (1, 2, 128, 32), dict(key_group_size=64, norm_scope="head"), "bfloat16"),
 ])
 def test_quantize_fixed_cases(name, shape, changes, in_dtype):
-    check_quantize_case(config(**changes), shape, in_dtype, seed=hash(name) % 2**32, pad=1)
+    check_quantize_case(config(**changes), shape, in_dtype, seed=zlib.crc32(name.encode()), pad=1)
 
 
 def test_default_launch_configuration():
@@ -329,11 +335,14 @@ def test_lossless_designed_input():
     cfg = config(rotate_keys=False, scale_tokens=False, rotate_values=False)
     rng = np.random.default_rng(3)
     shape = (1, 2, 32, 32)
-    codes = rng.permuted(np.tile(np.arange(4), (1, 2, 8, 32)), axis=2).astype(np.float32)
+    # every channel's 32 tokens hold the codes 0, 1, 2, 3 eight times each, shuffled
+    codes = np.broadcast_to(np.repeat(np.arange(4), 8)[:, None], shape).copy()
+    codes = rng.permuted(codes, axis=2).astype(np.float32)
     mn_k = rng.integers(-8, 8, size=(1, 2, 1, 32)).astype(np.float32)
     step_k = np.float32(2.0) ** rng.integers(-4, 3, size=(1, 2, 1, 32)).astype(np.float32)
     k = mn_k + codes * step_k
-    vcodes = rng.permuted(np.tile(np.arange(4), (1, 2, 32, 8)), axis=3).astype(np.float32)
+    vcodes = np.broadcast_to(np.repeat(np.arange(4), 8), shape).copy()
+    vcodes = rng.permuted(vcodes, axis=3).astype(np.float32)
     v = np.float32(-1.5) + vcodes * np.float32(0.25)
     assert k.shape == v.shape == shape
     got = run_quantize(k, v, cfg, "float32")
@@ -518,7 +527,7 @@ def _gpu_sizes(draw):
 
 @pytest.mark.gpu
 @gpu_only
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=block_cases(_gpu_sizes), threads=st.sampled_from([64, 256]))
 def test_gpu_quantize_and_dequantize_random(case, threads):
     check_quantize_case(*case, threads=threads)
@@ -541,9 +550,10 @@ def test_gpu_quantize_and_dequantize_random(case, threads):
 ])
 def test_gpu_real_sizes(name, shape, changes, in_dtype):
     cfg = config(**changes)
-    check_quantize_case(cfg, shape, in_dtype, seed=abs(hash(name)) % 2**32, pad=1)
+    seed = zlib.crc32(name.encode())
+    check_quantize_case(cfg, shape, in_dtype, seed=seed, pad=1)
     if shape[2] <= 4096:
-        check_dequantize_case(cfg, shape, in_dtype, seed=abs(hash(name)) % 2**32, _pad=0)
+        check_dequantize_case(cfg, shape, in_dtype, seed=seed, _pad=0)
 
 
 @pytest.mark.gpu

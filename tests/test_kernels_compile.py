@@ -1,0 +1,106 @@
+"""Every kernel of oscar.kernels_numba compiles for Hopper (sm_90) -- on a machine without a GPU.
+
+The CUDA simulator does no type checking, so CPU CI would never see a typing error in a kernel.
+``cuda.compile_ptx(pyfunc, signature, cc=(9, 0))`` runs NVVM on the CPU (numba-cuda[cu13] ships
+it) and catches them. It must run with the simulator *off*, so the compile happens in a
+subprocess with ``NUMBA_ENABLE_CUDASIM=0``; the kernels come from the registry
+``oscar.kernels_numba.all_kernel_signatures()`` (each kernel module's ``compile_signatures()``:
+name, undecorated kernel function, signature, for a representative set of configurations).
+
+The PTX of the kernels that must reproduce the NumPy reference bit for bit (Hadamard, token
+norms, dequantize) is also checked for float32 products that ptxas could contract with an add
+into an FMA (``mul.f32`` or ``fma.rn.f32``): their products are all ``mul.rn.f32``. (The quantize
+kernel's PTX has a few, all inside libdevice's ``fmodf`` used by ``rint_half_even`` on exact ties,
+which is exact by construction; it is left out of that check.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+#: Runs in the subprocess: compile every registered kernel, one JSON line per kernel.
+COMPILE_SCRIPT = r"""
+import json, re, sys
+
+import numba.cuda.dispatcher as dispatcher
+
+
+class _Hopper:
+    compute_capability = (9, 0)
+
+
+# Test-only shim: compile_ptx takes cc explicitly, but a kernel that calls a
+# @cuda.jit(device=True) function goes through Dispatcher.compile_device, which asks
+# get_current_device() for the compute capability -- and that needs a GPU.
+dispatcher.get_current_device = lambda: _Hopper()
+
+try:
+    from numba.cuda.cudadrv.nvvm import NVVM
+
+    NVVM()
+except Exception as exc:  # no CUDA toolkit / NVVM: nothing can be compiled here
+    print(json.dumps({"skip": f"NVVM is not available: {type(exc).__name__}: {exc}"}))
+    sys.exit(0)
+
+from numba import cuda
+
+from oscar.kernels_numba import all_kernel_signatures
+
+for name, fn, sig in all_kernel_signatures():
+    try:
+        ptx, _ = cuda.compile_ptx(fn, sig, cc=(9, 0))
+    except Exception as exc:
+        rec = {"name": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[-3000:]}
+    else:
+        rec = {"name": name, "ok": True,
+               "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+               "mul_f32": len(re.findall(r"\bmul\.f32\b", ptx)),
+               "mul_rn_f32": len(re.findall(r"\bmul\.rn\.f32\b", ptx))}
+    print(json.dumps(rec), flush=True)
+"""
+
+#: Kernels whose float32 products must all be mul.rn (see the module docstring).
+EXACT_KERNEL_PREFIXES = ("hadamard.", "dequantize.", "quantize.norms")
+#: Seconds for compiling the whole registry (about 30 s on a 2-core CPU today).
+COMPILE_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=COMPILE_TIMEOUT_S)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if records and "skip" in records[0]:
+        pytest.skip(records[0]["skip"])
+    if proc.returncode != 0:
+        pytest.fail(f"compile subprocess failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}")
+    return records
+
+
+def test_every_kernel_compiles_for_sm90(compiled):
+    failures = [f"{r['name']}: {r['error']}" for r in compiled if not r["ok"]]
+    assert not failures, "\n\n".join(failures)
+
+
+def test_registry_covers_every_kernel(compiled):
+    names = [r["name"] for r in compiled]
+    for prefix in ("hadamard.hadamard", "quantize.quantize", "quantize.norms",
+                   "dequantize.dequantize"):
+        assert any(n.startswith(prefix) for n in names), f"no {prefix} kernel in the registry"
+    assert len(names) == len(set(names)), "duplicate registry names"
+
+
+def test_exact_kernels_have_no_contractible_products(compiled):
+    exact = [r for r in compiled if r["ok"] and r["name"].startswith(EXACT_KERNEL_PREFIXES)]
+    assert exact
+    bad = [f"{r['name']}: {r['mul_f32']} mul.f32, {r['fma_f32']} fma.rn.f32"
+           for r in exact if r["mul_f32"] or r["fma_f32"]]
+    assert not bad, "\n".join(bad)
+    # each has products (scale, squares, code * scale), so mul.rn must be there
+    assert all(r["mul_rn_f32"] > 0 for r in exact)
