@@ -14,7 +14,8 @@ and sees tokens ``0 .. T - q_len + i``. Query head h reads KV head ``h // G``, G
 Kernel 1, ``split`` (one block per (batch * kv head, split); 128 threads = 4 warps)
     The block takes the G query heads sharing its KV head and all q_len rows together
     (``rows = G * q_len``), so every packed word is read from memory once, and a contiguous
-    range of 32-token tiles (ranges aligned to whole key groups; see :func:`choose_num_splits`).
+    range of 32-token tiles: ``ceil(tiles / num_splits)`` rounded up to whole key groups, so a
+    split always starts a group (trailing splits may be empty).
     It loads its queries once into shared memory, rotates them (``fwht_shared``) and multiplies
     by ``scale``. Per key group it folds the dequantization into the query:
     ``q'_c = q_c * scale_c`` and ``kmin_r = sum_c q_c * min_c``, so that
@@ -36,15 +37,17 @@ Kernel 1, ``split`` (one block per (batch * kv head, split); 128 threads = 4 war
     value sum ``acc[D]`` (float32 workspace). Splits with no visible token write (-inf, 0, 0).
 Kernel 2, ``merge`` (one block per (batch, query head, row); 128 threads)
     Computes the residual scores itself (thread = residual token), merges the splits and the
-    residual by log-sum-exp (block tree reductions), sums the splits' ``acc`` (thread = channel),
+    residual by log-sum-exp (two-level shared-memory reductions), sums the splits' ``acc``
+    (thread = channel),
     un-rotates once with ``fwht_shared`` (rotate_values), adds the residual values and writes
     ``out`` and ``lse`` (natural log).
 
 Shared memory (static, float32 unless noted), kernel 1: queries and pre-scaled queries
 ``2 * rows * D``; scores ``rows * 32`` plus partials ``WSPLIT * rows * 32``; value words
-``32 * D * value_bits / 32`` (uint32); value params ``2 * 32 * D / gv``; ``ps`` ``rows * 32 * D / gv``
-(dropped for p * scale on the fly when it does not fit) and ``pmin``; about 10 KB for Llama-3.1-8B
-shapes (rows 4, D 128). Kernel 2: ``2 D + residual_length + MAX_SPLITS + 128``.
+``32 * D * value_bits / 32`` (uint32); value params ``2 * 32 * D / gv``;
+``ps = rows * 32 * D / gv`` (replaced by p * scale on the fly when it does not fit) and ``pmin``;
+9.6 KB for Llama-3.1-8B decode (rows 4, D 128). Kernel 2: ``2 D + residual_length + MAX_SPLITS +
+136`` floats. Kernel 1 takes 7 barriers per tile (8 on a key group's first tile).
 
 Limits: head_dim a power of two in 32..256; key/value bits 2, 4, 8; key groups 32/64/128; any
 value group of the configuration; rows = G * q_len at most 128 and small enough that kernel 1
@@ -55,7 +58,10 @@ it sets the register and shared-memory layout (decode uses one or a few fixed q_
 
 Float32 everywhere; codes become floats with the exponent trick (exact for codes < 2**23) on the
 GPU, a plain conversion in the simulator. The simulator has no warp shuffles, so all reductions go
-through shared memory and ``syncthreads`` (v1; the performance pass may use shuffles on the GPU).
+through shared memory and ``syncthreads``. This is the correct, moderately fast v1; known costs
+for the performance pass: per-row serial loops over the 32 scores of a tile (max, sum, pmin),
+64-bit index arithmetic with Python floor-division semantics, float32 FMAs instead of packed
+half2 / dp4a / mma, and merge blocks per query row that re-read the residual.
 """
 
 from __future__ import annotations
@@ -226,9 +232,10 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
     ROWS = G * LQ
     lay = _split_layout(key_bits, value_bits, key_group_size, value_group_size, head_dim, ROWS)
     _check_split_fits(lay, ROWS, head_dim)
-    KW, VW, NGV = lay["kw"], lay["vw"], lay["ngv"]
+    VW, NGV = lay["vw"], lay["ngv"]
     RG, WSPLIT, RPS, WPS = lay["rg"], lay["wsplit"], lay["rps"], lay["wps"]
-    DW, DPT, RS, RPT, TPR, TPG = lay["dw"], lay["dpt"], lay["rs"], lay["rpt"], lay["tpr"], lay["tpg"]
+    DW, DPT, RS, RPT = lay["dw"], lay["dpt"], lay["rs"], lay["rpt"]
+    TPR, TPG = lay["tpr"], lay["tpg"]
     STAGE_PS = lay["stage_ps"]
     PS_SHAPE = (ROWS, TILE_TOKENS, NGV) if STAGE_PS else (1, 1, 1)
     KB, VB = key_bits, value_bits
@@ -758,5 +765,6 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
     _expect("lse", lse, (batch, nq, q_len), np.float32)
     for name, shape in workspace_shapes(batch, nq, q_len, d, num_splits).items():
         if name not in workspace:
-            raise ValueError(f"workspace: expected an array named {name!r}, got {sorted(workspace)}")
+            raise ValueError(f"workspace: expected an array named {name!r}, "
+                             f"got {sorted(workspace)}")
         _expect(f"workspace[{name!r}]", workspace[name], shape, np.float32)
