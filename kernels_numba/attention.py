@@ -70,7 +70,12 @@ import functools
 import math
 
 from ._compat import SIMULATOR, cuda, np
+from . import attention_split as _split_v2
 from .common import bf16_bits_to_f32, fwht_shared, int_as_float
+
+#: Which split kernel to build: 2 = one 32-token tile per warp (attention_split.py, default),
+#: 1 = the tile-per-block kernel below (kept as the measured baseline; OSCAR_SPLIT_KERNEL=1).
+SPLIT_VERSION = int(__import__("os").environ.get("OSCAR_SPLIT_KERNEL", "2"))
 
 #: Threads per block of both kernels: 4 warps, enough to overlap the phases of neighbouring
 #: blocks on one SM while keeping the per-tile work per thread large.
@@ -227,9 +232,19 @@ def _split_signature(param_dtype, q_dtype):
 
 def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
                  param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head):
-    """Python function and signature of kernel 1 for one compile-time configuration."""
+    """Python function and signature of kernel 1 for one compile-time configuration.
+
+    The v2 kernel (``attention_split``: one tile per warp) is used where its shared memory fits
+    and ``SPLIT_VERSION == 2``; the v1 kernel below otherwise (docs/kernels.md compares them).
+    """
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
+    if SPLIT_VERSION == 2 and _split_v2.fits(ROWS, D):
+        fn = _split_v2.build_split_v2(
+            key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
+            rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _code_to_f32,
+            _hadamard_scale(D))
+        return fn, _split_signature(param_dtype, q_dtype)
     lay = _split_layout(key_bits, value_bits, key_group_size, value_group_size, head_dim, ROWS)
     _check_split_fits(lay, ROWS, head_dim)
     VW, NGV = lay["vw"], lay["ngv"]

@@ -50,8 +50,15 @@ def _nb_u32(t: torch.Tensor):
     return cuda.as_cuda_array(t).view(np.uint32)
 
 
+_STREAMS: dict = {}
+
+
 class _Launch:
-    """Context for a launch: Numba on the tensor's device, stream = torch's current stream."""
+    """Context for a launch: Numba on the tensor's device, stream = torch's current stream.
+
+    Numba stream objects are cached per (device, torch stream handle): creating one per call
+    costs microseconds that a decode step does not have.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -59,7 +66,12 @@ class _Launch:
     def __enter__(self):
         self._ctx = cuda.gpus[self.device.index]
         self._ctx.__enter__()
-        return cuda.external_stream(torch.cuda.current_stream(self.device).cuda_stream)
+        handle = torch.cuda.current_stream(self.device).cuda_stream
+        key = (self.device.index, handle)
+        stream = _STREAMS.get(key)
+        if stream is None:
+            stream = _STREAMS[key] = cuda.external_stream(handle)
+        return stream
 
     def __exit__(self, *exc):
         return self._ctx.__exit__(*exc)
@@ -90,6 +102,8 @@ class NumbaStore:
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self.status_nb = cuda.as_cuda_array(self.status)
         self.capacity = 0
+        self._dec_cache: dict = {}
+        self._q_cache = None
         self._alloc(_round_up(max(capacity, r), r))
 
     # --- buffers -----------------------------------------------------------------------------
@@ -228,24 +242,45 @@ class NumbaStore:
             n += p.norms.numel() * 4
         return n + 2 * self.k_res[:, :, : self.residual_len].numel() * self.k_res.element_size()
 
-    def decode_attention(self, q: torch.Tensor, scale: float, return_lse: bool):
+    def _decode_buffers(self, q: torch.Tensor, splits: int) -> dict:
+        """Output and workspace tensors for this query shape, with their Numba views.
+
+        Reused across calls of the same shape (wrapping a tensor for Numba costs ~20 us); the
+        caller returns copies of ``out``/``lse``, so results of earlier calls stay valid.
+        """
         b, hq, q_len, d = q.shape
-        out = torch.empty((b, hq, q_len, d), dtype=torch.float32, device=self.device)
-        lse = torch.empty((b, hq, q_len), dtype=torch.float32, device=self.device)
-        splits = _attn.choose_num_splits(b, self.num_kv_heads, self.quantized_len)
-        shapes = _attn.workspace_shapes(b, hq, q_len, d, splits)
-        ws_t = {n: torch.empty(s, dtype=torch.float32, device=self.device)
-                for n, s in shapes.items()}
+        key = (b, hq, q_len, d, splits)
+        bufs = self._dec_cache.get(key)
+        if bufs is None:
+            out = torch.empty((b, hq, q_len, d), dtype=torch.float32, device=self.device)
+            lse = torch.empty((b, hq, q_len), dtype=torch.float32, device=self.device)
+            ws = {n: torch.empty(sh, dtype=torch.float32, device=self.device)
+                  for n, sh in _attn.workspace_shapes(b, hq, q_len, d, splits).items()}
+            bufs = dict(out=out, lse=lse, out_nb=cuda.as_cuda_array(out),
+                        lse_nb=cuda.as_cuda_array(lse),
+                        ws_nb={n: cuda.as_cuda_array(t) for n, t in ws.items()}, ws=ws)
+            self._dec_cache[key] = bufs
+        return bufs
+
+    def _q_view(self, q: torch.Tensor):
+        """Numba view of q, cached for the last query buffer (decode loops reuse one buffer)."""
+        key = (q.data_ptr(), tuple(q.shape), tuple(q.stride()), q.dtype)
+        if self._q_cache is None or self._q_cache[0] != key:
+            self._q_cache = (key, _nb(q), q)  # keep q alive while its view is cached
+        return self._q_cache[1]
+
+    def decode_attention(self, q: torch.Tensor, scale: float, return_lse: bool):
+        splits = _attn.choose_num_splits(q.shape[0], self.num_kv_heads, self.quantized_len)
+        bufs = self._decode_buffers(q, splits)
         with _Launch(self.device) as stream:
             _attn.decode_attention(
-                _nb(q), self.nb["k_codes"], self.nb["k_params"], self.nb["v_codes"],
+                self._q_view(q), self.nb["k_codes"], self.nb["k_params"], self.nb["v_codes"],
                 self.nb["v_params"], self.nb["norms"], self.k_res_nb, self.v_res_nb,
-                cuda.as_cuda_array(out), cuda.as_cuda_array(lse),
-                {n: cuda.as_cuda_array(t) for n, t in ws_t.items()}, self.config, scale,
+                bufs["out_nb"], bufs["lse_nb"], bufs["ws_nb"], self.config, scale,
                 self.quantized_len, self.residual_len, _dtype_name(q), self.dtype, splits,
-                stream=stream)
-        out = out if q.dtype == torch.float32 else out.to(q.dtype)
-        return (out, lse) if return_lse else out
+                stream=stream, check=False)
+        out = bufs["out"].to(q.dtype) if q.dtype != torch.float32 else bufs["out"].clone()
+        return (out, bufs["lse"].clone()) if return_lse else out
 
     def dequantize(self):
         b, h, d, t = self.batch, self.num_kv_heads, self.head_dim, self.quantized_len
@@ -295,6 +330,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OScaRConfig,
 
 def decode_attention(q, cache: QuantizedKVCache, scale: float, return_lse: bool):
     cache._store.check_device("q", q)
+    if not q.is_contiguous():  # the kernel reads q row-major; a strided view is copied once
+        q = q.contiguous()
     return cache._store.decode_attention(q, scale, return_lse)
 
 
