@@ -68,6 +68,7 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
     CPL = D // TILE  # value channels per lane
     CW = min(CPL, VCPW)  # a lane's codes in one value word
     NWL = CPL // CW  # value words per lane per token
+    NACC = ROWS * CPL  # accumulators per lane (a literal: local.array needs a constant shape)
     NT, NW = NUM_THREADS, NUM_WARPS
     ROTATE, SCALE_TOKENS, NORM_PER_HEAD = bool(rotate_keys), bool(scale_tokens), bool(norm_per_head)
     HS = hadamard_scale
@@ -124,13 +125,13 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
         kmin = cuda.local.array(ROWS, np.float32)
         accm = cuda.local.array(ROWS, np.float32)
         dots = cuda.local.array(ROWS, np.float32)
-        acc = cuda.local.array(ROWS * CPL, np.float32)
+        acc = cuda.local.array(NACC, np.float32)
         for r in range(ROWS):
             m[r] = neg_inf
             lsum[r] = np.float32(0.0)
             kmin[r] = np.float32(0.0)
             accm[r] = np.float32(0.0)
-        for i in range(ROWS * CPL):
+        for i in range(NACC):
             acc[i] = np.float32(0.0)
 
         c0 = lane * CPL
