@@ -189,10 +189,16 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
             # (3) online softmax (every lane computes the same row maxima)
             if active:
                 for r in range(ROWS):
+                    # NaN-propagating maxima: a NaN score (from NaN keys, whose groups hold NaN
+                    # parameters) must reach this row's output, never be skipped by max()
                     mt = neg_inf
                     for u in range(TILE):
-                        mt = max(mt, pw[warp, r, u])
-                    m_new = max(m[r], mt)
+                        v = pw[warp, r, u]
+                        if v > mt or v != v:
+                            mt = v
+                    m_new = m[r]
+                    if mt > m_new or mt != mt:
+                        m_new = mt
                     alpha = np.float32(1.0)
                     if m_new != neg_inf:
                         alpha = math.exp(m[r] - m_new)
