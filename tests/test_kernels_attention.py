@@ -298,6 +298,17 @@ def check_zero_query(case, num_splits):
 
 # --- simulator: properties ------------------------------------------------------------------
 
+@pytest.fixture(scope="module", autouse=True, params=[1, 2], ids=["split-v1", "split-v2"])
+def split_version(request):
+    """Run every test of this module against both split kernels (K.SPLIT_VERSION)."""
+    old = K.SPLIT_VERSION
+    K.SPLIT_VERSION = request.param
+    K._split_kernel.cache_clear()
+    yield request.param
+    K.SPLIT_VERSION = old
+    K._split_kernel.cache_clear()
+
+
 #: (batch, num_kv_heads, gqa, q_len) with at most 6 merge blocks (batch * num_q_heads * q_len):
 #: the simulator runs each 128-thread block as Python threads, ~0.2 s a block.
 SHAPES = [(b, h, g, lq) for b in (1, 2, 3) for h in (1, 2) for g in (1, 2, 4) for lq in (1, 2, 3)
