@@ -47,7 +47,6 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     a = torch.empty(nbytes // 4, dtype=torch.int32, device="cuda").random_()
     b = torch.empty_like(a)
     ms = time_cuda(lambda: b.copy_(a), iters=20, warmup=3, flush=False)
-    del a, b
     return 2 * nbytes / (ms * 1e-3) / 1e12
 
 

@@ -58,8 +58,6 @@ def decode_row(batch, seq_len, bits, copy_tbps, host=False):
     if host:
         row["host_us"] = host_us_per_call(lambda: oscar.decode_attention(q, cache))
         row["graph_us"] = graph_us_per_replay(lambda: oscar.decode_attention(q, cache))
-    del k, v, cache
-    torch.cuda.empty_cache()
     return row
 
 

@@ -122,8 +122,6 @@ class NumbaStore:
     def _param_dtype(self):
         return torch.float16 if self.config.param_dtype == "float16" else torch.float32
 
-    _TOKEN_AXIS = dict(k_codes=2, k_params=2, v_codes=2, v_params=2, norms=2)
-
     def _alloc(self, cap: int) -> None:
         """(Re)allocate the packed buffers with room for ``cap`` tokens, keeping contents."""
         old = getattr(self, "buf", None)
@@ -316,11 +314,12 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OScaRConfig,
     cache = QuantizedKVCache(store, b, h, d, dt, config, device=str(k.device))
     if t:
         store.append(k, v)
-        res_bad = store.residual_len and not bool(
-            torch.isfinite(store.k_res[:, :, : store.residual_len]).all()
-            & torch.isfinite(store.v_res[:, :, : store.residual_len]).all())
-        status = store.read_status()
-        if status & STATUS_NONFINITE or res_bad:
+        # one synchronization: the kernel's status word and the residual's finiteness together
+        n = store.residual_len
+        res_bad = ~(torch.isfinite(store.k_res[:, :, :n]).all()
+                    & torch.isfinite(store.v_res[:, :, :n]).all())
+        status = int((store.status[0] | res_bad.to(torch.int32) * STATUS_NONFINITE).item())
+        if status & STATUS_NONFINITE:
             raise ValueError("k, v: expected finite values, got NaN or Inf")
         if status & STATUS_FP16_OVERFLOW:
             raise ValueError("k, v: a quantization group has min/max/scale outside the float16 "

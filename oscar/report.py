@@ -21,7 +21,6 @@ a 16-bit cache sets.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time

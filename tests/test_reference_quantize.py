@@ -6,7 +6,6 @@ through the quantizer and through the public API. Tolerance: the reconstruction 
 derived from the stored (scale, min) pair.
 """
 
-import math
 
 import numpy as np
 import pytest
