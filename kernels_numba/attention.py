@@ -70,6 +70,7 @@ import functools
 import math
 
 from ._compat import SIMULATOR, cuda, np
+from . import attention_mma as _split_v3
 from . import attention_split as _split_v2
 from .common import bf16_bits_to_f32, fwht_shared, int_as_float
 
@@ -242,7 +243,13 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
     """
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
-    if SPLIT_VERSION == 2 and _split_v2.fits(ROWS, D):
+    if SPLIT_VERSION == 3 and _split_v3.unsupported(
+            key_bits, value_bits, value_group_size, D, ROWS, param_dtype) is None:
+        fn = _split_v3.build_split_v3(
+            key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
+            rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _hadamard_scale(D))
+        return fn, _split_signature(param_dtype, q_dtype)
+    if SPLIT_VERSION >= 2 and _split_v2.fits(ROWS, D):
         fn = _split_v2.build_split_v2(
             key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
             rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _code_to_f32,
@@ -630,7 +637,7 @@ def compile_signatures():
     global SPLIT_VERSION
     saved = SPLIT_VERSION
     try:
-        for version in (1, 2):  # both split kernels (v2 falls back to v1 where it does not fit)
+        for version in (1, 2, 3):  # every split kernel (each falls back where unsupported)
             SPLIT_VERSION = version
             for key in splits:
                 fn, sig = _build_split(*key)

@@ -196,11 +196,23 @@ def _gamma(n):
     return min(n, LAMBDA * math.sqrt(n)) * U32
 
 
+def uses_f16_mma(case):
+    """True when the case runs on the tensor-core split kernel v3 (float16 operands)."""
+    cfg = case["config"]
+    b, hq, lq, d = case["q_vals"].shape
+    rows = hq // case["block"].v_codes.shape[1] * lq
+    return K.SPLIT_VERSION == 3 and case["quantized_len"] > 0 and K._split_v3.unsupported(
+        cfg.key_bits, cfg.value_bits, cfg.value_group_size, d, rows, cfg.param_dtype) is None
+
+
 def tolerances(case, ref_lse):
-    """``(atol_out [B, Hq, L, D], atol_lse [B, Hq, L])``: the bound of the module docstring."""
+    """``(atol_out [B, Hq, L, D], atol_lse [B, Hq, L])``: the bound of the module docstring,
+    plus the float16 terms of the v3 kernel (:func:`f16_key_terms`, :func:`f16_value_terms`)
+    when it runs the case."""
     cfg, block = case["config"], case["block"]
     q = case["q_vals"].astype(np.float64)
     b, hq, lq, d = q.shape
+    f16 = uses_f16_mma(case)
     h = block.v_codes.shape[1]
     g = hq // h
     tq, tr = case["quantized_len"], case["residual_len"]
@@ -220,6 +232,8 @@ def tolerances(case, ref_lse):
         fwht = ((lg + 3) * U32 * np.linalg.norm(rows, axis=-1)[..., None]
                 * np.linalg.norm(u_hat, axis=-1)[:, :, None, :]) if cfg.rotate_keys else 0.0
         dot = _gamma(d + 4) * np.einsum("bhrd,bhtd->bhrt", np.abs(qt), a_k)
+        if f16:
+            dot = dot + f16_key_terms(qt, block, cfg)
         logits.append(scale * n * np.einsum("bhrd,bhtd->bhrt", qt, u_hat))
         deltas.append(scale * n * (fwht + dot))
         a_vals.append(a_v)
@@ -241,6 +255,8 @@ def tolerances(case, ref_lse):
     weight = np.einsum("bhrt,bhtd->bhrd", p, a_v)  # sum_t p_t (|min| + |scale| code) >= |out|
     atol = (np.einsum("bhrt,bhtd->bhrd", p * (delta + dbar), a_v)
             + _gamma(tq + tr + 64) * weight)
+    if f16:
+        atol += f16_value_terms(p[..., :tq], block, cfg)
     if tq and cfg.rotate_values:
         wq = np.einsum("bhrt,bhtd->bhrd", p[..., :tq], a_vals[0])
         atol += (lg + 2) * U32 * np.linalg.norm(wq, axis=-1, keepdims=True)
@@ -248,6 +264,58 @@ def tolerances(case, ref_lse):
     atol_lse = 2 * (dbar[..., 0].reshape(b, hq, lq) + _gamma(tq + tr + 64)
                     + U32 * np.abs(ref_lse))
     return atol_out, atol_lse
+
+
+U16 = 2.0**-11  # float16 unit roundoff
+#: float16 rounding below the normal range (2**-14) is absolute: half the subnormal spacing 2**-24
+U16_ABS = 2.0**-25
+
+
+def f16_key_terms(qt, block, cfg):
+    """Extra logit error (before ``scale * n_t``) of the v3 kernel, ``[B, H, rows, Tq]``.
+
+    It multiplies codes (exact as float16 ``1 + c / 2**kb``) by ``b_c = f16(qn_c s_c / S)``
+    (qn = q~ / max|q~|, S = max_c s_c of the key group, so |b| <= 1): relative error U16, or
+    U16_ABS absolute below the normal range, i.e. ``max|q~| S U16_ABS`` in logit units. The mma
+    sums ``b (1 + c / 2**kb)`` and the group constant ``sum q~ (min - 2**kb s)`` cancels the
+    ``sum b`` part: the float32 sums see terms up to ``|q~| (|min| + s (2**(kb+1) + c))``.
+    """
+    codes = unpack_key_codes(block.k_codes, cfg.key_bits).astype(np.float64)  # [B, H, T, D]
+    kp = block.k_params.astype(np.float64)
+    gk = cfg.key_group_size
+    s = np.repeat(kp[..., 0], gk, axis=2)  # [B, H, T, D]
+    mn = np.abs(np.repeat(kp[..., 1], gk, axis=2))
+    big = 2.0 ** (cfg.key_bits + 1)
+    mag = mn + s * (big + codes)
+    aq = np.abs(qt)
+    rel = (2 * U16 + 2 * _gamma(qt.shape[-1] + 4)) * np.einsum("bhrd,bhtd->bhrt", aq, mag)
+    smax = np.repeat(kp[..., 0].max(axis=-1), gk, axis=2)  # [B, H, T]
+    absolute = (U16_ABS * big * qt.shape[-1] * aq.max(axis=-1)[..., None]
+                * smax[:, :, None, :])
+    return rel + absolute
+
+
+def f16_value_terms(p, block, cfg):
+    """Extra output error of the v3 kernel, ``[B, H, rows, D]``, for normalized weights ``p``.
+
+    PV multiplies codes (``1 + c / 2**vb``) by ``f16(f16(p) s)`` and subtracts
+    ``E' = sum f16(p) f16(s - min / 2**vb)``, then scales by 2**vb: per token and channel at most
+    ``4 U16 p a2`` with ``a2 = |s| (2**(vb+1) + c) + |min|``, plus absolute float16 underflow of
+    the kernel's unnormalized weights (<= 1 relative to the running max, so <= 1 / L = max p
+    after normalization), plus float32 sums of those terms.
+    """
+    if p.shape[-1] == 0:
+        return 0.0
+    codes = unpack_value_codes(block.v_codes, cfg.value_bits).astype(np.float64)
+    vp = block.v_params.astype(np.float64)
+    gv = cfg.value_group_size
+    s = np.abs(np.repeat(vp[..., 0], gv, axis=-1))  # [B, H, T, D]
+    mn = np.abs(np.repeat(vp[..., 1], gv, axis=-1))
+    a2 = s * (2.0 ** (cfg.value_bits + 1) + codes) + mn
+    t = p.shape[-1]
+    rel = (4 * U16 + _gamma(t + 64)) * np.einsum("bhrt,bhtd->bhrd", p, a2)
+    absolute = 4 * U16_ABS * p.max(axis=-1, keepdims=True) * a2.sum(axis=2)[:, :, None, :]
+    return rel + absolute
 
 
 def check_case(case, num_splits):
@@ -298,9 +366,17 @@ def check_zero_query(case, num_splits):
 
 # --- simulator: properties ------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True, params=[1, 2], ids=["split-v1", "split-v2"])
+@pytest.fixture(scope="module", autouse=True, params=[1, 2, 3],
+                ids=["split-v1", "split-v2", "split-v3"])
 def split_version(request):
-    """Run every test of this module against both split kernels (K.SPLIT_VERSION)."""
+    """Run every test of this module against each split kernel (K.SPLIT_VERSION).
+
+    v3 (tensor cores, inline PTX) cannot run in the CUDA simulator: its tests run on a GPU only;
+    in CI its kernels are covered by the sm_90 compile test (tests/test_kernels_compile.py).
+    """
+    if request.param == 3 and SIMULATOR:
+        pytest.skip("split kernel v3 uses inline PTX (mma.sync), which the CUDA simulator cannot "
+                    "run; it is tested on a GPU")
     old = K.SPLIT_VERSION
     K.SPLIT_VERSION = request.param
     K._split_kernel.cache_clear()

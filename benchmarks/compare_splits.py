@@ -1,0 +1,64 @@
+"""Decode attention with each split kernel against torch SDPA bf16, same shapes, same run (GPU).
+
+    python benchmarks/compare_splits.py [--versions 1,2,3] [--shapes 1x4096,8x131072] [--bits 2]
+
+Llama-3.1-8B heads (32 query, 8 KV, head_dim 128), one query token, bfloat16 inputs. Prints one
+line per (shape, version): device ms (CUDA events, L2 flushed, median), the speedup over SDPA,
+the packed bytes read, TB/s and share of the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+import oscar  # noqa: E402
+from cases import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS  # noqa: E402
+from gpu_timing import cache_bytes, copy_bandwidth, sdpa_bf16, time_cuda  # noqa: E402
+from oscar.kernels_numba import attention as K  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--versions", default="1,2,3")
+    ap.add_argument("--shapes", default="1x4096,1x32768,8x32768,8x131072,16x131072")
+    ap.add_argument("--bits", type=int, default=2)
+    args = ap.parse_args(argv)
+    versions = [int(v) for v in args.versions.split(",")]
+    copy = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy:.2f} TB/s", flush=True)
+    cfg = oscar.OScaRConfig(key_bits=args.bits, value_bits=args.bits)
+    for shape in args.shapes.split(","):
+        b, t = (int(x) for x in shape.split("x"))
+        gen = torch.Generator(device="cuda").manual_seed(t + b)
+        k = torch.randn(b, NUM_KV_HEADS, t, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                        generator=gen)
+        v = torch.randn_like(k)
+        q = torch.randn(b, NUM_Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
+                        generator=gen)
+        cache = oscar.quantize_kv(k, v, cfg)
+        sdpa_ms = time_cuda(lambda: sdpa_bf16(q, k, v))
+        nbytes = cache_bytes(cache)
+        ref = None
+        for ver in versions:
+            K.SPLIT_VERSION = ver
+            K._split_kernel.cache_clear()
+            out = oscar.decode_attention(q, cache).float()
+            err = 0.0 if ref is None else float((out - ref).abs().max())
+            ref = out if ref is None else ref
+            ms = time_cuda(lambda: oscar.decode_attention(q, cache))
+            tbps = nbytes / (ms * 1e-3) / 1e12
+            print(f"B={b:3d} T={t:7d} v{ver}: {ms:.4f} ms  SDPA {sdpa_ms:.4f} ms  "
+                  f"speedup {sdpa_ms / ms:5.2f}x  {nbytes / 1e6:7.1f} MB  {tbps:.2f} TB/s "
+                  f"({100 * tbps / copy:.0f}% of copy)  max|out - v{versions[0]}| {err:.2e}",
+                  flush=True)
+        del k, v, cache
+
+
+if __name__ == "__main__":
+    main()

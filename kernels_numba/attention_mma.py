@@ -1,0 +1,525 @@
+"""Split kernel v3 of decode attention: tensor cores through inline PTX (``mma.sync``). GPU only.
+
+Computes the same partials as the v1/v2 split kernels (per (batch, query head, row, split): running
+max, sum of exps, unnormalized rotated value sum) for
+:func:`oscar.reference.attention.decode_attention`; ``attention._build_split`` uses it when
+:func:`unsupported` returns None. The merge kernel is shared.
+
+Grid ``(batch * num_kv_heads, num_splits)``, 128 threads = 4 warps; a split is a contiguous range
+of whole key groups, warp w takes the key groups w, w + 4, ... of it with its own online-softmax
+state, and the 4 warps merge by log-sum-exp through shared memory at the end. Inside a warp,
+``g = lane // 4`` and ``t4 = lane % 4`` (the mma fragment coordinates).
+
+Both products are ``mma.sync.m16n8k16`` (float16 in, float32 accumulate); the query rows
+(G * q_len <= 8) are the N = 8 side, so the packed codes are the large M/K operands:
+
+* QK: ``S[token, row] = sum_c A[token, c] B[c, row]``, M = 16 tokens, K = 16 channels. A holds
+  codes, B the pre-scaled query ``b_rc = f16(qn_rc * s_c / S)`` of the key group (qn = q~ / max|q~|
+  per row, S = max_c s_c: |b| <= 1, so float16 neither overflows nor loses precision to
+  subnormals where it matters). Score = ``n_t (F_r D + K_r)`` with ``F_r = 2**kb max|q~_r| S`` and
+  ``K_r = sum_c q~_rc (min_c - 2**kb s_c)`` (group constants, see the unpack trick).
+* PV: ``O[c, row] = sum_t A[c, t] B[t, row]``, M = 16 channels, K = 16 tokens. A holds codes,
+  B = ``p_rt * s_tj`` (value scale of token t, group j; p <= 1 so no overflow) per value group.
+  The min term ``E'[row, j] = sum_t p_rt (s_tj - min_tj / 2**vb)`` is one more mma per 16 tokens
+  with A = P (rows x tokens) and B = those per-group weights, and the output is
+  ``2**vb (O - E')``.
+
+The unpack trick: a code c of ``bits`` bits ORed into the mantissa of float16 1.0 at bit
+``10 - bits`` is exactly ``1 + c / 2**bits``; ``(rotr(word, n) & mask) | 0x3C003C00`` (one SHF,
+one LOP3) makes two of them at once, because codes j and j + cpw/2 of a word sit 16 bits apart.
+``sum b (1 + c / 2**bits) = sum b + sum b c / 2**bits``: the ``sum b`` part is folded into the
+group constants (QK) or E' (PV), never computed per token. Fragment index maps (the K dimension
+of an mma can be permuted freely, as long as both operands agree):
+
+* keys (tile layout: word w of 32 tokens is 128 contiguous bytes): thread (g, t4) loads word w of
+  tokens 4g .. 4g+3 with one 16-byte load; M rows g, g+8 of mma block mb are tokens 4g + 2mb,
+  4g + 2mb + 1. K index 2t4 + h (h = 0, 1) is half h of code pair P = 2t4, index 2t4 + 8 + h half h
+  of pair 2t4 + 1; pair P of chunk ch (16 channels) is codes (j, j + cpw/2) of word
+  ``ch * 16/cpw + P // (cpw/2)``, j = P % (cpw/2).
+* values (token-major rows): K index 2t4 + i (i = 0, 1) and 2t4 + 8 + i are tokens
+  16kb + 4t4 + i and 16kb + 4t4 + 2 + i; M rows g, g + 8 of chunk ch are the code pair P = g.
+  A register pairs two *tokens* of one channel: one PRMT gathers the two bytes of each token's
+  word, two SHF + LOP3 make the (low channel, high channel) registers.
+
+The score tile goes to the PV layout through shared memory (8 x 33 floats per warp); the query
+fragments of a key group are built by all 32 lanes (lane (g, t4) takes chunk g) and exchanged
+the same way. Per 32-token tile a warp issues 16 + 16 + 2 mma; everything else is one 16-byte
+load per (4 tokens, word), integer unpacking and a few float16 multiplies.
+
+Precision (derived in tests/test_kernels_attention.py): float16 rounding of b (relative 2**-11,
+absolute 2**-25 below the normal range) and of p * s and s - min / 2**vb; float32 accumulation.
+Requirements (:func:`unsupported`): rows <= 8, float16 params, value groups of >= 16 channels
+and at most 8 per head, head_dim a multiple of 16, 48 KB of static shared memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ._compat import SIMULATOR, cuda, np
+from .common import fwht_shared
+
+if not SIMULATOR:
+    from .ptx import (f16x2_hi, f16x2_lo, hfma2, hmul2, ld_u32, ld_v2_u32, ld_v4_f32, ld_v4_u32,
+                      mma_f16, pack_f16x2, prmt, rotr)
+
+NUM_THREADS = 128
+NUM_WARPS = 4
+TILE = 32
+ROWS_MAX = 8
+SHARED_LIMIT = 48 * 1024
+FULL = 0xFFFFFFFF
+_ONE2 = 0x3C003C00  # float16 1.0 in both halves
+
+
+def shared_bytes(rows: int, head_dim: int) -> int:
+    nch = head_dim // 16
+    return 4 * (rows * (head_dim + 4) + rows + NUM_WARPS * (8 * 33 + rows * (nch * 8 + 8) + 64
+                                                          + rows * head_dim + 16))
+
+
+def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dtype):
+    """None when the v3 kernel handles this configuration, else the reason (a string)."""
+    if SIMULATOR:
+        return "the CUDA simulator cannot run inline PTX"
+    if rows > ROWS_MAX:
+        return f"{rows} query rows per KV head (at most {ROWS_MAX})"
+    if param_dtype != "float16":
+        return "float32 parameters (the float16 mma operands could overflow)"
+    if head_dim % 16:
+        return f"head_dim {head_dim} is not a multiple of 16"
+    if value_group_size < 16 or head_dim // value_group_size > 8:
+        return f"value groups of {value_group_size} channels (16 or more, at most 8 per head)"
+    if shared_bytes(rows, head_dim) > SHARED_LIMIT:
+        return f"needs {shared_bytes(rows, head_dim)} bytes of shared memory"
+    return None
+
+
+def _mask2(bits):
+    """Mask of the two code fields at float16 mantissa bits [10 - bits, 10), both halves."""
+    return (((1 << bits) - 1) << (10 - bits)) * 0x10001
+
+
+def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
+                   rotate_keys, scale_tokens, norm_per_head, load_q, hadamard_scale):
+    """Python function of the v3 split kernel for one compile-time configuration."""
+    D, G, LQ = head_dim, gqa, q_len
+    ROWS = G * LQ
+    NCH = D // 16
+    KB, VB = key_bits, value_bits
+    KCPW, VCPW = 32 // KB, 32 // VB
+    KHP, VHP = KCPW // 2, VCPW // 2
+    KWPC, VWPC = 16 // KCPW, 16 // VCPW  # words per 16-channel chunk
+    VW = D * VB // 32
+    TPG = key_group_size // TILE
+    GV = value_group_size
+    NGV = D // GV
+    NW, NT = NUM_WARPS, NUM_THREADS
+    BS = NCH * 8 + 8  # row stride (uint32) of the query-fragment exchange buffer
+    VEC_V = VHP == 8 and VW % 4 == 0  # 2-bit values: a thread uses every word of a token row
+    KMASK2, VMASK2 = np.uint32(_mask2(KB)), np.uint32(_mask2(VB))
+    ONE2 = np.uint32(_ONE2)
+    KSCALE, VSCALE = np.float32(2.0 ** KB), np.float32(2.0 ** VB)
+    VNEG2 = np.uint32(int(np.float16(-(2.0 ** -VB)).view(np.uint16)) * 0x10001)
+    SEL_LO, SEL_HI = np.uint32(0x5410), np.uint32(0x7632)
+    ROTATE, SCALE_TOKENS, NORM_PER_HEAD = bool(rotate_keys), bool(scale_tokens), bool(norm_per_head)
+    HS = np.float32(hadamard_scale)
+    # array shapes must be literals (closure constants), not expressions, in a kernel
+    DP, NACC, NBQ, NVPW, NBV = D + 4, NCH * 4, NCH * 2, NGV * 4, NGV * 2
+    NVX = 4 * VW if VEC_V else 4 * NCH
+    ZERO_U = np.uint32(0)
+    ZERO_F = np.float32(0.0)
+
+    @cuda.jit(device=True)
+    def nanmax(a, b):
+        """max that propagates NaN (a NaN score must reach its row's output)."""
+        if a > b or a != a:
+            return a
+        return b
+
+    @cuda.jit(device=True)
+    def conv(x, rot, mask):
+        """Two codes of ``x`` (16 bits apart, after rotating right by ``rot``) -> f16x2
+        (1 + code / 2**bits each)."""
+        return (rotr(x, rot) & mask) | ONE2
+
+    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc,
+                     scale, quantized_len, residual_len, num_splits):
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        warp = tid // 32
+        g = lane // 4
+        t4 = lane % 4
+        split = cuda.blockIdx.y
+        nkv = k_codes.shape[1]
+        b = cuda.blockIdx.x // nkv
+        kvh = cuda.blockIdx.x % nkv
+        nh = kvh if NORM_PER_HEAD else 0
+        neg_inf = np.float32(-math.inf)
+        seq_len = quantized_len + residual_len
+
+        ntiles = quantized_len // TILE
+        per = (ntiles + num_splits - 1) // num_splits
+        per = (per + TPG - 1) // TPG * TPG  # whole key groups per split
+        t_begin = split * per
+        t_end = min(t_begin + per, ntiles)
+        if t_begin >= t_end:  # block-uniform
+            for idx in range(tid, ROWS * D, NT):
+                r = idx // D
+                ws_acc[b, kvh * G + r // LQ, r % LQ, split, idx % D] = ZERO_F
+            if tid < ROWS:
+                ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = neg_inf
+                ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = ZERO_F
+            return
+
+        qs = cuda.shared.array((ROWS, DP), np.float32)
+        qmax = cuda.shared.array(ROWS, np.float32)
+        psh = cuda.shared.array((NW, 8, 33), np.float32)
+        bsh = cuda.shared.array((NW, ROWS, BS), np.uint32)
+        esh = cuda.shared.array((NW, 8, 8), np.float32)
+        accsh = cuda.shared.array((NW, ROWS, D), np.float32)
+        mw = cuda.shared.array((NW, 8), np.float32)
+        lw = cuda.shared.array((NW, 8), np.float32)
+
+        # --- prologue (block): rotated, scaled queries, normalized per row by max |.| ---------
+        for idx in range(tid, ROWS * D, NT):
+            r = idx // D
+            qs[r, idx % D] = load_q(q[b, kvh * G + r // LQ, r % LQ, idx % D])
+        if ROTATE:
+            fwht_shared(qs, ROWS, D, tid, NT)
+            qfac = scale * HS
+        else:
+            cuda.syncthreads()
+            qfac = scale
+        for r in range(warp, ROWS, NW):
+            mx = ZERO_F
+            for c in range(lane, D, 32):
+                v = qs[r, c] * qfac
+                qs[r, c] = v
+                mx = max(mx, abs(v))
+            for off in (16, 8, 4, 2, 1):
+                mx = max(mx, cuda.shfl_xor_sync(FULL, mx, off))
+            if not mx > ZERO_F:  # zero query row (a NaN row stays NaN through qs)
+                mx = np.float32(1.0)
+            for c in range(lane, D, 32):
+                qs[r, c] = qs[r, c] / mx
+            if lane == 0:
+                qmax[r] = mx
+        cuda.syncthreads()
+
+        # --- per-thread constants of the fragment maps ----------------------------------------
+        kwo = (2 * t4) // KHP  # key word of pair 2 t4 inside a chunk
+        kj = (2 * t4) % KHP
+        krot0 = np.uint32((KB * kj - 10 + KB) & 31)
+        krot1 = np.uint32((KB * (kj + 1) - 10 + KB) & 31)
+        vwo = g // VHP  # value word of pair g inside a chunk
+        vj = g % VHP
+        vo = (VB * vj) % 8
+        vby = (VB * vj) // 8
+        vsel = np.uint32(vby | ((vby + 2) << 4) | ((vby + 4) << 8) | ((vby + 6) << 12))
+        vrot_lo = np.uint32((vo - 10 + VB) & 31)
+        vrot_hi = np.uint32((vo - 2 + VB) & 31)
+        r0 = 2 * t4
+        r1 = r0 + 1
+        lim0 = seq_len - LQ + r0 % LQ  # last visible position of rows r0, r1
+        lim1 = seq_len - LQ + r1 % LQ
+        gq = min(g, ROWS - 1)
+        gv = min(g, NGV - 1)
+
+        m0 = neg_inf
+        m1 = neg_inf
+        l0 = ZERO_F
+        l1 = ZERO_F
+        e0 = ZERO_F
+        e1 = ZERO_F
+        f0 = ZERO_F
+        f1 = ZERO_F
+        k0 = ZERO_F
+        k1 = ZERO_F
+        acc = cuda.local.array(NACC, np.float32)
+        for i in range(NACC):
+            acc[i] = ZERO_F
+        bq = cuda.local.array(NBQ, np.uint32)
+        kx = cuda.local.array(NACC, np.uint32)
+        kp = cuda.local.array(8, np.float32)
+        sc = cuda.local.array(8, np.float32)
+        vpw = cuda.local.array(NVPW, np.uint32)
+        bv = cuda.local.array(NBV, np.uint32)
+        vx = cuda.local.array(NVX, np.uint32)
+
+        groups = (t_end - t_begin) // TPG
+        mine = (groups - warp + NW - 1) // NW if warp < groups else 0
+        for step in range(mine * TPG):
+            tile = t_begin + ((step // TPG) * NW + warp) * TPG + step % TPG
+            # (1) new key group: query fragments b = f16(qn * s / S), constants F_r, K_r
+            if step % TPG == 0:
+                grp = tile // TPG
+                smax = ZERO_F
+                for ch in range(g, NCH, 8):
+                    cb = (ch * KWPC + kwo) * KCPW + kj
+                    w0, w1 = ld_v2_u32(k_params, (b, kvh, grp, cb, 0))
+                    w2, w3 = ld_v2_u32(k_params, (b, kvh, grp, cb + KHP, 0))
+                    smax = max(smax, max(max(f16x2_lo(w0), f16x2_lo(w1)),
+                                         max(f16x2_lo(w2), f16x2_lo(w3))))
+                for off in (16, 8, 4, 2, 1):
+                    smax = max(smax, cuda.shfl_xor_sync(FULL, smax, off))
+                if not smax > ZERO_F:
+                    smax = np.float32(1.0)
+                inv_s = np.float32(1.0) / smax
+                for r in range(8):
+                    kp[r] = ZERO_F
+                cuda.syncwarp()  # the previous group's fragments have been read
+                for ch in range(g, NCH, 8):
+                    cb = (ch * KWPC + kwo) * KCPW + kj
+                    w0, w1 = ld_v2_u32(k_params, (b, kvh, grp, cb, 0))
+                    w2, w3 = ld_v2_u32(k_params, (b, kvh, grp, cb + KHP, 0))
+                    # channels cb (pair 2t4, half 0), cb + 1 (2t4 + 1, 0), cb + KHP (2t4, 1),
+                    # cb + KHP + 1 (2t4 + 1, 1)
+                    s0 = f16x2_lo(w0)
+                    s1 = f16x2_lo(w1)
+                    s2 = f16x2_lo(w2)
+                    s3 = f16x2_lo(w3)
+                    d0 = f16x2_hi(w0) - KSCALE * s0
+                    d1 = f16x2_hi(w1) - KSCALE * s1
+                    d2 = f16x2_hi(w2) - KSCALE * s2
+                    d3 = f16x2_hi(w3) - KSCALE * s3
+                    s0 *= inv_s
+                    s1 *= inv_s
+                    s2 *= inv_s
+                    s3 *= inv_s
+                    for r in range(ROWS):
+                        qa = qs[r, cb]
+                        qb = qs[r, cb + 1]
+                        qc = qs[r, cb + KHP]
+                        qd = qs[r, cb + KHP + 1]
+                        bsh[warp, r, ch * 8 + 2 * t4] = pack_f16x2(qa * s0, qc * s2)
+                        bsh[warp, r, ch * 8 + 2 * t4 + 1] = pack_f16x2(qb * s1, qd * s3)
+                        kp[r] += qa * d0 + qb * d1 + qc * d2 + qd * d3
+                # transpose-reduce the 8 row partials over the warp: lanes (g, *) get row g
+                up = (lane & 16) != 0
+                for i in range(4):
+                    lo = kp[i]
+                    hi = kp[i + 4]
+                    kp[i] = (hi if up else lo) + cuda.shfl_xor_sync(FULL, lo if up else hi, 16)
+                up = (lane & 8) != 0
+                for i in range(2):
+                    lo = kp[i]
+                    hi = kp[i + 2]
+                    kp[i] = (hi if up else lo) + cuda.shfl_xor_sync(FULL, lo if up else hi, 8)
+                up = (lane & 4) != 0
+                ksum = (kp[1] if up else kp[0]) + cuda.shfl_xor_sync(
+                    FULL, kp[0] if up else kp[1], 4)
+                ksum += cuda.shfl_xor_sync(FULL, ksum, 2)
+                ksum += cuda.shfl_xor_sync(FULL, ksum, 1)
+                qm = qmax[gq]
+                kr = qm * ksum
+                fr = KSCALE * qm * smax
+                k0 = cuda.shfl_sync(FULL, kr, 4 * r0)
+                k1 = cuda.shfl_sync(FULL, kr, 4 * r1)
+                f0 = cuda.shfl_sync(FULL, fr, 4 * r0)
+                f1 = cuda.shfl_sync(FULL, fr, 4 * r1)
+                cuda.syncwarp()
+                for ch in range(NCH):
+                    u0 = bsh[warp, gq, ch * 8 + 2 * t4]
+                    u1 = bsh[warp, gq, ch * 8 + 2 * t4 + 1]
+                    bq[2 * ch] = u0 if g < ROWS else ZERO_U
+                    bq[2 * ch + 1] = u1 if g < ROWS else ZERO_U
+
+            # (2) QK on tensor cores: 16 tokens x 8 rows per mma block
+            for ch in range(NCH):
+                x0, x1, x2, x3 = ld_v4_u32(k_codes, (b, kvh, tile, ch * KWPC + kwo, 4 * g))
+                kx[4 * ch] = x0
+                kx[4 * ch + 1] = x1
+                kx[4 * ch + 2] = x2
+                kx[4 * ch + 3] = x3
+            c0 = ZERO_F
+            c1 = ZERO_F
+            c2 = ZERO_F
+            c3 = ZERO_F
+            c4 = ZERO_F
+            c5 = ZERO_F
+            c6 = ZERO_F
+            c7 = ZERO_F
+            for ch in range(NCH):
+                x0 = kx[4 * ch]
+                x1 = kx[4 * ch + 1]
+                x2 = kx[4 * ch + 2]
+                x3 = kx[4 * ch + 3]
+                c0, c1, c2, c3 = mma_f16(conv(x0, krot0, KMASK2), conv(x1, krot0, KMASK2),
+                                         conv(x0, krot1, KMASK2), conv(x1, krot1, KMASK2),
+                                         bq[2 * ch], bq[2 * ch + 1], c0, c1, c2, c3)
+                c4, c5, c6, c7 = mma_f16(conv(x2, krot0, KMASK2), conv(x3, krot0, KMASK2),
+                                         conv(x2, krot1, KMASK2), conv(x3, krot1, KMASK2),
+                                         bq[2 * ch], bq[2 * ch + 1], c4, c5, c6, c7)
+            if SCALE_TOKENS:
+                n0, n1, n2, n3 = ld_v4_f32(norms, (b, nh, tile * TILE + 4 * g))
+            else:
+                n0 = n1 = n2 = n3 = np.float32(1.0)
+            tok = tile * TILE + 4 * g
+            # scores sc[2 i + h]: token tok + i, row r0 + h
+            sc[0] = (f0 * c0 + k0) * n0
+            sc[1] = (f1 * c1 + k1) * n0
+            sc[2] = (f0 * c2 + k0) * n1
+            sc[3] = (f1 * c3 + k1) * n1
+            sc[4] = (f0 * c4 + k0) * n2
+            sc[5] = (f1 * c5 + k1) * n2
+            sc[6] = (f0 * c6 + k0) * n3
+            sc[7] = (f1 * c7 + k1) * n3
+            for i in range(4):
+                if not (r0 < ROWS and tok + i <= lim0):
+                    sc[2 * i] = neg_inf
+                if not (r1 < ROWS and tok + i <= lim1):
+                    sc[2 * i + 1] = neg_inf
+
+            # (3) online softmax for rows r0, r1 (the 8 lanes of a column t4 hold the 32 tokens)
+            mt0 = nanmax(nanmax(sc[0], sc[2]), nanmax(sc[4], sc[6]))
+            mt1 = nanmax(nanmax(sc[1], sc[3]), nanmax(sc[5], sc[7]))
+            for off in (4, 8, 16):
+                mt0 = nanmax(mt0, cuda.shfl_xor_sync(FULL, mt0, off))
+                mt1 = nanmax(mt1, cuda.shfl_xor_sync(FULL, mt1, off))
+            mn0 = nanmax(m0, mt0)
+            mn1 = nanmax(m1, mt1)
+            al0 = np.float32(1.0)
+            al1 = np.float32(1.0)
+            if mn0 != neg_inf:
+                al0 = math.exp(m0 - mn0)
+            if mn1 != neg_inf:
+                al1 = math.exp(m1 - mn1)
+            m0 = mn0
+            m1 = mn1
+            for i in range(4):
+                p = ZERO_F
+                if sc[2 * i] != neg_inf:
+                    p = math.exp(sc[2 * i] - mn0)
+                sc[2 * i] = p
+                p = ZERO_F
+                if sc[2 * i + 1] != neg_inf:
+                    p = math.exp(sc[2 * i + 1] - mn1)
+                sc[2 * i + 1] = p
+            l0 = l0 * al0 + ((sc[0] + sc[2]) + (sc[4] + sc[6]))
+            l1 = l1 * al1 + ((sc[1] + sc[3]) + (sc[5] + sc[7]))
+            for ch in range(NCH):
+                acc[4 * ch] *= al0
+                acc[4 * ch + 1] *= al1
+                acc[4 * ch + 2] *= al0
+                acc[4 * ch + 3] *= al1
+            # E' rows are g: fetch alpha of row g from a lane holding it (t4 = g // 2)
+            a_0 = cuda.shfl_sync(FULL, al0, g // 2)
+            a_1 = cuda.shfl_sync(FULL, al1, g // 2)
+            ag = a_1 if g % 2 else a_0
+            e0 *= ag
+            e1 *= ag
+            cuda.syncwarp()  # the previous tile's p has been read
+            for i in range(4):
+                psh[warp, r0, 4 * g + i] = sc[2 * i]
+                psh[warp, r1, 4 * g + i] = sc[2 * i + 1]
+            cuda.syncwarp()
+
+            # (4) PV on tensor cores, two blocks of 16 tokens
+            for kb in range(2):
+                xo = 16 * kb + 4 * t4
+                xb = tile * TILE + xo
+                p01 = pack_f16x2(psh[warp, g, xo], psh[warp, g, xo + 1])
+                p23 = pack_f16x2(psh[warp, g, xo + 2], psh[warp, g, xo + 3])
+                for u in range(NGV):
+                    w0, w1, w2, w3 = ld_v4_u32(
+                        v_params, (b, kvh, xb + (4 * u) // NGV, (4 * u) % NGV, 0))
+                    vpw[4 * u] = w0
+                    vpw[4 * u + 1] = w1
+                    vpw[4 * u + 2] = w2
+                    vpw[4 * u + 3] = w3
+                for j in range(NGV):
+                    bv[2 * j] = hmul2(p01, prmt(vpw[j], vpw[NGV + j], SEL_LO))
+                    bv[2 * j + 1] = hmul2(p23, prmt(vpw[2 * NGV + j], vpw[3 * NGV + j], SEL_LO))
+                # E' += P (rows x tokens) . W (tokens x groups), W = s - min / 2**vb
+                y0 = ld_u32(v_params, (b, kvh, xb, gv, 0))
+                y1 = ld_u32(v_params, (b, kvh, xb + 1, gv, 0))
+                y2 = ld_u32(v_params, (b, kvh, xb + 2, gv, 0))
+                y3 = ld_u32(v_params, (b, kvh, xb + 3, gv, 0))
+                wa = hfma2(prmt(y0, y1, SEL_HI), VNEG2, prmt(y0, y1, SEL_LO))
+                wb = hfma2(prmt(y2, y3, SEL_HI), VNEG2, prmt(y2, y3, SEL_LO))
+                if g >= NGV:
+                    wa = ZERO_U
+                    wb = ZERO_U
+                e0, e1, _, _ = mma_f16(p01, ZERO_U, p23, ZERO_U, wa, wb, e0, e1, ZERO_F, ZERO_F)
+                # value codes of tokens xb .. xb + 3
+                if VEC_V:
+                    for i in range(4):
+                        for u in range(VW // 4):
+                            w0, w1, w2, w3 = ld_v4_u32(v_codes, (b, kvh, xb + i, 4 * u))
+                            vx[i * VW + 4 * u] = w0
+                            vx[i * VW + 4 * u + 1] = w1
+                            vx[i * VW + 4 * u + 2] = w2
+                            vx[i * VW + 4 * u + 3] = w3
+                else:
+                    for i in range(4):
+                        for ch in range(NCH):
+                            vx[i * NCH + ch] = ld_u32(v_codes, (b, kvh, xb + i, ch * VWPC + vwo))
+                for ch in range(NCH):
+                    if VEC_V:
+                        wi = ch * VWPC
+                        ta = prmt(vx[wi], vx[VW + wi], vsel)
+                        tb = prmt(vx[2 * VW + wi], vx[3 * VW + wi], vsel)
+                    else:
+                        ta = prmt(vx[ch], vx[NCH + ch], vsel)
+                        tb = prmt(vx[2 * NCH + ch], vx[3 * NCH + ch], vsel)
+                    j = (16 * ch) // GV
+                    acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3] = mma_f16(
+                        conv(ta, vrot_lo, VMASK2), conv(ta, vrot_hi, VMASK2),
+                        conv(tb, vrot_lo, VMASK2), conv(tb, vrot_hi, VMASK2),
+                        bv[2 * j], bv[2 * j + 1],
+                        acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3])
+
+        # --- per-warp results to shared memory -----------------------------------------------
+        for off in (4, 8, 16):
+            l0 += cuda.shfl_xor_sync(FULL, l0, off)
+            l1 += cuda.shfl_xor_sync(FULL, l1, off)
+        cuda.syncwarp()
+        esh[warp, g, 2 * t4] = e0
+        esh[warp, g, 2 * t4 + 1] = e1
+        cuda.syncwarp()
+        for ch in range(NCH):
+            j = (16 * ch) // GV
+            clo = (ch * VWPC + vwo) * VCPW + vj
+            chi = clo + VHP
+            if r0 < ROWS:
+                ej = esh[warp, r0, j]
+                accsh[warp, r0, clo] = VSCALE * (acc[4 * ch] - ej)
+                accsh[warp, r0, chi] = VSCALE * (acc[4 * ch + 2] - ej)
+            if r1 < ROWS:
+                ej = esh[warp, r1, j]
+                accsh[warp, r1, clo] = VSCALE * (acc[4 * ch + 1] - ej)
+                accsh[warp, r1, chi] = VSCALE * (acc[4 * ch + 3] - ej)
+        if g == 0:
+            mw[warp, r0] = m0
+            mw[warp, r1] = m1
+            lw[warp, r0] = l0
+            lw[warp, r1] = l1
+        cuda.syncthreads()
+
+        # --- merge the 4 warps by log-sum-exp and write the split's partials --------------------
+        for idx in range(tid, ROWS * D, NT):
+            r = idx // D
+            c = idx % D
+            mm = neg_inf
+            for w in range(NW):
+                mm = nanmax(mm, mw[w, r])
+            a = ZERO_F
+            if mm != neg_inf:
+                for w in range(NW):
+                    if mw[w, r] != neg_inf:
+                        a += accsh[w, r, c] * math.exp(mw[w, r] - mm)
+            ws_acc[b, kvh * G + r // LQ, r % LQ, split, c] = a
+        if tid < ROWS:
+            mm = neg_inf
+            for w in range(NW):
+                mm = nanmax(mm, mw[w, tid])
+            s = ZERO_F
+            if mm != neg_inf:
+                for w in range(NW):
+                    if mw[w, tid] != neg_inf:
+                        s += lw[w, tid] * math.exp(mw[w, tid] - mm)
+            ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = mm
+            ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = s
+
+    return split_kernel

@@ -1,0 +1,136 @@
+"""Inline-PTX device intrinsics for the tensor-core decode kernel (``attention_mma``). GPU only.
+
+Numba has no tensor-core, vector-load or packed-half API; each helper here is one PTX
+instruction (or a short fixed sequence) emitted through ``numba.cuda.extending.intrinsic`` and
+``llvmlite.ir.InlineAsm``. They cannot run in the CUDA simulator (nothing here is Python), so the
+kernel that uses them is covered by GPU tests and by the sm_90 PTX compile test in CI.
+
+Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = element 0) is a
+"f16x2" in PTX terms.
+
+* ``ld_v4_u32(a, idx)`` / ``ld_v2_u32`` / ``ld_u32`` / ``ld_v4_f32``: ``ld.global.nc`` of 16, 8 or
+  4 bytes starting at element ``a[idx]`` (any element type; the address must be aligned to the
+  size, which the callers guarantee from the packed layout). ``idx`` is a tuple with one index
+  per dimension; no bounds or wrap-around handling.
+* ``mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)``: ``mma.sync.aligned.m16n8k16.row.col``
+  with float16 A and B and float32 accumulators; returns the 4 accumulators. Warp-collective.
+* ``prmt(a, b, sel)``: byte permute of the 8 bytes ``b:a``.
+* ``rotr(x, n)``: rotate right by ``n & 31`` (``shf.r.wrap``).
+* ``pack_f16x2(lo, hi)``: two float32 to a f16x2, round to nearest even.
+* ``hmul2(a, b)``, ``hfma2(a, b, c)``: packed float16 multiply / fused multiply-add (``.rn``).
+* ``f16x2_lo(x)``, ``f16x2_hi(x)``: one half of a f16x2 as float32 (exact).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.cuda import cgutils
+from numba.cuda.api_util import normalize_indices
+from numba.cuda.extending import intrinsic
+
+_I32 = ir.IntType(32)
+_F32 = ir.FloatType()
+
+
+def _element_pointer(context, builder, aryty, idxty, ary, idx):
+    idxty, idx = normalize_indices(context, builder, idxty, idx, aryty, aryty.dtype)
+    arr = context.make_array(aryty)(context, builder, value=ary)
+    return cgutils.get_item_pointer(context, builder, aryty, arr, idx, wraparound=False)
+
+
+def _vector_load(count, nbtype, llty, ptx_type, constraint):
+    """Intrinsic ``(array, index tuple) -> UniTuple(nbtype, count)`` (or a scalar for 1)."""
+    width = {1: "", 2: ".v2", 4: ".v4"}[count]
+    outs = ",".join(f"${i}" for i in range(count))
+    text = (f"ld.global.nc{width}.{ptx_type} {{{outs}}}, [${count}];" if count > 1
+            else f"ld.global.nc.{ptx_type} $0, [$1];")
+    cons = ",".join([f"={constraint}"] * count + ["l"])
+
+    def impl(typingctx, array, index):
+        if not isinstance(array, types.Array):
+            return None
+        ret = nbtype if count == 1 else types.UniTuple(nbtype, count)
+
+        def codegen(context, builder, sig, args):
+            aryty, idxty = sig.args
+            ptr = _element_pointer(context, builder, aryty, idxty, args[0], args[1])
+            rty = llty if count == 1 else ir.LiteralStructType([llty] * count)
+            asm = ir.InlineAsm(ir.FunctionType(rty, [ptr.type]), text, cons)
+            res = builder.call(asm, [ptr])
+            if count == 1:
+                return res
+            vals = [builder.extract_value(res, i) for i in range(count)]
+            return context.make_tuple(builder, ret, vals)
+
+        return ret(array, index), codegen
+
+    impl.__name__ = f"ld_{count}_{ptx_type}"
+    return intrinsic(impl)
+
+
+ld_v4_u32 = _vector_load(4, types.uint32, _I32, "u32", "r")
+ld_v2_u32 = _vector_load(2, types.uint32, _I32, "u32", "r")
+ld_u32 = _vector_load(1, types.uint32, _I32, "u32", "r")
+ld_v4_f32 = _vector_load(4, types.float32, _F32, "f32", "f")
+
+
+
+def _simple(name, text, argtypes, rettype, constraints):
+    """Intrinsic of one inline-asm statement over 1 to 3 scalar arguments (cast to ``argtypes``).
+
+    Explicit arities: a ``*args`` typing function would make Numba treat the call as star-args.
+    """
+
+    def typer(*args):
+        def codegen(context, builder, sig, llargs):
+            vals = [context.cast(builder, v, t, want)
+                    for v, t, want in zip(llargs, sig.args, argtypes)]
+            fnty = ir.FunctionType(context.get_value_type(rettype),
+                                   [context.get_value_type(t) for t in argtypes])
+            return builder.call(ir.InlineAsm(fnty, text, constraints), vals)
+
+        return rettype(*args), codegen
+
+    impls = {
+        1: lambda typingctx, a: typer(a),
+        2: lambda typingctx, a, b: typer(a, b),
+        3: lambda typingctx, a, b, c: typer(a, b, c),
+    }
+    impl = impls[len(argtypes)]
+    impl.__name__ = name
+    return intrinsic(impl)
+
+
+_U, _F = types.uint32, types.float32
+
+prmt = _simple("prmt", "prmt.b32 $0, $1, $2, $3;", (_U, _U, _U), _U, "=r,r,r,r")
+rotr = _simple("rotr", "shf.r.wrap.b32 $0, $1, $1, $2;", (_U, _U), _U, "=r,r,r")
+# cvt.rn.f16x2.f32 d, a, b puts a in the upper half: pass (hi, lo) in that order.
+pack_f16x2 = _simple("pack_f16x2", "cvt.rn.f16x2.f32 $0, $2, $1;", (_F, _F), _U, "=r,f,f")
+hmul2 = _simple("hmul2", "mul.rn.f16x2 $0, $1, $2;", (_U, _U), _U, "=r,r,r")
+hfma2 = _simple("hfma2", "fma.rn.f16x2 $0, $1, $2, $3;", (_U, _U, _U), _U, "=r,r,r,r")
+f16x2_lo = _simple("f16x2_lo", "{.reg .f16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, l;}",
+                   (_U,), _F, "=f,r")
+f16x2_hi = _simple("f16x2_hi", "{.reg .f16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, h;}",
+                   (_U,), _F, "=f,r")
+
+_MMA_TEXT = ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+             "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};")
+
+
+@intrinsic
+def mma_f16(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """D = A (16x16 f16, row) * B (16x8 f16, col) + C (16x8 f32); 4 accumulators per thread."""
+    ret = types.UniTuple(types.float32, 4)
+    want = (_U,) * 6 + (_F,) * 4
+
+    def codegen(context, builder, sig, args):
+        vals = [context.cast(builder, v, t, w) for v, t, w in zip(args, sig.args, want)]
+        rty = ir.LiteralStructType([_F32] * 4)
+        fnty = ir.FunctionType(rty, [_I32] * 6 + [_F32] * 4)
+        asm = ir.InlineAsm(fnty, _MMA_TEXT, "=f,=f,=f,=f," + ",".join(["r"] * 6 + ["f"] * 4))
+        res = builder.call(asm, vals)
+        return context.make_tuple(builder, ret, [builder.extract_value(res, i) for i in range(4)])
+
+    return ret(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), codegen
