@@ -1,6 +1,8 @@
 """Decode attention with each split kernel against torch SDPA bf16, same shapes, same run (GPU).
 
-    python benchmarks/compare_splits.py [--versions 1,2,3] [--shapes 1x4096,8x131072] [--bits 2]
+    python benchmarks/compare_splits.py [--versions 1,2,3,3@128] [--shapes 1x4096,8x131072] [--bits 2]
+
+``3@128`` is split kernel v3 compiled with a register cap of 128 (``V3_MAX_REGISTERS``).
 
 Llama-3.1-8B heads (32 query, 8 KV, head_dim 128), one query token, bfloat16 inputs. Prints one
 line per (shape, version): device ms (CUDA events, L2 flushed, median), the speedup over SDPA,
@@ -29,7 +31,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="1x4096,1x32768,8x32768,8x131072,16x131072")
     ap.add_argument("--bits", type=int, default=2)
     args = ap.parse_args(argv)
-    versions = [int(v) for v in args.versions.split(",")]
+    versions = args.versions.split(",")
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy:.2f} TB/s", flush=True)
     cfg = oscar.OScaRConfig(key_bits=args.bits, value_bits=args.bits)
@@ -46,8 +48,11 @@ def main(argv=None):
         nbytes = cache_bytes(cache)
         ref = None
         for ver in versions:
-            K.SPLIT_VERSION = ver
+            num, _, cap = ver.partition("@")
+            K.SPLIT_VERSION = int(num)
+            K.V3_MAX_REGISTERS = int(cap) if cap else None
             K._split_kernel.cache_clear()
+            K.split_blocks_per_sm.cache_clear()
             out = oscar.decode_attention(q, cache).float()
             err = 0.0 if ref is None else float((out - ref).abs().max())
             ref = out if ref is None else ref

@@ -591,10 +591,39 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
 # --- cached compiled kernels ----------------------------------------------------------------
 
 
+#: Register cap of the v3 split kernel (None: ptxas decides). ptxas gives it ~240 registers
+#: (2 blocks per SM); a cap trades occupancy for spills to local memory (measured in
+#: benchmarks/RESULTS.md). Environment: OSCAR_V3_MAX_REGISTERS.
+V3_MAX_REGISTERS = (int(__import__("os").environ["OSCAR_V3_MAX_REGISTERS"])
+                    if __import__("os").environ.get("OSCAR_V3_MAX_REGISTERS") else None)
+
+
+def _uses_v3(key):
+    kb, vb, _, gv, d, g, lq, pdt = key[:8]
+    return SPLIT_VERSION == 3 and _split_v3.unsupported(kb, vb, gv, d, g * lq, pdt) is None
+
+
 @functools.lru_cache(maxsize=None)
 def _split_kernel(*key):
     fn, sig = _build_split(*key)
+    if _uses_v3(key) and V3_MAX_REGISTERS:
+        return cuda.jit(sig, max_registers=V3_MAX_REGISTERS)(fn)
     return cuda.jit(sig)(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype):
+    """Resident blocks per SM of the split kernel for this configuration (from its compiled
+    register and shared-memory use; compiles it if needed), for :func:`choose_num_splits`."""
+    key = _split_key(config, head_dim, gqa, q_len, q_dtype)
+    if SIMULATOR or not _uses_v3(key):
+        return TARGET_BLOCKS_PER_SM
+    kern = _split_kernel(*key)
+    regs = max(1, int(kern.get_regs_per_thread()))
+    smem = int(kern.get_shared_mem_per_block()) + 1024  # + the per-block reservation
+    by_regs = 65536 // (((regs * 32 + 255) // 256) * 256 * NUM_WARPS)
+    by_smem = (228 * 1024) // smem
+    return max(1, min(by_regs, by_smem, 2048 // NUM_THREADS))
 
 
 @functools.lru_cache(maxsize=None)
@@ -652,16 +681,23 @@ def compile_signatures():
 # --- host side ------------------------------------------------------------------------------
 
 
-def choose_num_splits(batch, num_kv_heads, quantized_len, num_sms=132):
+def choose_num_splits(batch, num_kv_heads, quantized_len, num_sms=132, blocks_per_sm=None):
     """Splits of the token axis per (batch, kv head): enough blocks to fill the GPU.
 
-    About ``TARGET_BLOCKS_PER_SM * num_sms`` blocks in all, each streaming at least
-    ``MIN_TILES_PER_SPLIT`` tiles, at most ``MAX_SPLITS`` splits; 1 for an empty cache.
+    About ``blocks_per_sm * num_sms`` blocks in all (default ``TARGET_BLOCKS_PER_SM``; the v3
+    kernel passes its resident blocks per SM from :func:`split_blocks_per_sm`, so that one wave
+    covers the work), each streaming at least ``MIN_TILES_PER_SPLIT`` tiles, at most
+    ``MAX_SPLITS`` splits; 1 for an empty cache.
     """
     tiles = int(quantized_len) // TILE_TOKENS
     if tiles <= 0:
         return 1
-    want = -(-TARGET_BLOCKS_PER_SM * int(num_sms) // max(1, int(batch) * int(num_kv_heads)))
+    per_sm = TARGET_BLOCKS_PER_SM if blocks_per_sm is None else int(blocks_per_sm)
+    heads = max(1, int(batch) * int(num_kv_heads))
+    if blocks_per_sm is None:
+        want = -(-per_sm * int(num_sms) // heads)
+    else:  # whole waves: never a second, mostly idle wave
+        want = max(1, per_sm * int(num_sms) // heads)
     cap = -(-tiles // MIN_TILES_PER_SPLIT)
     return max(1, min(want, cap, MAX_SPLITS))
 

@@ -60,8 +60,19 @@ from ._compat import SIMULATOR, cuda, np
 from .common import fwht_shared
 
 if not SIMULATOR:
-    from .ptx import (f16x2_hi, f16x2_lo, hfma2, hmul2, ld_u32, ld_v2_u32, ld_v4_f32, ld_v4_u32,
-                      mma_f16, pack_f16x2, prmt, rotr)
+    from numba.cuda import libdevice
+
+    from .ptx import (cp_async16, cp_async_commit, cp_async_wait0, cp_async_wait1, f16x2_hi,
+                      f16x2_lo, hfma2, hmul2, lds_v2_u32, lds_v4_f32, lds_v4_u32, mma_f16,
+                      pack_f16x2, prmt, rotr)
+
+    @cuda.jit(device=True)
+    def float_as_uint(x):
+        return np.uint32(libdevice.float_as_int(x))
+
+    @cuda.jit(device=True)
+    def uint_as_float(u):
+        return libdevice.int_as_float(np.int32(u))
 
 NUM_THREADS = 128
 NUM_WARPS = 4
@@ -72,10 +83,29 @@ FULL = 0xFFFFFFFF
 _ONE2 = 0x3C003C00  # float16 1.0 in both halves
 
 
-def shared_bytes(rows: int, head_dim: int) -> int:
+def _stage_words(key_bits, value_bits, value_group_size, head_dim):
+    """uint32 words of one warp's staging buffer: one tile's key codes, norms, key params (one
+    group), value params and value codes, each region 16-byte aligned."""
+    d = head_dim
+    return (d * key_bits // 32) * 32 + 32 + d + 32 * (d // value_group_size) + 32 * (d * value_bits // 32)
+
+
+def _num_stages(key_bits, value_bits, value_group_size, head_dim, rows):
+    """2 (double buffering: the next tile's loads fly while this one is computed) where the
+    48 KB of static shared memory allow it, else 1."""
+    for stages in (2, 1):
+        if shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages) <= SHARED_LIMIT:
+            return stages
+    return 0
+
+
+def shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages):
+    """Static shared memory of the v3 kernel (the final accumulators reuse the stage)."""
     nch = head_dim // 16
-    return 4 * (rows * (head_dim + 4) + rows + NUM_WARPS * (8 * 33 + rows * (nch * 8 + 8) + 64
-                                                          + rows * head_dim + 16))
+    stage = max(stages * _stage_words(key_bits, value_bits, value_group_size, head_dim),
+                rows * head_dim)
+    return 4 * (rows * (head_dim + 4) + rows + NUM_WARPS * (stage + 8 * 33 + rows * (nch * 8 + 8)
+                                                          + 64 + 16))
 
 
 def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dtype):
@@ -90,8 +120,8 @@ def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dt
         return f"head_dim {head_dim} is not a multiple of 16"
     if value_group_size < 16 or head_dim // value_group_size > 8:
         return f"value groups of {value_group_size} channels (16 or more, at most 8 per head)"
-    if shared_bytes(rows, head_dim) > SHARED_LIMIT:
-        return f"needs {shared_bytes(rows, head_dim)} bytes of shared memory"
+    if _num_stages(key_bits, value_bits, value_group_size, head_dim, rows) == 0:
+        return "does not fit in 48 KB of static shared memory"
     return None
 
 
@@ -110,13 +140,23 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     KCPW, VCPW = 32 // KB, 32 // VB
     KHP, VHP = KCPW // 2, VCPW // 2
     KWPC, VWPC = 16 // KCPW, 16 // VCPW  # words per 16-channel chunk
-    VW = D * VB // 32
+    KW, VW = D * KB // 32, D * VB // 32
     TPG = key_group_size // TILE
     GV = value_group_size
     NGV = D // GV
     NW, NT = NUM_WARPS, NUM_THREADS
     BS = NCH * 8 + 8  # row stride (uint32) of the query-fragment exchange buffer
     VEC_V = VHP == 8 and VW % 4 == 0  # 2-bit values: a thread uses every word of a token row
+    VEC_P = NGV % 4 == 0  # a token's value params are whole 16-byte vectors
+    NSTAGE = _num_stages(KB, VB, GV, D, ROWS)
+    # staging buffer regions (uint32 offsets): key codes [KW][32], norms [32], key params
+    # [D] (one (scale, min) pair per word), value params [32][NGV], value codes [32][VW]
+    SW = _stage_words(KB, VB, GV, D)
+    KC, NRM = 0, KW * 32
+    KPO = NRM + 32
+    VPO = KPO + D
+    VCO = VPO + 32 * NGV
+    NSW = max(NSTAGE * SW, ROWS * D)  # the stage also holds the warp's final accumulators
     KMASK2, VMASK2 = np.uint32(_mask2(KB)), np.uint32(_mask2(VB))
     ONE2 = np.uint32(_ONE2)
     KSCALE, VSCALE = np.float32(2.0 ** KB), np.float32(2.0 ** VB)
@@ -125,7 +165,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     ROTATE, SCALE_TOKENS, NORM_PER_HEAD = bool(rotate_keys), bool(scale_tokens), bool(norm_per_head)
     HS = np.float32(hadamard_scale)
     # array shapes must be literals (closure constants), not expressions, in a kernel
-    DP, NACC, NBQ, NVPW, NBV = D + 4, NCH * 4, NCH * 2, NGV * 4, NGV * 2
+    DP, NACC, NBQ, NBV = D + 4, NCH * 4, NCH * 2, NGV * 2
+    NVPW = NGV * 4
     NVX = 4 * VW if VEC_V else 4 * NCH
     ZERO_U = np.uint32(0)
     ZERO_F = np.float32(0.0)
@@ -142,6 +183,26 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         """Two codes of ``x`` (16 bits apart, after rotating right by ``rot``) -> f16x2
         (1 + code / 2**bits each)."""
         return (rotr(x, rot) & mask) | ONE2
+
+    @cuda.jit(device=True)
+    def prefetch(stg, o, lane, tile, k_codes, k_params, v_params, v_codes, norms, b, kvh, nh):
+        """cp.async one tile (and its key group's params on the group's first tile) into the
+        warp's stage buffer at word ``o``, as one commit group."""
+        for u in range(lane, KW * 8, 32):
+            cp_async16(stg, (o + KC + 4 * u,), k_codes, (b, kvh, tile, u // 8, 4 * (u % 8)))
+        if SCALE_TOKENS:
+            if lane < 8:
+                cp_async16(stg, (o + NRM + 4 * lane,), norms, (b, nh, tile * TILE + 4 * lane))
+        if tile % TPG == 0:
+            for u in range(lane, D // 4, 32):
+                cp_async16(stg, (o + KPO + 4 * u,), k_params, (b, kvh, tile // TPG, 4 * u, 0))
+        for u in range(lane, 8 * NGV, 32):
+            cp_async16(stg, (o + VPO + 4 * u,), v_params,
+                       (b, kvh, tile * TILE + (4 * u) // NGV, (4 * u) % NGV, 0))
+        for u in range(lane, 8 * VW, 32):
+            cp_async16(stg, (o + VCO + 4 * u,), v_codes,
+                       (b, kvh, tile * TILE + (4 * u) // VW, (4 * u) % VW))
+        cp_async_commit()
 
     def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc,
                      scale, quantized_len, residual_len, num_splits):
@@ -172,14 +233,23 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = ZERO_F
             return
 
+        stage = cuda.shared.array((NW, NSW), np.uint32, alignment=16)
         qs = cuda.shared.array((ROWS, DP), np.float32)
         qmax = cuda.shared.array(ROWS, np.float32)
         psh = cuda.shared.array((NW, 8, 33), np.float32)
         bsh = cuda.shared.array((NW, ROWS, BS), np.uint32)
         esh = cuda.shared.array((NW, 8, 8), np.float32)
-        accsh = cuda.shared.array((NW, ROWS, D), np.float32)
         mw = cuda.shared.array((NW, 8), np.float32)
         lw = cuda.shared.array((NW, 8), np.float32)
+        stg = stage[warp]  # this warp's stage: NSTAGE buffers of SW words
+
+        # this warp's tiles: key groups warp, warp + NW, ... of the split
+        groups = (t_end - t_begin) // TPG
+        mine = (groups - warp + NW - 1) // NW if warp < groups else 0
+        nsteps = mine * TPG
+        if nsteps > 0:  # start the first tile's copies before the query prologue
+            prefetch(stg, 0, lane, t_begin + warp * TPG, k_codes, k_params, v_params,
+                     v_codes, norms, b, kvh, nh)
 
         # --- prologue (block): rotated, scaled queries, normalized per row by max |.| ---------
         for idx in range(tid, ROWS * D, NT):
@@ -247,18 +317,32 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         bv = cuda.local.array(NBV, np.uint32)
         vx = cuda.local.array(NVX, np.uint32)
 
-        groups = (t_end - t_begin) // TPG
-        mine = (groups - warp + NW - 1) // NW if warp < groups else 0
-        for step in range(mine * TPG):
+        for step in range(nsteps):
             tile = t_begin + ((step // TPG) * NW + warp) * TPG + step % TPG
+            buf = step % NSTAGE
+            if NSTAGE == 1:
+                if step > 0:
+                    prefetch(stg, 0, lane, tile, k_codes, k_params, v_params, v_codes, norms, b,
+                             kvh, nh)
+                cp_async_wait0()
+            elif step + 1 < nsteps:  # the next tile's copies fly while this one is computed
+                nxt = step + 1
+                prefetch(stg, (1 - buf) * SW, lane,
+                         t_begin + ((nxt // TPG) * NW + warp) * TPG + nxt % TPG,
+                         k_codes, k_params, v_params, v_codes, norms, b, kvh, nh)
+                cp_async_wait1()
+            else:
+                cp_async_wait0()
+            cuda.syncwarp()  # every lane's copies of this tile are visible
+            o = buf * SW
+
             # (1) new key group: query fragments b = f16(qn * s / S), constants F_r, K_r
             if step % TPG == 0:
-                grp = tile // TPG
                 smax = ZERO_F
                 for ch in range(g, NCH, 8):
                     cb = (ch * KWPC + kwo) * KCPW + kj
-                    w0, w1 = ld_v2_u32(k_params, (b, kvh, grp, cb, 0))
-                    w2, w3 = ld_v2_u32(k_params, (b, kvh, grp, cb + KHP, 0))
+                    w0, w1 = lds_v2_u32(stg, (o + KPO + cb,))
+                    w2, w3 = lds_v2_u32(stg, (o + KPO + cb + KHP,))
                     smax = max(smax, max(max(f16x2_lo(w0), f16x2_lo(w1)),
                                          max(f16x2_lo(w2), f16x2_lo(w3))))
                 for off in (16, 8, 4, 2, 1):
@@ -268,11 +352,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 inv_s = np.float32(1.0) / smax
                 for r in range(8):
                     kp[r] = ZERO_F
-                cuda.syncwarp()  # the previous group's fragments have been read
                 for ch in range(g, NCH, 8):
                     cb = (ch * KWPC + kwo) * KCPW + kj
-                    w0, w1 = ld_v2_u32(k_params, (b, kvh, grp, cb, 0))
-                    w2, w3 = ld_v2_u32(k_params, (b, kvh, grp, cb + KHP, 0))
+                    w0, w1 = lds_v2_u32(stg, (o + KPO + cb,))
+                    w2, w3 = lds_v2_u32(stg, (o + KPO + cb + KHP,))
                     # channels cb (pair 2t4, half 0), cb + 1 (2t4 + 1, 0), cb + KHP (2t4, 1),
                     # cb + KHP + 1 (2t4 + 1, 1)
                     s0 = f16x2_lo(w0)
@@ -327,7 +410,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
 
             # (2) QK on tensor cores: 16 tokens x 8 rows per mma block
             for ch in range(NCH):
-                x0, x1, x2, x3 = ld_v4_u32(k_codes, (b, kvh, tile, ch * KWPC + kwo, 4 * g))
+                x0, x1, x2, x3 = lds_v4_u32(stg, (o + KC + (ch * KWPC + kwo) * 32 + 4 * g,))
                 kx[4 * ch] = x0
                 kx[4 * ch + 1] = x1
                 kx[4 * ch + 2] = x2
@@ -352,7 +435,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                                          conv(x2, krot1, KMASK2), conv(x3, krot1, KMASK2),
                                          bq[2 * ch], bq[2 * ch + 1], c4, c5, c6, c7)
             if SCALE_TOKENS:
-                n0, n1, n2, n3 = ld_v4_f32(norms, (b, nh, tile * TILE + 4 * g))
+                n0, n1, n2, n3 = lds_v4_f32(stg, (o + NRM + 4 * g,))
             else:
                 n0 = n1 = n2 = n3 = np.float32(1.0)
             tok = tile * TILE + 4 * g
@@ -409,44 +492,47 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             ag = a_1 if g % 2 else a_0
             e0 *= ag
             e1 *= ag
-            cuda.syncwarp()  # the previous tile's p has been read
             for i in range(4):
                 psh[warp, r0, 4 * g + i] = sc[2 * i]
                 psh[warp, r1, 4 * g + i] = sc[2 * i + 1]
             cuda.syncwarp()
 
-            # (4) PV on tensor cores, two blocks of 16 tokens
+            # (4) PV on tensor cores, two blocks of 16 tokens; the thread's tokens of block kb
+            # are 16 kb + t4 + 4 i (i = 0..3): the 4 lanes t4 read 4 consecutive token rows
             for kb in range(2):
-                xo = 16 * kb + 4 * t4
-                xb = tile * TILE + xo
-                p01 = pack_f16x2(psh[warp, g, xo], psh[warp, g, xo + 1])
-                p23 = pack_f16x2(psh[warp, g, xo + 2], psh[warp, g, xo + 3])
-                for u in range(NGV):
-                    w0, w1, w2, w3 = ld_v4_u32(
-                        v_params, (b, kvh, xb + (4 * u) // NGV, (4 * u) % NGV, 0))
-                    vpw[4 * u] = w0
-                    vpw[4 * u + 1] = w1
-                    vpw[4 * u + 2] = w2
-                    vpw[4 * u + 3] = w3
+                xo = 16 * kb + t4
+                p01 = pack_f16x2(psh[warp, g, xo], psh[warp, g, xo + 4])
+                p23 = pack_f16x2(psh[warp, g, xo + 8], psh[warp, g, xo + 12])
+                for i in range(4):
+                    if VEC_P:
+                        for u in range(NGV // 4):
+                            w0, w1, w2, w3 = lds_v4_u32(stg, (o + VPO + (xo + 4 * i) * NGV + 4 * u,))
+                            vpw[i * NGV + 4 * u] = w0
+                            vpw[i * NGV + 4 * u + 1] = w1
+                            vpw[i * NGV + 4 * u + 2] = w2
+                            vpw[i * NGV + 4 * u + 3] = w3
+                    else:
+                        for j in range(NGV):
+                            vpw[i * NGV + j] = stg[o + VPO + (xo + 4 * i) * NGV + j]
                 for j in range(NGV):
                     bv[2 * j] = hmul2(p01, prmt(vpw[j], vpw[NGV + j], SEL_LO))
                     bv[2 * j + 1] = hmul2(p23, prmt(vpw[2 * NGV + j], vpw[3 * NGV + j], SEL_LO))
                 # E' += P (rows x tokens) . W (tokens x groups), W = s - min / 2**vb
-                y0 = ld_u32(v_params, (b, kvh, xb, gv, 0))
-                y1 = ld_u32(v_params, (b, kvh, xb + 1, gv, 0))
-                y2 = ld_u32(v_params, (b, kvh, xb + 2, gv, 0))
-                y3 = ld_u32(v_params, (b, kvh, xb + 3, gv, 0))
+                y0 = stg[o + VPO + xo * NGV + gv]
+                y1 = stg[o + VPO + (xo + 4) * NGV + gv]
+                y2 = stg[o + VPO + (xo + 8) * NGV + gv]
+                y3 = stg[o + VPO + (xo + 12) * NGV + gv]
                 wa = hfma2(prmt(y0, y1, SEL_HI), VNEG2, prmt(y0, y1, SEL_LO))
                 wb = hfma2(prmt(y2, y3, SEL_HI), VNEG2, prmt(y2, y3, SEL_LO))
                 if g >= NGV:
                     wa = ZERO_U
                     wb = ZERO_U
                 e0, e1, _, _ = mma_f16(p01, ZERO_U, p23, ZERO_U, wa, wb, e0, e1, ZERO_F, ZERO_F)
-                # value codes of tokens xb .. xb + 3
+                # value codes of the 4 tokens
                 if VEC_V:
                     for i in range(4):
                         for u in range(VW // 4):
-                            w0, w1, w2, w3 = ld_v4_u32(v_codes, (b, kvh, xb + i, 4 * u))
+                            w0, w1, w2, w3 = lds_v4_u32(stg, (o + VCO + (xo + 4 * i) * VW + 4 * u,))
                             vx[i * VW + 4 * u] = w0
                             vx[i * VW + 4 * u + 1] = w1
                             vx[i * VW + 4 * u + 2] = w2
@@ -454,7 +540,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 else:
                     for i in range(4):
                         for ch in range(NCH):
-                            vx[i * NCH + ch] = ld_u32(v_codes, (b, kvh, xb + i, ch * VWPC + vwo))
+                            vx[i * NCH + ch] = stg[o + VCO + (xo + 4 * i) * VW + ch * VWPC + vwo]
                 for ch in range(NCH):
                     if VEC_V:
                         wi = ch * VWPC
@@ -469,12 +555,12 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         conv(tb, vrot_lo, VMASK2), conv(tb, vrot_hi, VMASK2),
                         bv[2 * j], bv[2 * j + 1],
                         acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3])
+            cuda.syncwarp()  # this buffer and psh are consumed before they are refilled
 
-        # --- per-warp results to shared memory -----------------------------------------------
+        # --- per-warp results to shared memory (the stage is free now) ------------------------
         for off in (4, 8, 16):
             l0 += cuda.shfl_xor_sync(FULL, l0, off)
             l1 += cuda.shfl_xor_sync(FULL, l1, off)
-        cuda.syncwarp()
         esh[warp, g, 2 * t4] = e0
         esh[warp, g, 2 * t4 + 1] = e1
         cuda.syncwarp()
@@ -484,12 +570,12 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             chi = clo + VHP
             if r0 < ROWS:
                 ej = esh[warp, r0, j]
-                accsh[warp, r0, clo] = VSCALE * (acc[4 * ch] - ej)
-                accsh[warp, r0, chi] = VSCALE * (acc[4 * ch + 2] - ej)
+                stg[r0 * D + clo] = float_as_uint(VSCALE * (acc[4 * ch] - ej))
+                stg[r0 * D + chi] = float_as_uint(VSCALE * (acc[4 * ch + 2] - ej))
             if r1 < ROWS:
                 ej = esh[warp, r1, j]
-                accsh[warp, r1, clo] = VSCALE * (acc[4 * ch + 1] - ej)
-                accsh[warp, r1, chi] = VSCALE * (acc[4 * ch + 3] - ej)
+                stg[r1 * D + clo] = float_as_uint(VSCALE * (acc[4 * ch + 1] - ej))
+                stg[r1 * D + chi] = float_as_uint(VSCALE * (acc[4 * ch + 3] - ej))
         if g == 0:
             mw[warp, r0] = m0
             mw[warp, r1] = m1
@@ -500,7 +586,6 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         # --- merge the 4 warps by log-sum-exp and write the split's partials --------------------
         for idx in range(tid, ROWS * D, NT):
             r = idx // D
-            c = idx % D
             mm = neg_inf
             for w in range(NW):
                 mm = nanmax(mm, mw[w, r])
@@ -508,8 +593,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             if mm != neg_inf:
                 for w in range(NW):
                     if mw[w, r] != neg_inf:
-                        a += accsh[w, r, c] * math.exp(mw[w, r] - mm)
-            ws_acc[b, kvh * G + r // LQ, r % LQ, split, c] = a
+                        a += uint_as_float(stage[w, idx]) * math.exp(mw[w, r] - mm)
+            ws_acc[b, kvh * G + r // LQ, r % LQ, split, idx % D] = a
         if tid < ROWS:
             mm = neg_inf
             for w in range(NW):

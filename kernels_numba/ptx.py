@@ -19,6 +19,10 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
 * ``pack_f16x2(lo, hi)``: two float32 to a f16x2, round to nearest even.
 * ``hmul2(a, b)``, ``hfma2(a, b, c)``: packed float16 multiply / fused multiply-add (``.rn``).
 * ``f16x2_lo(x)``, ``f16x2_hi(x)``: one half of a f16x2 as float32 (exact).
+* ``cp_async16(dst, dst_idx, src, src_idx)``, ``cp_async_commit()``, ``cp_async_wait0/1()``:
+  asynchronous 16-byte global -> shared copies (``cp.async.cg``) and their group waits; a
+  ``syncwarp``/``syncthreads`` after the wait makes other lanes' copies visible.
+* ``lds_v4_u32`` / ``lds_v2_u32`` / ``lds_v4_f32(a, idx)``: vector loads from a shared array.
 """
 
 from __future__ import annotations
@@ -134,3 +138,86 @@ def mma_f16(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         return context.make_tuple(builder, ret, [builder.extract_value(res, i) for i in range(4)])
 
     return ret(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), codegen
+
+
+# --- shared memory: cp.async staging and vector loads --------------------------------------
+# A shared array element's pointer is generic; cvta.to.shared gives the .shared address. The
+# asm statements are side-effecting and clobber memory, so LLVM keeps them in program order
+# with respect to each other, to plain loads/stores and to barriers.
+
+
+def _shared_load(count, nbtype, llty, ptx_type, constraint):
+    width = {1: "", 2: ".v2", 4: ".v4"}[count]
+    outs = ",".join(f"${i}" for i in range(count))
+    text = (f"{{.reg .u64 a; cvta.to.shared.u64 a, ${count}; "
+            f"ld.shared{width}.{ptx_type} {{{outs}}}, [a];}}" if count > 1 else
+            f"{{.reg .u64 a; cvta.to.shared.u64 a, $1; ld.shared.{ptx_type} $0, [a];}}")
+    cons = ",".join([f"={constraint}"] * count + ["l", "~{memory}"])
+
+    def impl(typingctx, array, index):
+        if not isinstance(array, types.Array):
+            return None
+        ret = nbtype if count == 1 else types.UniTuple(nbtype, count)
+
+        def codegen(context, builder, sig, args):
+            aryty, idxty = sig.args
+            ptr = _element_pointer(context, builder, aryty, idxty, args[0], args[1])
+            rty = llty if count == 1 else ir.LiteralStructType([llty] * count)
+            asm = ir.InlineAsm(ir.FunctionType(rty, [ptr.type]), text, cons, side_effect=True)
+            res = builder.call(asm, [ptr])
+            if count == 1:
+                return res
+            return context.make_tuple(builder, ret,
+                                      [builder.extract_value(res, i) for i in range(count)])
+
+        return ret(array, index), codegen
+
+    impl.__name__ = f"lds_{count}_{ptx_type}"
+    return intrinsic(impl)
+
+
+lds_v4_u32 = _shared_load(4, types.uint32, _I32, "u32", "r")
+lds_v2_u32 = _shared_load(2, types.uint32, _I32, "u32", "r")
+lds_v4_f32 = _shared_load(4, types.float32, _F32, "f32", "f")
+
+
+@intrinsic
+def cp_async16(typingctx, dst, dst_index, src, src_index):
+    """``cp.async.cg.shared.global``: 16 bytes from ``src[src_index]`` (global, 16-byte aligned)
+    to ``dst[dst_index]`` (shared, 16-byte aligned), bypassing registers and L1."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        dty, dity, sty, sity = sig.args
+        dptr = _element_pointer(context, builder, dty, dity, args[0], args[1])
+        sptr = _element_pointer(context, builder, sty, sity, args[2], args[3])
+        text = ("{.reg .u64 a; cvta.to.shared.u64 a, $0; "
+                "cp.async.cg.shared.global [a], [$1], 16;}")
+        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [dptr.type, sptr.type]), text,
+                           "l,l,~{memory}", side_effect=True)
+        builder.call(asm, [dptr, sptr])
+        return context.get_dummy_value()
+
+    return types.void(dst, dst_index, src, src_index), codegen
+
+
+def _asm_statement(name, text):
+    def impl(typingctx):
+        def codegen(context, builder, sig, args):
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}",
+                               side_effect=True)
+            builder.call(asm, [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    impl.__name__ = name
+    return intrinsic(impl)
+
+
+#: close the current group of cp.async copies
+cp_async_commit = _asm_statement("cp_async_commit", "cp.async.commit_group;")
+#: wait until at most 0 / 1 committed groups of this thread are still in flight
+cp_async_wait0 = _asm_statement("cp_async_wait0", "cp.async.wait_group 0;")
+cp_async_wait1 = _asm_statement("cp_async_wait1", "cp.async.wait_group 1;")

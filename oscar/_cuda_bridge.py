@@ -92,6 +92,7 @@ class NumbaStore:
         self.dtype = dtype
         self.device = device
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
+        self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         r = config.residual_length
         tdt = _TORCH_DTYPE[dtype]
         self.k_res = torch.zeros((batch, num_kv_heads, r, head_dim), dtype=tdt, device=device)
@@ -268,7 +269,11 @@ class NumbaStore:
         return self._q_cache[1]
 
     def decode_attention(self, q: torch.Tensor, scale: float, return_lse: bool):
-        splits = _attn.choose_num_splits(q.shape[0], self.num_kv_heads, self.quantized_len)
+        d, q_len = int(q.shape[3]), int(q.shape[2])
+        per_sm = _attn.split_blocks_per_sm(self.config, d, int(q.shape[1]) // self.num_kv_heads,
+                                           q_len, _dtype_name(q))
+        splits = _attn.choose_num_splits(q.shape[0], self.num_kv_heads, self.quantized_len,
+                                         num_sms=self._num_sms, blocks_per_sm=per_sm)
         bufs = self._decode_buffers(q, splits)
         with _Launch(self.device) as stream:
             _attn.decode_attention(
