@@ -5,7 +5,9 @@
 ``3@128`` is split kernel v3 compiled with a register cap of 128 (``V3_MAX_REGISTERS``).
 
 Llama-3.1-8B heads (32 query, 8 KV, head_dim 128), one query token, bfloat16 inputs. Prints one
-line per (shape, version): device ms (CUDA events, L2 flushed, median), the speedup over SDPA,
+line per (shape, version): device ms of a CUDA-graph replay of one decode call (CUDA events, L2
+flushed, median; the eager time, which includes host launch cost, in parentheses), the speedup
+over SDPA,
 the packed bytes read, TB/s and share of the copy bandwidth measured in the same run.
 """
 
@@ -21,7 +23,8 @@ import torch  # noqa: E402
 
 import oscar  # noqa: E402
 from cases import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS  # noqa: E402
-from gpu_timing import cache_bytes, copy_bandwidth, sdpa_bf16, time_cuda  # noqa: E402
+from gpu_timing import (cache_bytes, copy_bandwidth, graph_host_us_per_replay,  # noqa: E402
+                        host_us_per_call, sdpa_bf16, time_cuda, time_graph)
 from oscar.kernels_numba import attention as K  # noqa: E402
 
 
@@ -30,6 +33,7 @@ def main(argv=None):
     ap.add_argument("--versions", default="1,2,3")
     ap.add_argument("--shapes", default="1x4096,1x32768,8x32768,8x131072,16x131072")
     ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--host", action="store_true", help="also eager host us/call, graph replay us")
     args = ap.parse_args(argv)
     versions = args.versions.split(",")
     copy = copy_bandwidth()
@@ -56,12 +60,17 @@ def main(argv=None):
             out = oscar.decode_attention(q, cache).float()
             err = 0.0 if ref is None else float((out - ref).abs().max())
             ref = out if ref is None else ref
-            ms = time_cuda(lambda: oscar.decode_attention(q, cache))
+            eager = time_cuda(lambda: oscar.decode_attention(q, cache))
+            ms = time_graph(lambda: oscar.decode_attention(q, cache))
             tbps = nbytes / (ms * 1e-3) / 1e12
-            print(f"B={b:3d} T={t:7d} v{ver}: {ms:.4f} ms  SDPA {sdpa_ms:.4f} ms  "
-                  f"speedup {sdpa_ms / ms:5.2f}x  {nbytes / 1e6:7.1f} MB  {tbps:.2f} TB/s "
-                  f"({100 * tbps / copy:.0f}% of copy)  max|out - v{versions[0]}| {err:.2e}",
-                  flush=True)
+            print(f"B={b:3d} T={t:7d} v{ver}: graph {ms:.4f} ms (eager {eager:.4f})  SDPA "
+                  f"{sdpa_ms:.4f} ms  speedup {sdpa_ms / ms:5.2f}x  {nbytes / 1e6:7.1f} MB  "
+                  f"{tbps:.2f} TB/s ({100 * tbps / copy:.0f}% of copy)  "
+                  f"max|out - v{versions[0]}| {err:.2e}", flush=True)
+            if args.host:
+                fn = lambda: oscar.decode_attention(q, cache)  # noqa: E731
+                print(f"    host: eager {host_us_per_call(fn):.1f} us/call, graph replay "
+                      f"{graph_host_us_per_replay(fn):.1f} us/replay (enqueue)", flush=True)
         del k, v, cache
 
 

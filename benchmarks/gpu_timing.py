@@ -62,8 +62,8 @@ def host_us_per_call(fn, iters: int = 200) -> float:
     return (t1 - t0) / iters * 1e6
 
 
-def graph_us_per_replay(fn, iters: int = 200) -> float:
-    """Wall microseconds per replay of a CUDA graph that captured one ``fn()`` call."""
+def capture_graph(fn):
+    """A CUDA graph of one ``fn()`` call (warmed up on a side stream first, as torch requires)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -74,11 +74,37 @@ def graph_us_per_replay(fn, iters: int = 200) -> float:
         fn()
     g.replay()
     torch.cuda.synchronize()
+    return g
+
+
+def graph_us_per_replay(fn, iters: int = 200) -> float:
+    """Wall microseconds per replay of a CUDA graph that captured one ``fn()`` call (device
+    time included: the queue is drained at the end)."""
+    g = capture_graph(fn)
     t0 = time.perf_counter()
     for _ in range(iters):
         g.replay()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters * 1e6
+
+
+def graph_host_us_per_replay(fn, iters: int = 50) -> float:
+    """Host microseconds to enqueue one replay (measured before draining the queue: the host
+    cost a decode loop pays per layer when it replays a captured step)."""
+    g = capture_graph(fn)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        g.replay()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / iters * 1e6
+
+
+def time_graph(fn, iters: int = 50) -> float:
+    """Median device milliseconds of a CUDA-graph replay of ``fn`` (L2 flushed): the kernels'
+    time without the eager host launch cost."""
+    g = capture_graph(fn)
+    return time_cuda(g.replay, iters=iters)
 
 
 def sdpa_bf16(q, k, v):

@@ -591,11 +591,10 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
 # --- cached compiled kernels ----------------------------------------------------------------
 
 
-#: Register cap of the v3 split kernel (None: ptxas decides). ptxas gives it ~240 registers
-#: (2 blocks per SM); a cap trades occupancy for spills to local memory (measured in
-#: benchmarks/RESULTS.md). Environment: OSCAR_V3_MAX_REGISTERS.
-V3_MAX_REGISTERS = (int(__import__("os").environ["OSCAR_V3_MAX_REGISTERS"])
-                    if __import__("os").environ.get("OSCAR_V3_MAX_REGISTERS") else None)
+#: Register cap of the v3 split kernel: 128 gives 4 blocks (16 warps) per SM without spills
+#: (ptxas alone picks ~137, i.e. 3 blocks). None: ptxas decides. Environment:
+#: OSCAR_V3_MAX_REGISTERS (0 = no cap).
+V3_MAX_REGISTERS = int(__import__("os").environ.get("OSCAR_V3_MAX_REGISTERS", "128")) or None
 
 
 def _uses_v3(key):

@@ -221,3 +221,176 @@ cp_async_commit = _asm_statement("cp_async_commit", "cp.async.commit_group;")
 #: wait until at most 0 / 1 committed groups of this thread are still in flight
 cp_async_wait0 = _asm_statement("cp_async_wait0", "cp.async.wait_group 0;")
 cp_async_wait1 = _asm_statement("cp_async_wait1", "cp.async.wait_group 1;")
+
+
+# --- raw addresses: computed once per tile, offset in 32-bit arithmetic ---------------------
+
+
+def _address(kind):
+    def impl(typingctx, array, index):
+        if not isinstance(array, types.Array):
+            return None
+        # signed results: Numba types uint64 + int64 as float64
+        ret = types.int64 if kind == "generic" else types.int32
+
+        def codegen(context, builder, sig, args):
+            aryty, idxty = sig.args
+            ptr = _element_pointer(context, builder, aryty, idxty, args[0], args[1])
+            if kind == "generic":
+                return builder.ptrtoint(ptr, ir.IntType(64))
+            asm = ir.InlineAsm(ir.FunctionType(_I32, [ptr.type]),
+                               "{.reg .u64 a; cvta.to.shared.u64 a, $1; cvt.u32.u64 $0, a;}",
+                               "=r,l")
+            return builder.call(asm, [ptr])
+
+        return ret(array, index), codegen
+
+    impl.__name__ = f"{kind}_address"
+    return intrinsic(impl)
+
+
+#: generic (global) address of ``a[idx]`` as int64
+global_address = _address("generic")
+#: .shared address of ``a[idx]`` (a shared array) as int32
+shared_address = _address("shared")
+
+_U64 = ir.IntType(64)
+
+
+def _asm_tuple(name, text, argtypes, count, nbtype, llty, constraints, side_effect):
+    """Intrinsic of an asm statement over 1-2 scalar arguments returning ``count`` values."""
+
+    def typer(*args):
+        ret = nbtype if count == 1 else types.UniTuple(nbtype, count)
+
+        def codegen(context, builder, sig, llargs):
+            vals = [context.cast(builder, v, t, want)
+                    for v, t, want in zip(llargs, sig.args, argtypes)]
+            rty = llty if count == 1 else ir.LiteralStructType([llty] * count)
+            fnty = ir.FunctionType(rty, [context.get_value_type(t) for t in argtypes])
+            res = builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect),
+                               vals)
+            if count == 1:
+                return res
+            return context.make_tuple(builder, ret,
+                                      [builder.extract_value(res, i) for i in range(count)])
+
+        return ret(*args), codegen
+
+    impl = ((lambda typingctx, a: typer(a)) if len(argtypes) == 1
+            else (lambda typingctx, a, b: typer(a, b)))
+    impl.__name__ = name
+    return intrinsic(impl)
+
+
+def _lds(count, nbtype, llty, ptx_type, constraint):
+    width = {1: "", 2: ".v2", 4: ".v4"}[count]
+    outs = ",".join(f"${i}" for i in range(count))
+    text = (f"ld.shared{width}.{ptx_type} {{{outs}}}, [${count}];" if count > 1
+            else f"ld.shared.{ptx_type} $0, [$1];")
+    cons = ",".join([f"={constraint}"] * count + ["r", "~{memory}"])
+    return _asm_tuple(f"lds{count}_{ptx_type}_at", text, (types.uint32,), count, nbtype, llty,
+                      cons, True)
+
+
+#: loads from a .shared address (uint32), ordered like the other shared-memory asm
+lds_v4_u32_at = _lds(4, types.uint32, _I32, "u32", "r")
+lds_v2_u32_at = _lds(2, types.uint32, _I32, "u32", "r")
+lds_u32_at = _lds(1, types.uint32, _I32, "u32", "r")
+lds_v4_f32_at = _lds(4, types.float32, _F32, "f32", "f")
+
+
+@intrinsic
+def cp_async16_at(typingctx, dst, src):
+    """``cp.async.cg.shared.global`` of 16 bytes: ``dst`` a .shared address (uint32), ``src`` a
+    global address (uint64), both 16-byte aligned."""
+
+    def codegen(context, builder, sig, args):
+        d = context.cast(builder, args[0], sig.args[0], types.uint32)
+        s_ = context.cast(builder, args[1], sig.args[1], types.uint64)
+        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_I32, _U64]),
+                           "cp.async.cg.shared.global [$0], [$1], 16;", "r,l,~{memory}",
+                           side_effect=True)
+        builder.call(asm, [d, s_])
+        return context.get_dummy_value()
+
+    return types.void(dst, src), codegen
+
+
+# --- (base, offset) forms: the add is 32-bit inside the intrinsic, so ptxas folds a constant
+# offset into the instruction's immediate ---------------------------------------------------
+
+
+def _lds_bo(count, nbtype, llty, ptx_type, constraint):
+    width = {1: "", 2: ".v2", 4: ".v4"}[count]
+    outs = ",".join(f"${i}" for i in range(count))
+    text = (f"ld.shared{width}.{ptx_type} {{{outs}}}, [${count}];" if count > 1
+            else f"ld.shared.{ptx_type} $0, [$1];")
+    cons = ",".join([f"={constraint}"] * count + ["r", "~{memory}"])
+
+    def impl(typingctx, base, off):
+        ret = nbtype if count == 1 else types.UniTuple(nbtype, count)
+
+        def codegen(context, builder, sig, args):
+            b = context.cast(builder, args[0], sig.args[0], types.uint32)
+            o = context.cast(builder, args[1], sig.args[1], types.uint32)
+            rty = llty if count == 1 else ir.LiteralStructType([llty] * count)
+            asm = ir.InlineAsm(ir.FunctionType(rty, [_I32]), text, cons, side_effect=True)
+            res = builder.call(asm, [builder.add(b, o)])
+            if count == 1:
+                return res
+            return context.make_tuple(builder, ret,
+                                      [builder.extract_value(res, i) for i in range(count)])
+
+        return ret(base, off), codegen
+
+    impl.__name__ = f"lds{count}_{ptx_type}_bo"
+    return intrinsic(impl)
+
+
+#: ``lds*(base, off)``: load from .shared address ``base + off`` (both int, added in 32 bits)
+lds4 = _lds_bo(4, types.uint32, _I32, "u32", "r")
+lds2 = _lds_bo(2, types.uint32, _I32, "u32", "r")
+lds1 = _lds_bo(1, types.uint32, _I32, "u32", "r")
+lds4f = _lds_bo(4, types.float32, _F32, "f32", "f")
+lds1f = _lds_bo(1, types.float32, _F32, "f32", "f")
+
+
+def _sts_bo(nbtype, llty, ptx_type, constraint):
+    def impl(typingctx, base, off, value):
+        def codegen(context, builder, sig, args):
+            b = context.cast(builder, args[0], sig.args[0], types.uint32)
+            o = context.cast(builder, args[1], sig.args[1], types.uint32)
+            v = context.cast(builder, args[2], sig.args[2], nbtype)
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_I32, llty]),
+                               f"st.shared.{ptx_type} [$0], $1;", f"r,{constraint},~{{memory}}",
+                               side_effect=True)
+            builder.call(asm, [builder.add(b, o), v])
+            return context.get_dummy_value()
+
+        return types.void(base, off, value), codegen
+
+    impl.__name__ = f"sts_{ptx_type}_bo"
+    return intrinsic(impl)
+
+
+#: ``sts*(base, off, value)``: store to .shared address ``base + off``
+sts1 = _sts_bo(types.uint32, _I32, "u32", "r")
+sts1f = _sts_bo(types.float32, _F32, "f32", "f")
+
+
+@intrinsic
+def cp_async16_bo(typingctx, base, off, src):
+    """``cp.async.cg.shared.global`` of 16 bytes to .shared ``base + off`` from global ``src``."""
+
+    def codegen(context, builder, sig, args):
+        b = context.cast(builder, args[0], sig.args[0], types.uint32)
+        o = context.cast(builder, args[1], sig.args[1], types.uint32)
+        s_ = context.cast(builder, args[2], sig.args[2], types.uint64)
+        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_I32, _U64]),
+                           "cp.async.cg.shared.global [$0], [$1], 16;", "r,l,~{memory}",
+                           side_effect=True)
+        builder.call(asm, [builder.add(b, o), s_])
+        return context.get_dummy_value()
+
+    return types.void(base, off, src), codegen
