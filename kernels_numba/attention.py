@@ -74,12 +74,12 @@ from . import attention_mma as _split_v3
 from . import attention_split as _split_v2
 from .common import bf16_bits_to_f32, fwht_shared, int_as_float
 
-#: Which split kernel to build. 1 (default) = the tile-per-block kernel below: it passed the
-#: full GPU test matrix and compute-sanitizer memcheck/racecheck on an H200. 2 = one 32-token
-#: tile per warp (attention_split.py): 1.7-4x faster on an H100, passed the bridge's GPU tests
-#: there but not yet the full matrix and the sanitizers (benchmarks/RESULTS.md); opt in with
-#: OSCAR_SPLIT_KERNEL=2. Both are simulated and compiled in CI.
-SPLIT_VERSION = int(__import__("os").environ.get("OSCAR_SPLIT_KERNEL", "1"))
+#: Which split kernel to build. 3 (default) = tensor cores through inline PTX (attention_mma.py),
+#: GPU only, for the configurations it supports (``attention_mma.unsupported``); the others (and
+#: the CUDA simulator) use v1. 1 = the tile-per-block kernel below (float32; verified on an H200
+#: with compute-sanitizer memcheck/racecheck). 2 = one tile per warp (attention_split.py),
+#: float32, kept for comparison. Environment: OSCAR_SPLIT_KERNEL.
+SPLIT_VERSION = int(__import__("os").environ.get("OSCAR_SPLIT_KERNEL", "3"))
 
 #: Threads per block of both kernels: 4 warps, enough to overlap the phases of neighbouring
 #: blocks on one SM while keeping the per-tile work per thread large.
@@ -238,8 +238,9 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
                  param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head):
     """Python function and signature of kernel 1 for one compile-time configuration.
 
-    The v2 kernel (``attention_split``: one tile per warp) is used where its shared memory fits
-    and ``SPLIT_VERSION == 2``; the v1 kernel below otherwise (docs/kernels.md compares them).
+    ``SPLIT_VERSION == 3``: the tensor-core kernel (``attention_mma``) where it supports the
+    configuration; ``== 2``: the v2 kernel (``attention_split``: one tile per warp) where its
+    shared memory fits; the v1 kernel below otherwise (docs/kernels.md compares them).
     """
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
@@ -249,7 +250,7 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
             key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
             rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _hadamard_scale(D))
         return fn, _split_signature(param_dtype, q_dtype)
-    if SPLIT_VERSION >= 2 and _split_v2.fits(ROWS, D):
+    if SPLIT_VERSION == 2 and _split_v2.fits(ROWS, D):
         fn = _split_v2.build_split_v2(
             key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
             rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _code_to_f32,

@@ -104,7 +104,7 @@ def shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages)
     nch = head_dim // 16
     stage = max(stages * _stage_words(key_bits, value_bits, value_group_size, head_dim),
                 rows * head_dim)
-    return 4 * (rows * (head_dim + 4) + rows + NUM_WARPS * (stage + 8 * 33 + rows * (nch * 8 + 8)
+    return 4 * (rows * (head_dim + 4) + rows + NUM_WARPS * (stage + 8 * 33 + 8 * (nch * 8 + 8)
                                                           + 64 + 16))
 
 
@@ -253,7 +253,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         qs = cuda.shared.array((ROWS, DP), np.float32)
         qmax = cuda.shared.array(ROWS, np.float32)
         psh = cuda.shared.array((NW, 8, 33), np.float32)
-        bsh = cuda.shared.array((NW, ROWS, BS), np.uint32)
+        bsh = cuda.shared.array((NW, 8, BS), np.uint32)
         esh = cuda.shared.array((NW, 8, 8), np.float32)
         mw = cuda.shared.array((NW, 8), np.float32)
         lw = cuda.shared.array((NW, 8), np.float32)
@@ -272,6 +272,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                      v_codes, norms, b, kvh, nh)
 
         # --- prologue (block): rotated, scaled queries, normalized per row by max |.| ---------
+        for idx in range(lane, (8 - ROWS) * BS, 32):  # padding rows of the fragment buffer
+            bsh[warp, ROWS + idx // BS, idx % BS] = ZERO_U
         for idx in range(tid, ROWS * D, NT):
             r = idx // D
             qs[r, idx % D] = load_q(q[b, kvh * G + r // LQ, r % LQ, idx % D])
@@ -438,10 +440,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 f0 = cuda.shfl_sync(FULL, fr, 4 * r0)
                 f1 = cuda.shfl_sync(FULL, fr, 4 * r1)
                 cuda.syncwarp()
-                for ch in range(NCH):
-                    u0, u1 = lds2(bsh_b, 4 * (gq * BS + ch * 8 + 2 * t4))
-                    bq[2 * ch] = u0 if g < ROWS else ZERO_U
-                    bq[2 * ch + 1] = u1 if g < ROWS else ZERO_U
+                for ch in range(NCH):  # rows >= ROWS read the zero rows of bsh
+                    u0, u1 = lds2(bsh_b, 4 * (g * BS + ch * 8 + 2 * t4))
+                    bq[2 * ch] = u0
+                    bq[2 * ch + 1] = u1
 
             # (2) QK on tensor cores: 16 tokens x 8 rows per mma block
             for ch in range(NCH):
@@ -497,13 +499,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         sc[2 * i + 1] = neg_inf
 
             # (3) online softmax for rows r0, r1 (the 8 lanes of a column t4 hold the 32 tokens)
-            mt0 = nanmax(nanmax(sc[0], sc[2]), nanmax(sc[4], sc[6]))
-            mt1 = nanmax(nanmax(sc[1], sc[3]), nanmax(sc[5], sc[7]))
+            # plain max (one FMNMX, which drops NaN): a NaN score still reaches its row's output,
+            # since its weight exp(NaN - m) is NaN and enters both l and the PV accumulators
+            mt0 = max(max(sc[0], sc[2]), max(sc[4], sc[6]))
+            mt1 = max(max(sc[1], sc[3]), max(sc[5], sc[7]))
             for off in (4, 8, 16):
-                mt0 = nanmax(mt0, cuda.shfl_xor_sync(FULL, mt0, off))
-                mt1 = nanmax(mt1, cuda.shfl_xor_sync(FULL, mt1, off))
-            mn0 = nanmax(m0, mt0)
-            mn1 = nanmax(m1, mt1)
+                mt0 = max(mt0, cuda.shfl_xor_sync(FULL, mt0, off))
+                mt1 = max(mt1, cuda.shfl_xor_sync(FULL, mt1, off))
+            mn0 = max(m0, mt0)
+            mn1 = max(m1, mt1)
             al0 = np.float32(1.0)
             al1 = np.float32(1.0)
             if mn0 != neg_inf:

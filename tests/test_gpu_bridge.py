@@ -8,6 +8,12 @@ float32 operation order). Attention outputs are fp32 accumulations compared with
 float64 sums over the same dequantized values: relative error of order eps32 * sqrt(seq_len) per
 term, so 1e-4 relative (of ||out||) is generous yet catches any indexing error, which shows up at
 the percent level. Outputs in float16/bfloat16 add one rounding of the output dtype.
+
+The default split kernel v3 runs both products on tensor cores with float16 operands (query
+fragments, p * scale): each term carries a relative rounding of up to ~2 * 2**-11, so its
+outputs are compared at F16_RTOL = 4e-3 relative (lse at 4e-3 absolute), still far below the
+percent-level error of a wrong index, head or mask. tests/test_kernels_attention.py bounds the
+v3 error element by element.
 """
 
 import numpy as np
@@ -23,6 +29,14 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 TORCH_DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OUT_RTOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
+F16_RTOL = 4e-3
+
+
+def _tol(base):
+    """``base`` for the float32 split kernels, at least F16_RTOL with the tensor-core v3."""
+    from oscar.kernels_numba import attention as K
+
+    return max(base, F16_RTOL) if K.SPLIT_VERSION == 3 else base
 
 
 def _kv(rng, b, h, t, d, dtype):
@@ -129,7 +143,7 @@ def test_decode_attention_matches_reference_llama_shapes(seq_len, q_dtype):
     out_g = oscar.decode_attention(q.to(DEV), gpu)
     out_r = oscar.decode_attention(q.float(), ref)
     assert out_g.dtype == q.dtype and out_g.shape == q.shape
-    assert _rel(out_g.float().cpu(), out_r) < OUT_RTOL[q_dtype]
+    assert _rel(out_g.float().cpu(), out_r) < _tol(OUT_RTOL[q_dtype])
 
 
 @pytest.mark.parametrize("gqa", [1, 4, 8])
@@ -145,8 +159,8 @@ def test_decode_attention_gqa_qlen_lse(gqa, q_len, cfg):
     ref = oscar.quantize_kv(k, v, cfg)
     out_g, lse_g = oscar.decode_attention(q.to(DEV), gpu, scale=0.07, return_lse=True)
     out_r, lse_r = oscar.decode_attention(q, ref, scale=0.07, return_lse=True)
-    assert _rel(out_g.cpu(), out_r) < 1e-4
-    np.testing.assert_allclose(lse_g.cpu().numpy(), lse_r.numpy(), rtol=1e-5, atol=1e-5)
+    assert _rel(out_g.cpu(), out_r) < _tol(1e-4)
+    np.testing.assert_allclose(lse_g.cpu().numpy(), lse_r.numpy(), rtol=1e-5, atol=_tol(1e-5))
 
 
 @pytest.mark.parametrize("head_dim", [64, 256])
@@ -158,7 +172,7 @@ def test_other_head_dims(head_dim):
     ref = oscar.quantize_kv(k, v)
     _assert_same_packed(gpu, ref)
     assert _rel(oscar.decode_attention(q.to(DEV), gpu).cpu(),
-                oscar.decode_attention(q, ref)) < 1e-4
+                oscar.decode_attention(q, ref)) < _tol(1e-4)
 
 
 def test_dequantize_matches_reference():
@@ -185,7 +199,7 @@ def test_quality_on_synthetic_tni_matches_reference():
                                 cfg)
         out = oscar.decode_attention(torch.from_numpy(data.q).to(DEV), gpu).cpu().numpy()
         ref = oscar.decode_attention(data.q, oscar.quantize_kv(data.k, data.v, cfg))
-        assert _rel(out, ref) < 1e-4
+        assert _rel(out, ref) < _tol(1e-4)
         errs[name] = _rel(out, dense)
     assert errs["oscar"] < 0.9 * errs["kivi"], errs
 
