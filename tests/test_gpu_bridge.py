@@ -10,10 +10,12 @@ term, so 1e-4 relative (of ||out||) is generous yet catches any indexing error, 
 the percent level. Outputs in float16/bfloat16 add one rounding of the output dtype.
 
 The default split kernel v3 runs both products on tensor cores with float16 operands (query
-fragments, p * scale): each term carries a relative rounding of up to ~2 * 2**-11, so its
-outputs are compared at F16_RTOL = 4e-3 relative (lse at 4e-3 absolute), still far below the
-percent-level error of a wrong index, head or mask. tests/test_kernels_attention.py bounds the
-v3 error element by element.
+fragments, p * scale). The query fragment's rounding (2**-11 relative per channel) moves a logit
+by up to 2**-11 sum_c |q_c s_c code_c|, which on random data is ~sqrt(head_dim) times the
+logit's own scale: ~5e-3 of a logit at head_dim 128, and peaked attention passes that to the
+output. Its outputs are therefore compared at F16_RTOL = 1e-2 relative (lse at 1e-2 absolute):
+still well below the error of a wrong index, head or mask (tens of percent).
+tests/test_kernels_attention.py bounds the v3 error element by element.
 """
 
 import numpy as np
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 TORCH_DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OUT_RTOL = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
-F16_RTOL = 4e-3
+F16_RTOL = 1e-2
 
 
 def _tol(base):

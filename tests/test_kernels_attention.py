@@ -539,6 +539,8 @@ GPU_CASES = [
      "float16", "bfloat16", None),
     ("llama-b3-qlen4-causal", dict(LLAMA, batch=3), 1024, 2, 4, dict(value_group_size=16),
      "bfloat16", "float16", None),
+    ("llama-qlen2-causal-no-residual", dict(LLAMA, batch=2), 2048, 0, 2, {}, "bfloat16",
+     "bfloat16", None),  # 8 rows: the largest split-v3 case; causal mask inside packed tokens
     ("kivi-k8v2", dict(LLAMA, batch=2), 3200, 100, 1,
      dict(key_bits=8, rotate_keys=False, scale_tokens=False, rotate_values=False),
      "float32", "float16", None),
