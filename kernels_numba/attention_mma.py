@@ -253,7 +253,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         qs = cuda.shared.array((ROWS, DP), np.float32)
         qmax = cuda.shared.array(ROWS, np.float32)
         psh = cuda.shared.array((NW, 8, 33), np.float32)
-        bsh = cuda.shared.array((NW, 8, BS), np.uint32)
+        bsh = cuda.shared.array((NW, 8, BS), np.uint32, alignment=16)  # read as 8-byte vectors
         esh = cuda.shared.array((NW, 8, 8), np.float32)
         mw = cuda.shared.array((NW, 8), np.float32)
         lw = cuda.shared.array((NW, 8), np.float32)
