@@ -71,7 +71,6 @@ def main(argv=None):
                 fn = lambda: oscar.decode_attention(q, cache)  # noqa: E731
                 print(f"    host: eager {host_us_per_call(fn):.1f} us/call, graph replay "
                       f"{graph_host_us_per_replay(fn):.1f} us/replay (enqueue)", flush=True)
-        del k, v, cache
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ Both products are ``mma.sync.m16n8k16`` (float16 in, float32 accumulate); the qu
 
 * QK: ``S[token, row] = sum_c A[token, c] B[c, row]``, M = 16 tokens, K = 16 channels. A holds
   codes, B the pre-scaled query ``b_rc = f16(qn_rc * s_c / S)`` of the key group (qn = q~ / max|q~|
-  per row, S = max_c s_c: |b| <= 1, so float16 neither overflows nor loses precision to
-  subnormals where it matters). Score = ``n_t (F_r D + K_r)`` with ``F_r = 2**kb max|q~_r| S`` and
+  per row, S = max_c s_c rounded up to a power of two: |b| < 1, so float16 neither overflows nor
+  loses precision to subnormals where it matters). Score = ``n_t (F_r D + K_r)`` with ``F_r = 2**kb max|q~_r| S`` and
   ``K_r = sum_c q~_rc (min_c - 2**kb s_c)`` (group constants, see the unpack trick).
 * PV: ``O[c, row] = sum_t A[c, t] B[t, row]``, M = 16 channels, K = 16 tokens. A holds codes,
   B = ``p_rt * s_tj`` (value scale of token t, group j; p <= 1 so no overflow) per value group.
@@ -37,14 +37,22 @@ of an mma can be permuted freely, as long as both operands agree):
   of pair 2t4 + 1; pair P of chunk ch (16 channels) is codes (j, j + cpw/2) of word
   ``ch * 16/cpw + P // (cpw/2)``, j = P % (cpw/2).
 * values (token-major rows): K index 2t4 + i (i = 0, 1) and 2t4 + 8 + i are tokens
-  16kb + 4t4 + i and 16kb + 4t4 + 2 + i; M rows g, g + 8 of chunk ch are the code pair P = g.
-  A register pairs two *tokens* of one channel: one PRMT gathers the two bytes of each token's
-  word, two SHF + LOP3 make the (low channel, high channel) registers.
+  16kb + t4 + 4i and 16kb + t4 + 8 + 4i (so the 4 lanes t4 read 4 consecutive rows: no bank
+  conflicts); M rows g, g + 8 of chunk ch are the code pair P = g. A register pairs two *tokens*
+  of one channel: one PRMT gathers the byte of each token's word, two SHF + LOP3 make the (low
+  channel, high channel) registers.
+
+Memory: each warp stages its next tile (key codes, norms, the key group's params, value params,
+value codes: 3.2 KB at the default config) with ``cp.async`` into one of two shared buffers while
+it computes the current one, and reads them with 16-byte shared loads. All addresses are formed
+once per tile (``global_address`` / ``shared_address``) and offset in 32-bit arithmetic inside the
+intrinsics: Numba's own indexing (int64, wrap-around checks, Python floor division) was most of
+the instructions of the first version. S is rounded to a power of two (no division).
 
 The score tile goes to the PV layout through shared memory (8 x 33 floats per warp); the query
 fragments of a key group are built by all 32 lanes (lane (g, t4) takes chunk g) and exchanged
-the same way. Per 32-token tile a warp issues 16 + 16 + 2 mma; everything else is one 16-byte
-load per (4 tokens, word), integer unpacking and a few float16 multiplies.
+the same way. Per 32-token tile a warp issues 16 + 16 + 2 mma. docs/kernels.md has the measured
+steps and where the time goes (the ALU pipe: unpacking, the per-group fragment build, softmax).
 
 Precision (derived in tests/test_kernels_attention.py): float16 rounding of b (relative 2**-11,
 absolute 2**-25 below the normal range) and of p * s and s - min / 2**vb; float32 accumulation.
@@ -87,14 +95,16 @@ def _stage_words(key_bits, value_bits, value_group_size, head_dim):
     """uint32 words of one warp's staging buffer: one tile's key codes, norms, key params (one
     group), value params and value codes, each region 16-byte aligned."""
     d = head_dim
-    return (d * key_bits // 32) * 32 + 32 + d + 32 * (d // value_group_size) + 32 * (d * value_bits // 32)
+    return ((d * key_bits // 32) * 32 + 32 + d + 32 * (d // value_group_size)
+            + 32 * (d * value_bits // 32))
 
 
 def _num_stages(key_bits, value_bits, value_group_size, head_dim, rows):
     """2 (double buffering: the next tile's loads fly while this one is computed) where the
     48 KB of static shared memory allow it, else 1."""
     for stages in (2, 1):
-        if shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages) <= SHARED_LIMIT:
+        need = shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages)
+        if need <= SHARED_LIMIT:
             return stages
     return 0
 

@@ -274,9 +274,10 @@ U16_ABS = 2.0**-25
 def f16_key_terms(qt, block, cfg):
     """Extra logit error (before ``scale * n_t``) of the v3 kernel, ``[B, H, rows, Tq]``.
 
-    It multiplies codes (exact as float16 ``1 + c / 2**kb``) by ``b_c = f16(qn_c s_c / S)``
-    (qn = q~ / max|q~|, S = max_c s_c of the key group, so |b| <= 1): relative error U16, or
-    U16_ABS absolute below the normal range, i.e. ``max|q~| S U16_ABS`` in logit units. The mma
+    It multiplies codes (exact as float16 ``1 + c / 2**kb``) by ``b_c = f16(qn_c s_c / S')``
+    (qn = q~ / max|q~|, S' = max_c s_c of the key group rounded up to a power of two, < 2 max s,
+    so |b| < 1): relative error U16, or U16_ABS absolute below the normal range, i.e.
+    ``max|q~| S' (2**kb + c) U16_ABS <= 2 max|q~| max s 2**(kb+1) U16_ABS`` per channel. The mma
     sums ``b (1 + c / 2**kb)`` and the group constant ``sum q~ (min - 2**kb s)`` cancels the
     ``sum b`` part: the float32 sums see terms up to ``|q~| (|min| + s (2**(kb+1) + c))``.
     """
@@ -290,7 +291,7 @@ def f16_key_terms(qt, block, cfg):
     aq = np.abs(qt)
     rel = (2 * U16 + 2 * _gamma(qt.shape[-1] + 4)) * np.einsum("bhrd,bhtd->bhrt", aq, mag)
     smax = np.repeat(kp[..., 0].max(axis=-1), gk, axis=2)  # [B, H, T]
-    absolute = (U16_ABS * big * qt.shape[-1] * aq.max(axis=-1)[..., None]
+    absolute = (2 * U16_ABS * big * qt.shape[-1] * aq.max(axis=-1)[..., None]
                 * smax[:, :, None, :])
     return rel + absolute
 
