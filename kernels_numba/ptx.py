@@ -1,28 +1,35 @@
 """Inline-PTX device intrinsics for the tensor-core decode kernel (``attention_mma``). GPU only.
 
-Numba has no tensor-core, vector-load or packed-half API; each helper here is one PTX
-instruction (or a short fixed sequence) emitted through ``numba.cuda.extending.intrinsic`` and
-``llvmlite.ir.InlineAsm``. They cannot run in the CUDA simulator (nothing here is Python), so the
-kernel that uses them is covered by GPU tests and by the sm_90 PTX compile test in CI.
+Numba has no tensor-core, asynchronous-copy, vector-shared-load or packed-half API; each helper
+here is one PTX instruction (or a short fixed sequence) emitted through
+``numba.cuda.extending.intrinsic`` and ``llvmlite.ir.InlineAsm``. They cannot run in the CUDA
+simulator (nothing here is Python), so the kernel that uses them is covered by GPU tests and by
+the sm_90 PTX compile test in CI.
 
 Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = element 0) is a
 "f16x2" in PTX terms.
 
-* ``ld_v4_u32(a, idx)`` / ``ld_v2_u32`` / ``ld_u32`` / ``ld_v4_f32``: ``ld.global.nc`` of 16, 8 or
-  4 bytes starting at element ``a[idx]`` (any element type; the address must be aligned to the
-  size, which the callers guarantee from the packed layout). ``idx`` is a tuple with one index
-  per dimension; no bounds or wrap-around handling.
 * ``mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)``: ``mma.sync.aligned.m16n8k16.row.col``
   with float16 A and B and float32 accumulators; returns the 4 accumulators. Warp-collective.
-* ``prmt(a, b, sel)``: byte permute of the 8 bytes ``b:a``.
-* ``rotr(x, n)``: rotate right by ``n & 31`` (``shf.r.wrap``).
-* ``pack_f16x2(lo, hi)``: two float32 to a f16x2, round to nearest even.
-* ``hmul2(a, b)``, ``hfma2(a, b, c)``: packed float16 multiply / fused multiply-add (``.rn``).
-* ``f16x2_lo(x)``, ``f16x2_hi(x)``: one half of a f16x2 as float32 (exact).
-* ``cp_async16(dst, dst_idx, src, src_idx)``, ``cp_async_commit()``, ``cp_async_wait0/1()``:
-  asynchronous 16-byte global -> shared copies (``cp.async.cg``) and their group waits; a
-  ``syncwarp``/``syncthreads`` after the wait makes other lanes' copies visible.
-* ``lds_v4_u32`` / ``lds_v2_u32`` / ``lds_v4_f32(a, idx)``: vector loads from a shared array.
+* ``prmt(a, b, sel)``: byte permute of the 8 bytes ``b:a``. ``rotr(x, n)``: rotate right by
+  ``n & 31`` (``shf.r.wrap``).
+* ``pack_f16x2(lo, hi)``: two float32 to a f16x2, round to nearest even. ``hmul2(a, b)``,
+  ``hfma2(a, b, c)``: packed float16 multiply / fused multiply-add (``.rn``). ``f16x2_lo(x)``,
+  ``f16x2_hi(x)``: one half of a f16x2 as float32 (exact).
+* ``global_address(a, idx)`` (int64) / ``shared_address(a, idx)`` (int32, the .shared window):
+  the address of element ``a[idx]`` (``idx`` a tuple, one index per dimension), formed once so
+  that the hot loop works with 32-bit offsets instead of Numba's int64 index arithmetic.
+* ``lds4 / lds2 / lds1 / lds4f / lds1f(base, off)``: 16/8/4-byte loads (uint32 or float32 lanes)
+  from .shared address ``base + off``; ``sts1 / sts1f(base, off, value)``: 4-byte stores. The
+  add is 32-bit inside the intrinsic, so ptxas folds a constant offset into the instruction.
+* ``cp_async16_bo(base, off, src)``, ``cp_async_commit()``, ``cp_async_wait0/1()``: 16-byte
+  asynchronous global -> shared copies (``cp.async.cg``) and their group waits; a
+  ``syncwarp``/``syncthreads`` after the wait makes the other lanes' copies visible.
+
+Alignment (16 bytes for the 16-byte forms, 8 for ``lds2``) is the caller's contract, derived
+from the packed layout and the shared-array declarations. The shared-memory and cp.async asm
+statements are side-effecting and clobber memory, so LLVM keeps them in program order with
+respect to each other, to plain loads and stores, and to barriers.
 """
 
 from __future__ import annotations
@@ -35,49 +42,13 @@ from numba.cuda.extending import intrinsic
 
 _I32 = ir.IntType(32)
 _F32 = ir.FloatType()
+_U64 = ir.IntType(64)
 
 
 def _element_pointer(context, builder, aryty, idxty, ary, idx):
     idxty, idx = normalize_indices(context, builder, idxty, idx, aryty, aryty.dtype)
     arr = context.make_array(aryty)(context, builder, value=ary)
     return cgutils.get_item_pointer(context, builder, aryty, arr, idx, wraparound=False)
-
-
-def _vector_load(count, nbtype, llty, ptx_type, constraint):
-    """Intrinsic ``(array, index tuple) -> UniTuple(nbtype, count)`` (or a scalar for 1)."""
-    width = {1: "", 2: ".v2", 4: ".v4"}[count]
-    outs = ",".join(f"${i}" for i in range(count))
-    text = (f"ld.global.nc{width}.{ptx_type} {{{outs}}}, [${count}];" if count > 1
-            else f"ld.global.nc.{ptx_type} $0, [$1];")
-    cons = ",".join([f"={constraint}"] * count + ["l"])
-
-    def impl(typingctx, array, index):
-        if not isinstance(array, types.Array):
-            return None
-        ret = nbtype if count == 1 else types.UniTuple(nbtype, count)
-
-        def codegen(context, builder, sig, args):
-            aryty, idxty = sig.args
-            ptr = _element_pointer(context, builder, aryty, idxty, args[0], args[1])
-            rty = llty if count == 1 else ir.LiteralStructType([llty] * count)
-            asm = ir.InlineAsm(ir.FunctionType(rty, [ptr.type]), text, cons)
-            res = builder.call(asm, [ptr])
-            if count == 1:
-                return res
-            vals = [builder.extract_value(res, i) for i in range(count)]
-            return context.make_tuple(builder, ret, vals)
-
-        return ret(array, index), codegen
-
-    impl.__name__ = f"ld_{count}_{ptx_type}"
-    return intrinsic(impl)
-
-
-ld_v4_u32 = _vector_load(4, types.uint32, _I32, "u32", "r")
-ld_v2_u32 = _vector_load(2, types.uint32, _I32, "u32", "r")
-ld_u32 = _vector_load(1, types.uint32, _I32, "u32", "r")
-ld_v4_f32 = _vector_load(4, types.float32, _F32, "f32", "f")
-
 
 
 def _simple(name, text, argtypes, rettype, constraints):
@@ -140,68 +111,6 @@ def mma_f16(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
     return ret(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3), codegen
 
 
-# --- shared memory: cp.async staging and vector loads --------------------------------------
-# A shared array element's pointer is generic; cvta.to.shared gives the .shared address. The
-# asm statements are side-effecting and clobber memory, so LLVM keeps them in program order
-# with respect to each other, to plain loads/stores and to barriers.
-
-
-def _shared_load(count, nbtype, llty, ptx_type, constraint):
-    width = {1: "", 2: ".v2", 4: ".v4"}[count]
-    outs = ",".join(f"${i}" for i in range(count))
-    text = (f"{{.reg .u64 a; cvta.to.shared.u64 a, ${count}; "
-            f"ld.shared{width}.{ptx_type} {{{outs}}}, [a];}}" if count > 1 else
-            f"{{.reg .u64 a; cvta.to.shared.u64 a, $1; ld.shared.{ptx_type} $0, [a];}}")
-    cons = ",".join([f"={constraint}"] * count + ["l", "~{memory}"])
-
-    def impl(typingctx, array, index):
-        if not isinstance(array, types.Array):
-            return None
-        ret = nbtype if count == 1 else types.UniTuple(nbtype, count)
-
-        def codegen(context, builder, sig, args):
-            aryty, idxty = sig.args
-            ptr = _element_pointer(context, builder, aryty, idxty, args[0], args[1])
-            rty = llty if count == 1 else ir.LiteralStructType([llty] * count)
-            asm = ir.InlineAsm(ir.FunctionType(rty, [ptr.type]), text, cons, side_effect=True)
-            res = builder.call(asm, [ptr])
-            if count == 1:
-                return res
-            return context.make_tuple(builder, ret,
-                                      [builder.extract_value(res, i) for i in range(count)])
-
-        return ret(array, index), codegen
-
-    impl.__name__ = f"lds_{count}_{ptx_type}"
-    return intrinsic(impl)
-
-
-lds_v4_u32 = _shared_load(4, types.uint32, _I32, "u32", "r")
-lds_v2_u32 = _shared_load(2, types.uint32, _I32, "u32", "r")
-lds_v4_f32 = _shared_load(4, types.float32, _F32, "f32", "f")
-
-
-@intrinsic
-def cp_async16(typingctx, dst, dst_index, src, src_index):
-    """``cp.async.cg.shared.global``: 16 bytes from ``src[src_index]`` (global, 16-byte aligned)
-    to ``dst[dst_index]`` (shared, 16-byte aligned), bypassing registers and L1."""
-    if not (isinstance(dst, types.Array) and isinstance(src, types.Array)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        dty, dity, sty, sity = sig.args
-        dptr = _element_pointer(context, builder, dty, dity, args[0], args[1])
-        sptr = _element_pointer(context, builder, sty, sity, args[2], args[3])
-        text = ("{.reg .u64 a; cvta.to.shared.u64 a, $0; "
-                "cp.async.cg.shared.global [a], [$1], 16;}")
-        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [dptr.type, sptr.type]), text,
-                           "l,l,~{memory}", side_effect=True)
-        builder.call(asm, [dptr, sptr])
-        return context.get_dummy_value()
-
-    return types.void(dst, dst_index, src, src_index), codegen
-
-
 def _asm_statement(name, text):
     def impl(typingctx):
         def codegen(context, builder, sig, args):
@@ -253,69 +162,6 @@ def _address(kind):
 global_address = _address("generic")
 #: .shared address of ``a[idx]`` (a shared array) as int32
 shared_address = _address("shared")
-
-_U64 = ir.IntType(64)
-
-
-def _asm_tuple(name, text, argtypes, count, nbtype, llty, constraints, side_effect):
-    """Intrinsic of an asm statement over 1-2 scalar arguments returning ``count`` values."""
-
-    def typer(*args):
-        ret = nbtype if count == 1 else types.UniTuple(nbtype, count)
-
-        def codegen(context, builder, sig, llargs):
-            vals = [context.cast(builder, v, t, want)
-                    for v, t, want in zip(llargs, sig.args, argtypes)]
-            rty = llty if count == 1 else ir.LiteralStructType([llty] * count)
-            fnty = ir.FunctionType(rty, [context.get_value_type(t) for t in argtypes])
-            res = builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect),
-                               vals)
-            if count == 1:
-                return res
-            return context.make_tuple(builder, ret,
-                                      [builder.extract_value(res, i) for i in range(count)])
-
-        return ret(*args), codegen
-
-    impl = ((lambda typingctx, a: typer(a)) if len(argtypes) == 1
-            else (lambda typingctx, a, b: typer(a, b)))
-    impl.__name__ = name
-    return intrinsic(impl)
-
-
-def _lds(count, nbtype, llty, ptx_type, constraint):
-    width = {1: "", 2: ".v2", 4: ".v4"}[count]
-    outs = ",".join(f"${i}" for i in range(count))
-    text = (f"ld.shared{width}.{ptx_type} {{{outs}}}, [${count}];" if count > 1
-            else f"ld.shared.{ptx_type} $0, [$1];")
-    cons = ",".join([f"={constraint}"] * count + ["r", "~{memory}"])
-    return _asm_tuple(f"lds{count}_{ptx_type}_at", text, (types.uint32,), count, nbtype, llty,
-                      cons, True)
-
-
-#: loads from a .shared address (uint32), ordered like the other shared-memory asm
-lds_v4_u32_at = _lds(4, types.uint32, _I32, "u32", "r")
-lds_v2_u32_at = _lds(2, types.uint32, _I32, "u32", "r")
-lds_u32_at = _lds(1, types.uint32, _I32, "u32", "r")
-lds_v4_f32_at = _lds(4, types.float32, _F32, "f32", "f")
-
-
-@intrinsic
-def cp_async16_at(typingctx, dst, src):
-    """``cp.async.cg.shared.global`` of 16 bytes: ``dst`` a .shared address (uint32), ``src`` a
-    global address (uint64), both 16-byte aligned."""
-
-    def codegen(context, builder, sig, args):
-        d = context.cast(builder, args[0], sig.args[0], types.uint32)
-        s_ = context.cast(builder, args[1], sig.args[1], types.uint64)
-        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_I32, _U64]),
-                           "cp.async.cg.shared.global [$0], [$1], 16;", "r,l,~{memory}",
-                           side_effect=True)
-        builder.call(asm, [d, s_])
-        return context.get_dummy_value()
-
-    return types.void(dst, src), codegen
-
 
 # --- (base, offset) forms: the add is 32-bit inside the intrinsic, so ptxas folds a constant
 # offset into the instruction's immediate ---------------------------------------------------
