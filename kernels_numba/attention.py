@@ -72,7 +72,7 @@ import math
 from ._compat import SIMULATOR, cuda, np
 from . import attention_mma as _split_v3
 from . import attention_split as _split_v2
-from .common import bf16_bits_to_f32, fwht_shared, int_as_float
+from .common import bf16_bits_to_f32, fwht_shared, int_as_float, split_tile_range
 
 #: Which split kernel to build. 3 (default) = tensor cores through inline PTX (attention_mma.py),
 #: GPU only, for the configurations it supports (``attention_mma.unsupported``); the others (and
@@ -300,11 +300,7 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
         neg_inf = np.float32(-math.inf)
         seq_len = quantized_len + residual_len
 
-        ntiles = quantized_len // TILE_TOKENS
-        per = (ntiles + num_splits - 1) // num_splits
-        per = (per + TPG - 1) // TPG * TPG  # whole key groups per split
-        t_begin = split * per
-        t_end = min(t_begin + per, ntiles)
+        t_begin, t_end = split_tile_range(quantized_len, num_splits, split, TPG)
 
         # per-thread PV ownership: channels d0 + DW * j, rows r0 + RS * k
         d0 = tid % DW

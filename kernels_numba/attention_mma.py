@@ -65,7 +65,7 @@ from __future__ import annotations
 import math
 
 from ._compat import SIMULATOR, cuda, np
-from .common import fwht_shared
+from .common import fwht_shared, split_tile_range
 
 if not SIMULATOR:
     from numba.cuda import libdevice
@@ -245,11 +245,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         neg_inf = np.float32(-math.inf)
         seq_len = quantized_len + residual_len
 
-        ntiles = quantized_len // TILE
-        per = (ntiles + num_splits - 1) // num_splits
-        per = (per + TPG - 1) // TPG * TPG  # whole key groups per split
-        t_begin = split * per
-        t_end = min(t_begin + per, ntiles)
+        t_begin, t_end = split_tile_range(quantized_len, num_splits, split, TPG)
         if t_begin >= t_end:  # block-uniform
             for idx in range(tid, ROWS * D, NT):
                 r = idx // D

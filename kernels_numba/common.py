@@ -137,3 +137,18 @@ def check_threads(threads) -> None:
     if (isinstance(threads, bool) or not isinstance(threads, int) or not 32 <= threads <= 1024
             or threads & (threads - 1)):
         raise ValueError(f"threads: expected a power of two from 32 to 1024, got {threads!r}")
+
+
+@cuda.jit(device=True)
+def split_tile_range(quantized_len, num_splits, split, tiles_per_group):
+    """Tiles ``[begin, end)`` of split ``split`` of a decode split kernel (32-token tiles).
+
+    Each split takes ``ceil(tiles / num_splits)`` tiles rounded up to whole key groups
+    (``tiles_per_group`` tiles), so a split always starts a key group; trailing splits may be
+    empty (``begin >= end``). Shared by the three split kernels so they partition alike.
+    """
+    ntiles = quantized_len // 32
+    per = (ntiles + num_splits - 1) // num_splits
+    per = (per + tiles_per_group - 1) // tiles_per_group * tiles_per_group
+    begin = split * per
+    return begin, min(begin + per, ntiles)
