@@ -602,7 +602,7 @@ def _uses_v3(key):
 @functools.lru_cache(maxsize=None)
 def _split_kernel(*key):
     fn, sig = _build_split(*key)
-    if _uses_v3(key) and V3_MAX_REGISTERS:
+    if _uses_v3(key) and V3_MAX_REGISTERS and not SIMULATOR:
         return cuda.jit(sig, max_registers=V3_MAX_REGISTERS)(fn)
     return cuda.jit(sig)(fn)
 

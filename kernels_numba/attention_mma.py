@@ -1,4 +1,4 @@
-"""Split kernel v3 of decode attention: tensor cores through inline PTX (``mma.sync``). GPU only.
+"""Split kernel v3 of decode attention: tensor cores through inline PTX (``mma.sync``).
 
 Computes the same partials as the v1/v2 split kernels (per (batch, query head, row, split): running
 max, sum of exps, unnormalized rotated value sum) for
@@ -54,6 +54,9 @@ fragments of a key group are built by all 32 lanes (lane (g, t4) takes chunk g) 
 the same way. Per 32-token tile a warp issues 16 + 16 + 2 mma. docs/kernels.md has the measured
 steps and where the time goes (the ALU pipe: unpacking, the per-group fragment build, softmax).
 
+In the CUDA simulator the intrinsics and warp collectives come from ``ptx_sim`` (Python with the
+PTX semantics), so CPU CI runs this kernel on tiny shapes.
+
 Precision (derived in tests/test_kernels_attention.py): float16 rounding of b (relative 2**-11,
 absolute 2**-25 below the normal range) and of p * s and s - min / 2**vb; float32 accumulation.
 Requirements (:func:`unsupported`): rows <= 8, float16 params, value groups of >= 16 channels
@@ -67,7 +70,15 @@ import math
 from ._compat import SIMULATOR, cuda, np
 from .common import fwht_shared, split_tile_range
 
-if not SIMULATOR:
+if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
+    from . import ptx_sim as _sim
+    from .ptx_sim import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1,
+                          f16x2_hi, f16x2_lo, float_as_uint, global_address, hfma2, hmul2, lds1,
+                          lds1f, lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt, rotr,
+                          shared_address, sts1, sts1f, uint_as_float)
+
+    _sim.install()  # warp shuffles, votes and syncwarp for the simulator's cuda module
+else:
     from numba.cuda import libdevice
 
     from .ptx import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, f16x2_hi,
@@ -81,6 +92,10 @@ if not SIMULATOR:
     @cuda.jit(device=True)
     def uint_as_float(u):
         return libdevice.int_as_float(np.int32(u))
+
+#: alignment of the shared arrays read with vector loads (the simulator rejects the argument;
+#: its NumPy arrays are aligned anyway)
+ALIGN16 = None if SIMULATOR else 16
 
 NUM_THREADS = 128
 NUM_WARPS = 4
@@ -120,8 +135,6 @@ def shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages)
 
 def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dtype):
     """None when the v3 kernel handles this configuration, else the reason (a string)."""
-    if SIMULATOR:
-        return "the CUDA simulator cannot run inline PTX"
     if rows > ROWS_MAX:
         return f"{rows} query rows per KV head (at most {ROWS_MAX})"
     if param_dtype != "float16":
@@ -255,11 +268,11 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = ZERO_F
             return
 
-        stage = cuda.shared.array((NW, NSW), np.uint32, alignment=16)
+        stage = cuda.shared.array((NW, NSW), np.uint32, alignment=ALIGN16)
         qs = cuda.shared.array((ROWS, DP), np.float32)
         qmax = cuda.shared.array(ROWS, np.float32)
         psh = cuda.shared.array((NW, 8, 33), np.float32)
-        bsh = cuda.shared.array((NW, 8, BS), np.uint32, alignment=16)  # read as 8-byte vectors
+        bsh = cuda.shared.array((NW, 8, BS), np.uint32, alignment=ALIGN16)  # 8-byte reads
         esh = cuda.shared.array((NW, 8, 8), np.float32)
         mw = cuda.shared.array((NW, 8), np.float32)
         lw = cuda.shared.array((NW, 8), np.float32)
@@ -618,6 +631,12 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         for off in (4, 8, 16):
             l0 += cuda.shfl_xor_sync(FULL, l0, off)
             l1 += cuda.shfl_xor_sync(FULL, l1, off)
+        # a NaN score leaves the running max as it was (max drops NaN) but makes l NaN: report
+        # max = NaN too, or the merge would take a warp that saw only NaN scores for empty
+        if l0 != l0:
+            m0 = l0
+        if l1 != l1:
+            m1 = l1
         esh[warp, g, 2 * t4] = e0
         esh[warp, g, 2 * t4 + 1] = e1
         cuda.syncwarp()

@@ -251,8 +251,9 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
             r = idx // D
             c = idx % D
             mm = neg_inf
-            for w in range(NW):
-                mm = max(mm, mw[w, r])
+            for w in range(NW):  # NaN-propagating: a warp that met a NaN score has m = NaN
+                if mw[w, r] > mm or mw[w, r] != mw[w, r]:
+                    mm = mw[w, r]
             a = np.float32(0.0)
             if mm != neg_inf:
                 for w in range(NW):
@@ -262,7 +263,8 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
         if tid < ROWS:
             mm = neg_inf
             for w in range(NW):
-                mm = max(mm, mw[w, tid])
+                if mw[w, tid] > mm or mw[w, tid] != mw[w, tid]:
+                    mm = mw[w, tid]
             s = np.float32(0.0)
             if mm != neg_inf:
                 for w in range(NW):
