@@ -74,9 +74,9 @@ from . import attention_mma as _split_v3
 from . import attention_split as _split_v2
 from .common import bf16_bits_to_f32, fwht_shared, int_as_float, split_tile_range
 
-#: Which split kernel to build. 3 (default) = tensor cores through inline PTX (attention_mma.py),
-#: GPU only, for the configurations it supports (``attention_mma.unsupported``); the others (and
-#: the CUDA simulator) use v1. 1 = the tile-per-block kernel below (float32; verified on an H200
+#: Which split kernel to build. 3 (default) = tensor cores through inline PTX (attention_mma.py;
+#: in the CUDA simulator through ptx_sim.py), for the configurations it supports
+#: (``attention_mma.unsupported``); the others use v1. 1 = the tile-per-block kernel below (float32; verified on an H200
 #: with compute-sanitizer memcheck/racecheck). 2 = one tile per warp (attention_split.py),
 #: float32, kept for comparison. Environment: OSCAR_SPLIT_KERNEL.
 SPLIT_VERSION = int(__import__("os").environ.get("OSCAR_SPLIT_KERNEL", "3"))
