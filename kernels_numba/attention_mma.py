@@ -68,7 +68,7 @@ from __future__ import annotations
 import math
 
 from ._compat import SIMULATOR, cuda, np
-from .common import fwht_shared, split_tile_range
+from .common import fwht_shared, split_tile_range, write_empty_split
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
@@ -260,12 +260,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
 
         t_begin, t_end = split_tile_range(quantized_len, num_splits, split, TPG)
         if t_begin >= t_end:  # block-uniform
-            for idx in range(tid, ROWS * D, NT):
-                r = idx // D
-                ws_acc[b, kvh * G + r // LQ, r % LQ, split, idx % D] = ZERO_F
-            if tid < ROWS:
-                ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = neg_inf
-                ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = ZERO_F
+            write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, NT, ROWS, D, G, LQ)
             return
 
         stage = cuda.shared.array((NW, NSW), np.uint32, alignment=ALIGN16)

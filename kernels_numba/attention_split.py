@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 
 from ._compat import cuda, np
-from .common import fwht_shared, split_tile_range
+from .common import fwht_shared, split_tile_range, write_empty_split
 
 NUM_THREADS = 128
 NUM_WARPS = 4
@@ -88,12 +88,7 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
 
         t_begin, t_end = split_tile_range(quantized_len, num_splits, split, TPG)
         if t_begin >= t_end:  # block-uniform
-            for idx in range(tid, ROWS * D, NT):
-                r = idx // D
-                ws_acc[b, kvh * G + r // LQ, r % LQ, split, idx % D] = np.float32(0.0)
-            if tid < ROWS:
-                ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = neg_inf
-                ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = np.float32(0.0)
+            write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, NT, ROWS, D, G, LQ)
             return
 
         qs = cuda.shared.array((ROWS, D), np.float32)

@@ -152,3 +152,17 @@ def split_tile_range(quantized_len, num_splits, split, tiles_per_group):
     per = (per + tiles_per_group - 1) // tiles_per_group * tiles_per_group
     begin = split * per
     return begin, min(begin + per, ntiles)
+
+
+@cuda.jit(device=True)
+def write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, nthreads, rows, head_dim,
+                      gqa, q_len):
+    """Partials of a split with no tile: max -inf, sum 0, value sum 0 for its ``rows`` query rows
+    (row r = query head ``kvh * gqa + r // q_len``, position ``r % q_len``). All threads of the
+    block call it; the merge kernel then gives the split weight 0."""
+    for idx in range(tid, rows * head_dim, nthreads):
+        r = idx // head_dim
+        ws_acc[b, kvh * gqa + r // q_len, r % q_len, split, idx % head_dim] = np.float32(0.0)
+    if tid < rows:
+        ws_max[b, kvh * gqa + tid // q_len, tid % q_len, split] = np.float32(-math.inf)
+        ws_sum[b, kvh * gqa + tid // q_len, tid % q_len, split] = np.float32(0.0)
