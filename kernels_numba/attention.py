@@ -76,9 +76,9 @@ from .common import bf16_bits_to_f32, fwht_shared, int_as_float, split_tile_rang
 
 #: Which split kernel to build. 3 (default) = tensor cores through inline PTX (attention_mma.py;
 #: in the CUDA simulator through ptx_sim.py), for the configurations it supports
-#: (``attention_mma.unsupported``); the others use v1. 1 = the tile-per-block kernel below (float32; verified on an H200
-#: with compute-sanitizer memcheck/racecheck). 2 = one tile per warp (attention_split.py),
-#: float32, kept for comparison. Environment: OSCAR_SPLIT_KERNEL.
+#: (``attention_mma.unsupported``); the others use v1. 1 = the tile-per-block kernel below
+#: (float32; verified on an H200 with compute-sanitizer memcheck/racecheck). 2 = one tile per
+#: warp (attention_split.py), float32, kept for comparison. Environment: OSCAR_SPLIT_KERNEL.
 SPLIT_VERSION = int(__import__("os").environ.get("OSCAR_SPLIT_KERNEL", "3"))
 
 #: Threads per block of both kernels: 4 warps, enough to overlap the phases of neighbouring
@@ -615,11 +615,15 @@ def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype):
     if SIMULATOR or not _uses_v3(key):
         return TARGET_BLOCKS_PER_SM
     kern = _split_kernel(*key)
+    dev = cuda.get_current_device()
+    # the device's per-SM limits (Hopper values if the driver does not report one)
+    sm_regs = int(getattr(dev, "MAX_REGISTERS_PER_MULTIPROCESSOR", 65536))
+    sm_smem = int(getattr(dev, "MAX_SHARED_MEMORY_PER_MULTIPROCESSOR", 228 * 1024))
+    sm_threads = int(getattr(dev, "MAX_THREADS_PER_MULTIPROCESSOR", 2048))
     regs = max(1, int(kern.get_regs_per_thread()))
     smem = int(kern.get_shared_mem_per_block()) + 1024  # + the per-block reservation
-    by_regs = 65536 // (((regs * 32 + 255) // 256) * 256 * NUM_WARPS)
-    by_smem = (228 * 1024) // smem
-    return max(1, min(by_regs, by_smem, 2048 // NUM_THREADS))
+    by_regs = sm_regs // (((regs * 32 + 255) // 256) * 256 * NUM_WARPS)  # per-warp granules
+    return max(1, min(by_regs, sm_smem // smem, sm_threads // NUM_THREADS))
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,8 +16,9 @@ Both products are ``mma.sync.m16n8k16`` (float16 in, float32 accumulate); the qu
 * QK: ``S[token, row] = sum_c A[token, c] B[c, row]``, M = 16 tokens, K = 16 channels. A holds
   codes, B the pre-scaled query ``b_rc = f16(qn_rc * s_c / S)`` of the key group (qn = q~ / max|q~|
   per row, S = max_c s_c rounded up to a power of two: |b| < 1, so float16 neither overflows nor
-  loses precision to subnormals where it matters). Score = ``n_t (F_r D + K_r)`` with ``F_r = 2**kb max|q~_r| S`` and
-  ``K_r = sum_c q~_rc (min_c - 2**kb s_c)`` (group constants, see the unpack trick).
+  loses precision to subnormals where it matters). Score = ``n_t (F_r D + K_r)`` with
+  ``F_r = 2**kb max|q~_r| S`` and ``K_r = sum_c q~_rc (min_c - 2**kb s_c)`` (group constants,
+  see the unpack trick).
 * PV: ``O[c, row] = sum_t A[c, t] B[t, row]``, M = 16 channels, K = 16 tokens. A holds codes,
   B = ``p_rt * s_tj`` (value scale of token t, group j; p <= 1 so no overflow) per value group.
   The min term ``E'[row, j] = sum_t p_rt (s_tj - min_tj / 2**vb)`` is one more mma per 16 tokens

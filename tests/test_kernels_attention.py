@@ -490,6 +490,16 @@ def test_choose_num_splits():
         assert batch * heads * s >= min(132, batch * heads * (qlen // 32 // K.MIN_TILES_PER_SPLIT))
 
 
+def test_choose_num_splits_whole_waves():
+    """With the kernel's resident blocks per SM (v3), the grid is at most one wave (never a
+    second, mostly idle one) and still fills it where the sequence allows."""
+    assert K.choose_num_splits(8, 8, 131072, num_sms=132, blocks_per_sm=4) == 8  # 512 blocks
+    assert K.choose_num_splits(8, 8, 131072, num_sms=132, blocks_per_sm=3) == 6  # 384 of 396
+    assert K.choose_num_splits(1, 8, 32768, num_sms=132, blocks_per_sm=4) == 66
+    assert K.choose_num_splits(1, 8, 4096, num_sms=132, blocks_per_sm=4) == 16  # tile floor
+    assert K.choose_num_splits(64, 8, 8192, num_sms=132, blocks_per_sm=4) == 1  # > 1 wave anyway
+
+
 def test_workspace_shapes():
     ws = K.workspace_shapes(2, 32, 3, 128, 7)
     assert ws == {"split_max": (2, 32, 3, 7), "split_sum": (2, 32, 3, 7),
