@@ -723,6 +723,16 @@ def _dtype_name(x):
     return name[len("torch."):] if name.startswith("torch.") else np.dtype(dt).name
 
 
+def _c_contiguous(x):
+    """C-contiguity of a torch tensor, Numba device array or (simulator) NumPy array."""
+    for attr in ("is_contiguous", "is_c_contiguous"):
+        f = getattr(x, attr, None)
+        if callable(f):
+            return bool(f())
+    flags = getattr(x, "flags", None)
+    return True if flags is None else bool(flags["C_CONTIGUOUS"])
+
+
 def _expect(name, x, shape, dtype):
     on_device = getattr(x, "is_cuda", None)
     if on_device is None:
@@ -735,6 +745,9 @@ def _expect(name, x, shape, dtype):
     want = np.dtype(dtype).name
     if _dtype_name(x) != want:
         raise TypeError(f"{name}: expected dtype {want}, got {_dtype_name(x)}")
+    if not _c_contiguous(x):  # the kernels address tiles with fixed strides
+        raise ValueError(f"{name}: expected a C-contiguous array, got strides "
+                         f"{tuple(getattr(x, 'strides', ()))}")
 
 
 def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,

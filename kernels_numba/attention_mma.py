@@ -73,18 +73,19 @@ from .common import fwht_shared, split_tile_range, write_empty_split
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
-    from .ptx_sim import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1,
+    from .ptx_sim import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
                           f16x2_hi, f16x2_lo, float_as_uint, global_address, hfma2, hmul2, lds1,
-                          lds1f, lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt, rotr,
-                          shared_address, sts1, sts1f, uint_as_float)
+                          lds1f, lds2, lds4, lds4f, lop3_andor, mma_f16, pack_f16x2, prmt,
+                          rotr, shared_address, sts1, sts1f, uint_as_float)
 
     _sim.install()  # warp shuffles, votes and syncwarp for the simulator's cuda module
 else:
     from numba.cuda import libdevice
 
-    from .ptx import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, f16x2_hi,
-                      f16x2_lo, global_address, hfma2, hmul2, lds1, lds1f, lds2, lds4, lds4f,
-                      mma_f16, pack_f16x2, prmt, rotr, shared_address, sts1, sts1f)
+    from .ptx import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
+                      f16x2_hi, f16x2_lo, global_address, hfma2, hmul2, lds1, lds1f, lds2, lds4,
+                      lds4f, lop3_andor, mma_f16, pack_f16x2, prmt, rotr, shared_address, sts1,
+                      sts1f)
 
     @cuda.jit(device=True)
     def float_as_uint(x):
@@ -198,6 +199,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     NVX = 4 * VW if VEC_V else 4 * NCH
     ZERO_U = np.uint32(0)
     ZERO_F = np.float32(0.0)
+    LOG2E, LN2 = np.float32(1.0 / math.log(2.0)), np.float32(math.log(2.0))
 
     @cuda.jit(device=True)
     def nanmax(a, b):
@@ -210,38 +212,46 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     def conv(x, rot, mask):
         """Two codes of ``x`` (16 bits apart, after rotating right by ``rot``) -> f16x2
         (1 + code / 2**bits each)."""
-        return (rotr(x, rot) & mask) | ONE2
+        return lop3_andor(rotr(x, rot), mask, ONE2)
+
+    # bytes per tile (per key group for k_params) of each array: its inner dimensions are
+    # C-contiguous (checked by the launcher), so a tile is one fixed stride from the (b, head) base
+    KC_TB, NRM_TB, KP_GB = KW * 32 * 4, TILE * 4, D * 4
+    VP_TB, VC_TB = TILE * NGV * 4, TILE * VW * 4
 
     @cuda.jit(device=True)
-    def prefetch(sbo, lane, tile, k_codes, k_params, v_params, v_codes, norms, b, kvh, nh):
-        """cp.async one tile (and its key group's params on the group's first tile) into the
-        warp's stage buffer at .shared address ``sbo``, as one commit group. One address per
-        array and tile; the rest is 32-bit offsets."""
-        ga = global_address(k_codes, (b, kvh, tile, 0, 0))
+    def prefetch(sl, lane, tile, gb):
+        """cp.async one tile (and its key group's params on the group's first tile) into a stage
+        buffer, as one commit group. ``sl`` = the buffer's .shared address + 16 * lane; ``gb``
+        holds the global address of the (batch, head) slice of each array (formed once per split
+        and kept in shared memory: held in registers, ptxas re-derived all five from the array
+        strides on every tile). Per array and tile: one load, a 32-bit multiply-add, a 64-bit add;
+        the rest are immediates."""
+        o = np.uint32(tile) * np.uint32(KC_TB) + np.uint32(16 * lane)
+        ga = gb[0] + np.int64(o)
         for j in range((NKC + 31) // 32):
-            u = lane + 32 * j
-            if NKC % 32 == 0 or u < NKC:
-                cp_async16_bo(sbo, 4 * KC + 16 * u, ga + 16 * u)
+            if NKC % 32 == 0 or lane + 32 * j < NKC:
+                cp_async16_bo(sl, 4 * KC + 512 * j, ga + 512 * j)
         if SCALE_TOKENS:
             if lane < 8:
-                ga = global_address(norms, (b, nh, tile * TILE))
-                cp_async16_bo(sbo, 4 * NRM + 16 * lane, ga + 16 * lane)
+                o = np.uint32(tile) * np.uint32(NRM_TB) + np.uint32(16 * lane)
+                cp_async16_bo(sl, 4 * NRM, gb[1] + np.int64(o))
         if (tile & (TPG - 1)) == 0:
-            ga = global_address(k_params, (b, kvh, tile >> LTPG, 0, 0))
+            o = np.uint32(tile >> LTPG) * np.uint32(KP_GB) + np.uint32(16 * lane)
+            ga = gb[2] + np.int64(o)
             for j in range((NKP + 31) // 32):
-                u = lane + 32 * j
-                if NKP % 32 == 0 or u < NKP:
-                    cp_async16_bo(sbo, 4 * KPO + 16 * u, ga + 16 * u)
-        ga = global_address(v_params, (b, kvh, tile * TILE, 0, 0))
+                if NKP % 32 == 0 or lane + 32 * j < NKP:
+                    cp_async16_bo(sl, 4 * KPO + 512 * j, ga + 512 * j)
+        o = np.uint32(tile) * np.uint32(VP_TB) + np.uint32(16 * lane)
+        ga = gb[3] + np.int64(o)
         for j in range((NVP + 31) // 32):
-            u = lane + 32 * j
-            if NVP % 32 == 0 or u < NVP:
-                cp_async16_bo(sbo, 4 * VPO + 16 * u, ga + 16 * u)
-        ga = global_address(v_codes, (b, kvh, tile * TILE, 0))
+            if NVP % 32 == 0 or lane + 32 * j < NVP:
+                cp_async16_bo(sl, 4 * VPO + 512 * j, ga + 512 * j)
+        o = np.uint32(tile) * np.uint32(VC_TB) + np.uint32(16 * lane)
+        ga = gb[4] + np.int64(o)
         for j in range((NVC + 31) // 32):
-            u = lane + 32 * j
-            if NVC % 32 == 0 or u < NVC:
-                cp_async16_bo(sbo, 4 * VCO + 16 * u, ga + 16 * u)
+            if NVC % 32 == 0 or lane + 32 * j < NVC:
+                cp_async16_bo(sl, 4 * VCO + 512 * j, ga + 512 * j)
         cp_async_commit()
 
     def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc,
@@ -272,6 +282,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         esh = cuda.shared.array((NW, 8, 8), np.float32)
         mw = cuda.shared.array((NW, 8), np.float32)
         lw = cuda.shared.array((NW, 8), np.float32)
+        gbase = cuda.shared.array((NW, 8), np.int64)
         stg = stage[warp]  # this warp's stage: NSTAGE buffers of SW words
         sb = shared_address(stage, (warp, 0))  # its .shared byte address
         qs_b = shared_address(qs, (0, 0))
@@ -282,9 +293,17 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         groups = (t_end - t_begin) // TPG
         mine = (groups - warp + NW - 1) // NW if warp < groups else 0
         nsteps = mine * TPG
+        sl = sb + 16 * lane
+        gb = gbase[warp]
+        if lane == 0:
+            gb[0] = global_address(k_codes, (b, kvh, 0, 0, 0))
+            gb[1] = global_address(norms, (b, nh, 0)) if SCALE_TOKENS else gb[0]
+            gb[2] = global_address(k_params, (b, kvh, 0, 0, 0))
+            gb[3] = global_address(v_params, (b, kvh, 0, 0, 0))
+            gb[4] = global_address(v_codes, (b, kvh, 0, 0))
+        cuda.syncwarp()
         if nsteps > 0:  # start the first tile's copies before the query prologue
-            prefetch(sb, lane, t_begin + warp * TPG, k_codes, k_params, v_params,
-                     v_codes, norms, b, kvh, nh)
+            prefetch(sl, lane, t_begin + warp * TPG, gb)
 
         # --- prologue (block): rotated, scaled queries, normalized per row by max |.| ---------
         for idx in range(lane, (8 - ROWS) * BS, 32):  # padding rows of the fragment buffer
@@ -359,14 +378,13 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             buf = step & (NSTAGE - 1)
             if NSTAGE == 1:
                 if step > 0:
-                    prefetch(sb, lane, tile, k_codes, k_params, v_params, v_codes, norms, b,
-                             kvh, nh)
+                    prefetch(sl, lane, tile, gb)
                 cp_async_wait0()
             elif step + 1 < nsteps:  # the next tile's copies fly while this one is computed
                 nxt = step + 1
-                prefetch(sb + 4 * SW * (1 - buf), lane,
+                prefetch(sl + 4 * SW * (1 - buf), lane,
                          t_begin + (((nxt >> LTPG) * NW + warp) << LTPG) + (nxt & (TPG - 1)),
-                         k_codes, k_params, v_params, v_codes, norms, b, kvh, nh)
+                         gb)
                 cp_async_wait1()
             else:
                 cp_async_wait0()
@@ -447,7 +465,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                     FULL, kp[0] if up else kp[1], 4)
                 ksum += cuda.shfl_xor_sync(FULL, ksum, 2)
                 ksum += cuda.shfl_xor_sync(FULL, ksum, 1)
-                qm = qmax[gq]
+                qm = qmax[gq] * LOG2E  # scores in log2 units: the softmax uses ex2
                 kr = qm * ksum
                 fr = KSCALE * qm / inv_s
                 k0 = cuda.shfl_sync(FULL, kr, 4 * r0)
@@ -523,23 +541,17 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 mt1 = max(mt1, cuda.shfl_xor_sync(FULL, mt1, off))
             mn0 = max(m0, mt0)
             mn1 = max(m1, mt1)
-            al0 = np.float32(1.0)
-            al1 = np.float32(1.0)
-            if mn0 != neg_inf:
-                al0 = math.exp(m0 - mn0)
-            if mn1 != neg_inf:
-                al1 = math.exp(m1 - mn1)
+            # ex2(-inf) = 0: a masked score needs no branch; a row with no visible token yet
+            # (max -inf) subtracts 0 instead (-inf - -inf would be NaN) and keeps alpha = 1
+            mu0 = mn0 if mn0 != neg_inf else ZERO_F
+            mu1 = mn1 if mn1 != neg_inf else ZERO_F
+            al0 = ex2(m0 - mu0) if mn0 != neg_inf else np.float32(1.0)
+            al1 = ex2(m1 - mu1) if mn1 != neg_inf else np.float32(1.0)
             m0 = mn0
             m1 = mn1
             for i in range(4):
-                p = ZERO_F
-                if sc[2 * i] != neg_inf:
-                    p = math.exp(sc[2 * i] - mn0)
-                sc[2 * i] = p
-                p = ZERO_F
-                if sc[2 * i + 1] != neg_inf:
-                    p = math.exp(sc[2 * i + 1] - mn1)
-                sc[2 * i + 1] = p
+                sc[2 * i] = ex2(sc[2 * i] - mu0)
+                sc[2 * i + 1] = ex2(sc[2 * i + 1] - mu1)
             l0 = l0 * al0 + ((sc[0] + sc[2]) + (sc[4] + sc[6]))
             l1 = l1 * al1 + ((sc[1] + sc[3]) + (sc[5] + sc[7]))
             # rescale the accumulators only when some running max moved (rare after the first
@@ -665,7 +677,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             if mm != neg_inf:
                 for w in range(NW):
                     if mw[w, r] != neg_inf:
-                        a += uint_as_float(stage[w, idx]) * math.exp(mw[w, r] - mm)
+                        a += uint_as_float(stage[w, idx]) * ex2(mw[w, r] - mm)
             ws_acc[b, kvh * G + r // LQ, r % LQ, split, idx % D] = a
         if tid < ROWS:
             mm = neg_inf
@@ -675,8 +687,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             if mm != neg_inf:
                 for w in range(NW):
                     if mw[w, tid] != neg_inf:
-                        s += lw[w, tid] * math.exp(mw[w, tid] - mm)
-            ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = mm
+                        s += lw[w, tid] * ex2(mw[w, tid] - mm)
+            ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = mm * LN2  # natural log units
             ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = s
 
     return split_kernel

@@ -13,6 +13,7 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
   with float16 A and B and float32 accumulators; returns the 4 accumulators. Warp-collective.
 * ``prmt(a, b, sel)``: byte permute of the 8 bytes ``b:a``. ``rotr(x, n)``: rotate right by
   ``n & 31`` (``shf.r.wrap``).
+* ``lop3_andor(a, b, c)``: ``(a & b) | c`` as one ``lop3``. ``ex2(x)``: ``ex2.approx.ftz.f32``.
 * ``pack_f16x2(lo, hi)``: two float32 to a f16x2, round to nearest even. ``hmul2(a, b)``,
   ``hfma2(a, b, c)``: packed float16 multiply / fused multiply-add (``.rn``). ``f16x2_lo(x)``,
   ``f16x2_hi(x)``: one half of a f16x2 as float32 (exact).
@@ -85,6 +86,12 @@ rotr = _simple("rotr", "shf.r.wrap.b32 $0, $1, $1, $2;", (_U, _U), _U, "=r,r,r")
 pack_f16x2 = _simple("pack_f16x2", "cvt.rn.f16x2.f32 $0, $2, $1;", (_F, _F), _U, "=r,f,f")
 hmul2 = _simple("hmul2", "mul.rn.f16x2 $0, $1, $2;", (_U, _U), _U, "=r,r,r")
 hfma2 = _simple("hfma2", "fma.rn.f16x2 $0, $1, $2, $3;", (_U, _U, _U), _U, "=r,r,r,r")
+# (a & b) | c in one LOP3: all three operands are registers in the asm, so ptxas cannot split it
+# into an AND and an OR of two immediates (which it does for the plain Python expression)
+lop3_andor = _simple("lop3_andor", "lop3.b32 $0, $1, $2, $3, 0xEA;", (_U, _U, _U), _U,
+                     "=r,r,r,r")
+#: 2**x (``ex2.approx.ftz``: relative error about 2**-22, ex2(-inf) = +0, NaN stays NaN)
+ex2 = _simple("ex2", "ex2.approx.ftz.f32 $0, $1;", (_F,), _F, "=f,f")
 f16x2_lo = _simple("f16x2_lo", "{.reg .f16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, l;}",
                    (_U,), _F, "=f,r")
 f16x2_hi = _simple("f16x2_hi", "{.reg .f16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, h;}",

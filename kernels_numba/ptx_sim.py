@@ -186,6 +186,16 @@ def rotr(x, n):
     return np.uint32(((x >> n) | (x << (32 - n))) & _M32) if n else np.uint32(x)
 
 
+def lop3_andor(a, b, c):
+    return np.uint32(((int(a) & int(b)) | int(c)) & _M32)
+
+
+def ex2(x):
+    with np.errstate(over="ignore"):
+        r = np.float32(np.exp2(np.float32(x)))
+    return np.float32(0.0) if r < np.float32(2.0 ** -126) else r  # .ftz
+
+
 def pack_f16x2(lo, hi):
     return _pack(np.array([lo, hi], np.float32).astype(np.float16))
 
