@@ -74,18 +74,17 @@ from .common import fwht_shared, split_tile_range, write_empty_split
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
     from .ptx_sim import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
-                          f16x2_hi, f16x2_lo, float_as_uint, global_address, hfma2, hmul2, lds1,
-                          lds1f, lds2, lds4, lds4f, lop3_andor, mma_f16, pack_f16x2, prmt,
-                          rotr, shared_address, sts1, sts1f, uint_as_float)
+                          f16x2_hi, f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f,
+                          lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt, shared_address, sts1,
+                          sts1f, uint_as_float)
 
     _sim.install()  # warp shuffles, votes and syncwarp for the simulator's cuda module
 else:
     from numba.cuda import libdevice
 
     from .ptx import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
-                      f16x2_hi, f16x2_lo, global_address, hfma2, hmul2, lds1, lds1f, lds2, lds4,
-                      lds4f, lop3_andor, mma_f16, pack_f16x2, prmt, rotr, shared_address, sts1,
-                      sts1f)
+                      f16x2_hi, f16x2_lo, global_address, hmul2, lds1, lds1f, lds2, lds4, lds4f,
+                      mma_f16, pack_f16x2, prmt, shared_address, sts1, sts1f)
 
     @cuda.jit(device=True)
     def float_as_uint(x):
@@ -105,7 +104,9 @@ TILE = 32
 ROWS_MAX = 8
 SHARED_LIMIT = 48 * 1024
 FULL = 0xFFFFFFFF
-_ONE2 = 0x3C003C00  # float16 1.0 in both halves
+#: a code of ``bits`` bits at float16 bit ``p`` with a zero exponent field is the subnormal
+#: ``code * 2**(p - 24)``, exact, as long as ``p + bits <= 10`` (inside the mantissa)
+_MANT = 10
 
 
 def _stage_words(key_bits, value_bits, value_group_size, head_dim):
@@ -145,14 +146,28 @@ def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dt
         return f"head_dim {head_dim} is not a multiple of 16"
     if value_group_size < 16 or head_dim // value_group_size > 8:
         return f"value groups of {value_group_size} channels (16 or more, at most 8 per head)"
+    if (head_dim * key_bits) % 128:
+        return f"head_dim {head_dim} at {key_bits} bits is not 4 key words per lane column"
     if _num_stages(key_bits, value_bits, value_group_size, head_dim, rows) == 0:
         return "does not fit in 48 KB of static shared memory"
     return None
 
 
-def _mask2(bits):
-    """Mask of the two code fields at float16 mantissa bits [10 - bits, 10), both halves."""
-    return (((1 << bits) - 1) << (10 - bits)) * 0x10001
+def _code_fields(bits, pairs):
+    """For code pair j of a word (code j of each 16-bit half), the right shift that brings it
+    inside the float16 mantissa and its bit position after it: ``(shift, position)``. Codes are
+    taken in place while they fit (position + bits <= 10); the rest share as few shifts as
+    possible (2-bit codes: pairs 0-4 in place, one shift by 10 for pairs 5-7)."""
+    out, sh = [], 0
+    for j in range(pairs):
+        if bits * (j + 1) - sh > _MANT:
+            sh = bits * j
+        out.append((sh, bits * j - sh))
+    return out
+
+
+def _pow2(e):
+    return np.float32(2.0 ** e)
 
 
 def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
@@ -186,10 +201,14 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     NKC, NKP, NVP, NVC = KW * 8, D // 4, 8 * NGV, 8 * VW  # 16-byte copies per region and tile
     NCHI = (NCH + 7) // 8  # chunks per lane in the query-fragment build
     NPW = 4 * NCHI
-    KMASK2, VMASK2 = np.uint32(_mask2(KB)), np.uint32(_mask2(VB))
-    ONE2 = np.uint32(_ONE2)
-    KSCALE, VSCALE = np.float32(2.0 ** KB), np.float32(2.0 ** VB)
-    VNEG2 = np.uint32(int(np.float16(-(2.0 ** -VB)).view(np.uint16)) * 0x10001)
+    KWT = KW // 4  # key words per token that lane column t4 unpacks (all KHP pairs of each)
+    fields = _code_fields(KB, KHP)
+    KSH = tuple(np.uint32(f[0]) for f in fields)  # shift of key code pair j
+    KMK = tuple(np.uint32(((1 << KB) - 1 << f[1]) * 0x10001) for f in fields)  # its mask after
+    # B' = b * 2**(10 - position): every product A B' is code * b * 2**-14 (A = code * 2**(p-24))
+    KFAC = tuple(_pow2(_MANT - f[1]) for f in fields)
+    QK_UNIT = _pow2(24 - _MANT)  # 2**14
+    VMASK = (1 << VB) - 1
     SEL_LO, SEL_HI = np.uint32(0x5410), np.uint32(0x7632)
     ROTATE, SCALE_TOKENS, NORM_PER_HEAD = bool(rotate_keys), bool(scale_tokens), bool(norm_per_head)
     HS = np.float32(hadamard_scale)
@@ -209,10 +228,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         return b
 
     @cuda.jit(device=True)
-    def conv(x, rot, mask):
-        """Two codes of ``x`` (16 bits apart, after rotating right by ``rot``) -> f16x2
-        (1 + code / 2**bits each)."""
-        return lop3_andor(rotr(x, rot), mask, ONE2)
+    def kcodes(x, j):
+        """Key code pair j of word ``x`` as f16x2 subnormals ``code * 2**(p_j - 24)`` (one LOP3;
+        the SHF of a shifted group is shared by its pairs after unrolling)."""
+        return (x >> KSH[j]) & KMK[j]
 
     # bytes per tile (per key group for k_params) of each array: its inner dimensions are
     # C-contiguous (checked by the launcher), so a tile is one fixed stride from the (b, head) base
@@ -334,17 +353,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         cuda.syncthreads()
 
         # --- per-thread constants of the fragment maps ----------------------------------------
-        kwo = (2 * t4) // KHP  # key word of pair 2 t4 inside a chunk
-        kj = (2 * t4) % KHP
-        krot0 = np.uint32((KB * kj - 10 + KB) & 31)
-        krot1 = np.uint32((KB * (kj + 1) - 10 + KB) & 31)
         vwo = g // VHP  # value word of pair g inside a chunk
         vj = g % VHP
         vo = (VB * vj) % 8
         vby = (VB * vj) // 8
         vsel = np.uint32(vby | ((vby + 2) << 4) | ((vby + 4) << 8) | ((vby + 6) << 12))
-        vrot_lo = np.uint32((vo - 10 + VB) & 31)
-        vrot_hi = np.uint32((vo - 2 + VB) & 31)
+        # value codes of this lane sit at bit vo of each half (after a shift by 8 for the high
+        # channel): subnormals code * 2**(vo - 24), undone per lane at the end
+        vmask = np.uint32((VMASK << vo) * 0x10001)
+        vfac = uint_as_float(np.uint32(127 + 24 - vo) << np.uint32(23))
         r0 = 2 * t4
         r1 = r0 + 1
         lim0 = seq_len - LQ + r0 % LQ  # last visible position of rows r0, r1
@@ -366,7 +383,6 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         for i in range(NACC):
             acc[i] = ZERO_F
         bq = cuda.local.array(NBQ, np.uint32)
-        kx = cuda.local.array(NACC, np.uint32)
         kp = cuda.local.array(8, np.float32)
         sc = cuda.local.array(8, np.float32)
         vpw = cuda.local.array(NVPW, np.uint32)
@@ -399,7 +415,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 for jj in range(NCHI):
                     ch = g + 8 * jj
                     if NCH % 8 == 0 or ch < NCH:
-                        cb = (ch * KWPC + kwo) * KCPW + kj
+                        cb = (t4 * KWT + (2 * ch) // KHP) * KCPW + (2 * ch) % KHP
                         w0, w1 = lds2(so, 4 * (KPO + cb))
                         w2, w3 = lds2(so, 4 * (KPO + cb + KHP))
                         pw[4 * jj] = w0
@@ -421,7 +437,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 for jj in range(NCHI):
                     ch = g + 8 * jj
                     if NCH % 8 == 0 or ch < NCH:
-                        cb = (ch * KWPC + kwo) * KCPW + kj
+                        # mma ch takes pairs 2ch, 2ch + 1 of lane column t4's words
+                        jp = (2 * ch) % KHP
+                        cb = (t4 * KWT + (2 * ch) // KHP) * KCPW + jp
                         w0 = pw[4 * jj]
                         w1 = pw[4 * jj + 1]
                         w2 = pw[4 * jj + 2]
@@ -432,14 +450,16 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         s1 = f16x2_lo(w1)
                         s2 = f16x2_lo(w2)
                         s3 = f16x2_lo(w3)
-                        d0 = f16x2_hi(w0) - KSCALE * s0
-                        d1 = f16x2_hi(w1) - KSCALE * s1
-                        d2 = f16x2_hi(w2) - KSCALE * s2
-                        d3 = f16x2_hi(w3) - KSCALE * s3
-                        s0 *= inv_s
-                        s1 *= inv_s
-                        s2 *= inv_s
-                        s3 *= inv_s
+                        d0 = f16x2_hi(w0)
+                        d1 = f16x2_hi(w1)
+                        d2 = f16x2_hi(w2)
+                        d3 = f16x2_hi(w3)
+                        e0 = inv_s * KFAC[jp]
+                        e1 = inv_s * KFAC[jp + 1]
+                        s0 *= e0
+                        s1 *= e1
+                        s2 *= e0
+                        s3 *= e1
                         fo = 4 * (ch * 8 + 2 * t4)
                         for r in range(ROWS):
                             qa = lds1f(qs_b, 4 * (r * DP + cb))
@@ -467,7 +487,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 ksum += cuda.shfl_xor_sync(FULL, ksum, 1)
                 qm = qmax[gq] * LOG2E  # scores in log2 units: the softmax uses ex2
                 kr = qm * ksum
-                fr = KSCALE * qm / inv_s
+                fr = QK_UNIT * qm / inv_s
                 k0 = cuda.shfl_sync(FULL, kr, 4 * r0)
                 k1 = cuda.shfl_sync(FULL, kr, 4 * r1)
                 f0 = cuda.shfl_sync(FULL, fr, 4 * r0)
@@ -479,12 +499,6 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                     bq[2 * ch + 1] = u1
 
             # (2) QK on tensor cores: 16 tokens x 8 rows per mma block
-            for ch in range(NCH):
-                x0, x1, x2, x3 = lds4(so, 4 * (KC + (ch * KWPC + kwo) * 32 + 4 * g))
-                kx[4 * ch] = x0
-                kx[4 * ch + 1] = x1
-                kx[4 * ch + 2] = x2
-                kx[4 * ch + 3] = x3
             c0 = ZERO_F
             c1 = ZERO_F
             c2 = ZERO_F
@@ -493,17 +507,17 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             c5 = ZERO_F
             c6 = ZERO_F
             c7 = ZERO_F
-            for ch in range(NCH):
-                x0 = kx[4 * ch]
-                x1 = kx[4 * ch + 1]
-                x2 = kx[4 * ch + 2]
-                x3 = kx[4 * ch + 3]
-                c0, c1, c2, c3 = mma_f16(conv(x0, krot0, KMASK2), conv(x1, krot0, KMASK2),
-                                         conv(x0, krot1, KMASK2), conv(x1, krot1, KMASK2),
-                                         bq[2 * ch], bq[2 * ch + 1], c0, c1, c2, c3)
-                c4, c5, c6, c7 = mma_f16(conv(x2, krot0, KMASK2), conv(x3, krot0, KMASK2),
-                                         conv(x2, krot1, KMASK2), conv(x3, krot1, KMASK2),
-                                         bq[2 * ch], bq[2 * ch + 1], c4, c5, c6, c7)
+            for i in range(KWT):  # word t4 KWT + i of tokens 4g .. 4g + 3: one 16-byte load
+                x0, x1, x2, x3 = lds4(so, 4 * (KC + (t4 * KWT + i) * 32 + 4 * g))
+                for jj in range(KHP // 2):
+                    j = 2 * jj
+                    ch = (i * KHP + j) // 2
+                    c0, c1, c2, c3 = mma_f16(kcodes(x0, j), kcodes(x1, j), kcodes(x0, j + 1),
+                                             kcodes(x1, j + 1), bq[2 * ch], bq[2 * ch + 1],
+                                             c0, c1, c2, c3)
+                    c4, c5, c6, c7 = mma_f16(kcodes(x2, j), kcodes(x3, j), kcodes(x2, j + 1),
+                                             kcodes(x3, j + 1), bq[2 * ch], bq[2 * ch + 1],
+                                             c4, c5, c6, c7)
             if SCALE_TOKENS:
                 n0, n1, n2, n3 = lds4f(so, 4 * (NRM + 4 * g))
             else:
@@ -599,8 +613,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 y1 = lds1(so, 4 * (VPO + (xo + 4) * NGV + gv))
                 y2 = lds1(so, 4 * (VPO + (xo + 8) * NGV + gv))
                 y3 = lds1(so, 4 * (VPO + (xo + 12) * NGV + gv))
-                wa = hfma2(prmt(y0, y1, SEL_HI), VNEG2, prmt(y0, y1, SEL_LO))
-                wb = hfma2(prmt(y2, y3, SEL_HI), VNEG2, prmt(y2, y3, SEL_LO))
+                wa = prmt(y0, y1, SEL_HI)  # the mins of tokens xo, xo + 4 (group gv)
+                wb = prmt(y2, y3, SEL_HI)
                 if g >= NGV:
                     wa = ZERO_U
                     wb = ZERO_U
@@ -629,8 +643,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         tb = prmt(vx[2 * NCH + ch], vx[3 * NCH + ch], vsel)
                     j = (16 * ch) // GV
                     acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3] = mma_f16(
-                        conv(ta, vrot_lo, VMASK2), conv(ta, vrot_hi, VMASK2),
-                        conv(tb, vrot_lo, VMASK2), conv(tb, vrot_hi, VMASK2),
+                        ta & vmask, (ta >> np.uint32(8)) & vmask,
+                        tb & vmask, (tb >> np.uint32(8)) & vmask,
                         bv[2 * j], bv[2 * j + 1],
                         acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3])
             cuda.syncwarp()  # this buffer and psh are consumed before they are refilled
@@ -654,12 +668,12 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             chi = clo + VHP
             if r0 < ROWS:
                 ej = esh[warp, r0, j]
-                stg[r0 * D + clo] = float_as_uint(VSCALE * (acc[4 * ch] - ej))
-                stg[r0 * D + chi] = float_as_uint(VSCALE * (acc[4 * ch + 2] - ej))
+                stg[r0 * D + clo] = float_as_uint(acc[4 * ch] * vfac + ej)
+                stg[r0 * D + chi] = float_as_uint(acc[4 * ch + 2] * vfac + ej)
             if r1 < ROWS:
                 ej = esh[warp, r1, j]
-                stg[r1 * D + clo] = float_as_uint(VSCALE * (acc[4 * ch + 1] - ej))
-                stg[r1 * D + chi] = float_as_uint(VSCALE * (acc[4 * ch + 3] - ej))
+                stg[r1 * D + clo] = float_as_uint(acc[4 * ch + 1] * vfac + ej)
+                stg[r1 * D + chi] = float_as_uint(acc[4 * ch + 3] * vfac + ej)
         if g == 0:
             mw[warp, r0] = m0
             mw[warp, r1] = m1

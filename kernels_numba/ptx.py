@@ -11,12 +11,11 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
 
 * ``mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)``: ``mma.sync.aligned.m16n8k16.row.col``
   with float16 A and B and float32 accumulators; returns the 4 accumulators. Warp-collective.
-* ``prmt(a, b, sel)``: byte permute of the 8 bytes ``b:a``. ``rotr(x, n)``: rotate right by
-  ``n & 31`` (``shf.r.wrap``).
-* ``lop3_andor(a, b, c)``: ``(a & b) | c`` as one ``lop3``. ``ex2(x)``: ``ex2.approx.ftz.f32``.
-* ``pack_f16x2(lo, hi)``: two float32 to a f16x2, round to nearest even. ``hmul2(a, b)``,
-  ``hfma2(a, b, c)``: packed float16 multiply / fused multiply-add (``.rn``). ``f16x2_lo(x)``,
-  ``f16x2_hi(x)``: one half of a f16x2 as float32 (exact).
+* ``prmt(a, b, sel)``: byte permute of the 8 bytes ``b:a``.
+* ``ex2(x)``: ``ex2.approx.ftz.f32`` (2**x; the softmax works in log2 units).
+* ``pack_f16x2(lo, hi)``: two float32 to a f16x2, round to nearest even. ``hmul2(a, b)``:
+  packed float16 multiply (``.rn``). ``f16x2_lo(x)``, ``f16x2_hi(x)``: one half of a f16x2 as
+  float32 (exact).
 * ``global_address(a, idx)`` (int64) / ``shared_address(a, idx)`` (int32, the .shared window):
   the address of element ``a[idx]`` (``idx`` a tuple, one index per dimension), formed once so
   that the hot loop works with 32-bit offsets instead of Numba's int64 index arithmetic.
@@ -81,15 +80,9 @@ def _simple(name, text, argtypes, rettype, constraints):
 _U, _F = types.uint32, types.float32
 
 prmt = _simple("prmt", "prmt.b32 $0, $1, $2, $3;", (_U, _U, _U), _U, "=r,r,r,r")
-rotr = _simple("rotr", "shf.r.wrap.b32 $0, $1, $1, $2;", (_U, _U), _U, "=r,r,r")
 # cvt.rn.f16x2.f32 d, a, b puts a in the upper half: pass (hi, lo) in that order.
 pack_f16x2 = _simple("pack_f16x2", "cvt.rn.f16x2.f32 $0, $2, $1;", (_F, _F), _U, "=r,f,f")
 hmul2 = _simple("hmul2", "mul.rn.f16x2 $0, $1, $2;", (_U, _U), _U, "=r,r,r")
-hfma2 = _simple("hfma2", "fma.rn.f16x2 $0, $1, $2, $3;", (_U, _U, _U), _U, "=r,r,r,r")
-# (a & b) | c in one LOP3: all three operands are registers in the asm, so ptxas cannot split it
-# into an AND and an OR of two immediates (which it does for the plain Python expression)
-lop3_andor = _simple("lop3_andor", "lop3.b32 $0, $1, $2, $3, 0xEA;", (_U, _U, _U), _U,
-                     "=r,r,r,r")
 #: 2**x (``ex2.approx.ftz``: relative error about 2**-22, ex2(-inf) = +0, NaN stays NaN)
 ex2 = _simple("ex2", "ex2.approx.ftz.f32 $0, $1;", (_F,), _F, "=f,f")
 f16x2_lo = _simple("f16x2_lo", "{.reg .f16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, l;}",

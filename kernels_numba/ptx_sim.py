@@ -181,15 +181,6 @@ def prmt(a, b, sel):
     return np.uint32(out)
 
 
-def rotr(x, n):
-    x, n = int(x) & _M32, int(n) & 31
-    return np.uint32(((x >> n) | (x << (32 - n))) & _M32) if n else np.uint32(x)
-
-
-def lop3_andor(a, b, c):
-    return np.uint32(((int(a) & int(b)) | int(c)) & _M32)
-
-
 def ex2(x):
     with np.errstate(over="ignore"):
         r = np.float32(np.exp2(np.float32(x)))
@@ -203,11 +194,6 @@ def pack_f16x2(lo, hi):
 def hmul2(a, b):
     return _pack((_halves(a).astype(np.float32) * _halves(b).astype(np.float32))
                  .astype(np.float16))
-
-
-def hfma2(a, b, c):
-    ha, hb, hc = (_halves(x).astype(np.float64) for x in (a, b, c))
-    return _pack((ha * hb + hc).astype(np.float16))
 
 
 def f16x2_lo(x):
