@@ -454,12 +454,12 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         d1 = f16x2_hi(w1)
                         d2 = f16x2_hi(w2)
                         d3 = f16x2_hi(w3)
-                        e0 = inv_s * KFAC[jp]
-                        e1 = inv_s * KFAC[jp + 1]
-                        s0 *= e0
-                        s1 *= e1
-                        s2 *= e0
-                        s3 *= e1
+                        fa = inv_s * KFAC[jp]  # (not e0/e1: those are the E accumulators)
+                        fb = inv_s * KFAC[jp + 1]
+                        s0 *= fa
+                        s1 *= fb
+                        s2 *= fa
+                        s3 *= fb
                         fo = 4 * (ch * 8 + 2 * t4)
                         for r in range(ROWS):
                             qa = lds1f(qs_b, 4 * (r * DP + cb))

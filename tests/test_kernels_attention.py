@@ -452,6 +452,15 @@ def test_sim_split_ranges_hold_whole_key_groups():
 
 
 @pytest.mark.sim
+def test_sim_llama_heads_two_tiles_per_warp():
+    # head_dim 128, 4 rows, 8 tiles in one split: every warp runs 2 tiles, the second one
+    # without a rescale. Caught the per-group fragment build overwriting the E accumulators.
+    case = make_case(1, 1, 4, 128, 256, 0, 1, oscar.OScaRConfig(), q_dtype="bfloat16",
+                     res_dtype="bfloat16", seed=1)
+    check_case(case, num_splits=1)
+
+
+@pytest.mark.sim
 def test_sim_head_dim_64_gqa4_group64():
     cfg = oscar.OScaRConfig(key_group_size=64, residual_length=64, value_group_size=16,
                             norm_scope="head")
