@@ -14,34 +14,37 @@ Both products are ``mma.sync.m16n8k16`` (float16 in, float32 accumulate); the qu
 (G * q_len <= 8) are the N = 8 side, so the packed codes are the large M/K operands:
 
 * QK: ``S[token, row] = sum_c A[token, c] B[c, row]``, M = 16 tokens, K = 16 channels. A holds
-  codes, B the pre-scaled query ``b_rc = f16(qn_rc * s_c / S)`` of the key group (qn = q~ / max|q~|
-  per row, S = max_c s_c rounded up to a power of two: |b| < 1, so float16 neither overflows nor
-  loses precision to subnormals where it matters). Score = ``n_t (F_r D + K_r)`` with
-  ``F_r = 2**kb max|q~_r| S`` and ``K_r = sum_c q~_rc (min_c - 2**kb s_c)`` (group constants,
-  see the unpack trick).
+  codes, B the pre-scaled query ``b'_rc = f16(qn_rc * s_c / S * 2**(10 - p_c))`` of the key group
+  (qn = q~ / max|q~| per row, S = max_c s_c rounded up to a power of two, p_c = the bit at which
+  channel c's code sits in A: |b'| < 2**10, no overflow, fewer subnormals than b). Every product
+  is ``code * b * 2**-14``; score (log2 units) = ``n_t (F_r D + K_r)`` with
+  ``F_r = 2**14 max|q~_r| S log2(e)`` and ``K_r = log2(e) sum_c q~_rc min_c`` (group constants).
 * PV: ``O[c, row] = sum_t A[c, t] B[t, row]``, M = 16 channels, K = 16 tokens. A holds codes,
   B = ``p_rt * s_tj`` (value scale of token t, group j; p <= 1 so no overflow) per value group.
-  The min term ``E'[row, j] = sum_t p_rt (s_tj - min_tj / 2**vb)`` is one more mma per 16 tokens
-  with A = P (rows x tokens) and B = those per-group weights, and the output is
-  ``2**vb (O - E')``.
+  The min term ``E[row, j] = sum_t p_rt min_tj`` is one more mma per 16 tokens with A = P
+  (rows x tokens) and B = the mins, and the output is ``2**(24 - p) O + E`` (p = the bit of this
+  lane's value codes, the same for all its channels).
 
-The unpack trick: a code c of ``bits`` bits ORed into the mantissa of float16 1.0 at bit
-``10 - bits`` is exactly ``1 + c / 2**bits``; ``(rotr(word, n) & mask) | 0x3C003C00`` (one SHF,
-one LOP3) makes two of them at once, because codes j and j + cpw/2 of a word sit 16 bits apart.
-``sum b (1 + c / 2**bits) = sum b + sum b c / 2**bits``: the ``sum b`` part is folded into the
-group constants (QK) or E' (PV), never computed per token. Fragment index maps (the K dimension
-of an mma can be permuted freely, as long as both operands agree):
+The unpack trick: a code of ``bits`` bits at bit p of a float16 whose exponent field is zero is
+the subnormal ``code * 2**(p - 24)``, exact while ``p + bits <= 10``. Codes j and j + cpw/2 of a
+word sit 16 bits apart, so ``word & mask_j`` (one LOP3) is a f16x2 A register of two codes; the
+codes that sit higher than bit 10 - bits of their half share one shift (2-bit: pairs 0-4 in
+place, pairs 5-7 after ``>> 10``). The tensor cores take subnormal float16 exactly
+(tests/test_kernels_mma.py); the per-code power of two is folded into B (keys) or applied once
+to the accumulators (values). Fragment index maps (the K dimension of an mma can be permuted
+freely, and the M dimension of PV too, as long as both operands agree):
 
-* keys (tile layout: word w of 32 tokens is 128 contiguous bytes): thread (g, t4) loads word w of
-  tokens 4g .. 4g+3 with one 16-byte load; M rows g, g+8 of mma block mb are tokens 4g + 2mb,
-  4g + 2mb + 1. K index 2t4 + h (h = 0, 1) is half h of code pair P = 2t4, index 2t4 + 8 + h half h
-  of pair 2t4 + 1; pair P of chunk ch (16 channels) is codes (j, j + cpw/2) of word
-  ``ch * 16/cpw + P // (cpw/2)``, j = P % (cpw/2).
+* keys (tile layout: word w of 32 tokens is 128 contiguous bytes): lane column t4 owns the key
+  words ``t4 * KW/4 .. t4 * KW/4 + KW/4 - 1`` (all their code pairs); thread (g, t4) loads one of
+  them for tokens 4g .. 4g+3 with one 16-byte load (2 loads per tile at 2 bits, head_dim 128).
+  M rows g, g+8 of mma block mb are tokens 4g + 2mb, 4g + 2mb + 1. Of the thread's code pairs,
+  numbered ``i * cpw/2 + j`` (word i, pair j), mma ch takes pairs 2ch (K indices 2t4, 2t4 + 1)
+  and 2ch + 1 (K indices 2t4 + 8, 2t4 + 9).
 * values (token-major rows): K index 2t4 + i (i = 0, 1) and 2t4 + 8 + i are tokens
   16kb + t4 + 4i and 16kb + t4 + 8 + 4i (so the 4 lanes t4 read 4 consecutive rows: no bank
   conflicts); M rows g, g + 8 of chunk ch are the code pair P = g. A register pairs two *tokens*
-  of one channel: one PRMT gathers the byte of each token's word, two SHF + LOP3 make the (low
-  channel, high channel) registers.
+  of one channel: one PRMT gathers the byte of each token's word, then LOP3 (low channel) and
+  SHF + LOP3 (high channel) make the two registers.
 
 Memory: each warp stages its next tile (key codes, norms, the key group's params, value params,
 value codes: 3.2 KB at the default config) with ``cp.async`` into one of two shared buffers while
@@ -52,16 +55,18 @@ the instructions of the first version. S is rounded to a power of two (no divisi
 
 The score tile goes to the PV layout through shared memory (8 x 33 floats per warp); the query
 fragments of a key group are built by all 32 lanes (lane (g, t4) takes chunk g) and exchanged
-the same way. Per 32-token tile a warp issues 16 + 16 + 2 mma. docs/kernels.md has the measured
-steps and where the time goes (the ALU pipe: unpacking, the per-group fragment build, softmax).
+the same way. The softmax runs in log2 units with ``ex2.approx`` (the partials are converted to
+natural-log units at the end). Per 32-token tile a warp issues 16 + 16 + 2 mma. docs/kernels.md
+has the measured steps and where the time goes (the shared-memory pipe, then the ALU pipe).
 
 In the CUDA simulator the intrinsics and warp collectives come from ``ptx_sim`` (Python with the
 PTX semantics), so CPU CI runs this kernel on tiny shapes.
 
-Precision (derived in tests/test_kernels_attention.py): float16 rounding of b (relative 2**-11,
-absolute 2**-25 below the normal range) and of p * s and s - min / 2**vb; float32 accumulation.
+Precision (derived in tests/test_kernels_attention.py): float16 rounding of b' (relative 2**-11,
+absolute 2**-25 below the normal range) and of p and p * s; exact products, float32 accumulation.
 Requirements (:func:`unsupported`): rows <= 8, float16 params, value groups of >= 16 channels
-and at most 8 per head, head_dim a multiple of 16, 48 KB of static shared memory.
+and at most 8 per head, head_dim a multiple of 16, ``head_dim * key_bits`` a multiple of 128
+(4 key words per lane column), 48 KB of static shared memory.
 """
 
 from __future__ import annotations
@@ -179,7 +184,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     KB, VB = key_bits, value_bits
     KCPW, VCPW = 32 // KB, 32 // VB
     KHP, VHP = KCPW // 2, VCPW // 2
-    KWPC, VWPC = 16 // KCPW, 16 // VCPW  # words per 16-channel chunk
+    VWPC = 16 // VCPW  # value words per 16-channel chunk
     KW, VW = D * KB // 32, D * VB // 32
     TPG = key_group_size // TILE
     LTPG = TPG.bit_length() - 1  # TPG is a power of two
@@ -576,7 +581,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                     acc[4 * ch + 1] *= al1
                     acc[4 * ch + 2] *= al0
                     acc[4 * ch + 3] *= al1
-                # E' rows are g: fetch alpha of row g from a lane holding it (t4 = g // 2)
+                # E rows are g: fetch alpha of row g from a lane holding it (t4 = g // 2)
                 a_0 = cuda.shfl_sync(FULL, al0, g >> 1)
                 a_1 = cuda.shfl_sync(FULL, al1, g >> 1)
                 ag = a_1 if g & 1 else a_0
@@ -608,7 +613,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 for j in range(NGV):
                     bv[2 * j] = hmul2(p01, prmt(vpw[j], vpw[NGV + j], SEL_LO))
                     bv[2 * j + 1] = hmul2(p23, prmt(vpw[2 * NGV + j], vpw[3 * NGV + j], SEL_LO))
-                # E' += P (rows x tokens) . W (tokens x groups), W = s - min / 2**vb
+                # E += P (rows x tokens) . M (tokens x groups), M = the value mins
                 y0 = lds1(so, 4 * (VPO + (xo) * NGV + gv))
                 y1 = lds1(so, 4 * (VPO + (xo + 4) * NGV + gv))
                 y2 = lds1(so, 4 * (VPO + (xo + 8) * NGV + gv))

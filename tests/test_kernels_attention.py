@@ -274,24 +274,24 @@ U16_ABS = 2.0**-25
 def f16_key_terms(qt, block, cfg):
     """Extra logit error (before ``scale * n_t``) of the v3 kernel, ``[B, H, rows, Tq]``.
 
-    It multiplies codes (exact as float16 ``1 + c / 2**kb``) by ``b_c = f16(qn_c s_c / S')``
-    (qn = q~ / max|q~|, S' = max_c s_c of the key group rounded up to a power of two, < 2 max s,
-    so |b| < 1): relative error U16, or U16_ABS absolute below the normal range, i.e.
-    ``max|q~| S' (2**kb + c) U16_ABS <= 2 max|q~| max s 2**(kb+1) U16_ABS`` per channel. The mma
-    sums ``b (1 + c / 2**kb)`` and the group constant ``sum q~ (min - 2**kb s)`` cancels the
-    ``sum b`` part: the float32 sums see terms up to ``|q~| (|min| + s (2**(kb+1) + c))``.
+    It multiplies codes, exact as float16 subnormals ``c 2**(p - 24)`` (p = the code's bit in
+    its half, ``p + kb <= 10``), by ``b'_c = f16(qn_c s_c / S' 2**(10 - p))`` (qn = q~ / max|q~|,
+    S' = max_c s_c of the key group rounded up to a power of two, < 2 max s, so |b'| < 2**10):
+    relative error U16, or U16_ABS absolute below the normal range, which is a logit error of
+    ``max|q~| S' c 2**(p - 10) U16_ABS < 2 max|q~| max s U16_ABS`` per channel. Products are
+    exact; the float32 sums (mma and the group constant ``sum q~ min``) see terms up to
+    ``|q~| (|min| + s c)``.
     """
     codes = unpack_key_codes(block.k_codes, cfg.key_bits).astype(np.float64)  # [B, H, T, D]
     kp = block.k_params.astype(np.float64)
     gk = cfg.key_group_size
     s = np.repeat(kp[..., 0], gk, axis=2)  # [B, H, T, D]
     mn = np.abs(np.repeat(kp[..., 1], gk, axis=2))
-    big = 2.0 ** (cfg.key_bits + 1)
-    mag = mn + s * (big + codes)
+    mag = mn + s * codes
     aq = np.abs(qt)
     rel = (2 * U16 + 2 * _gamma(qt.shape[-1] + 4)) * np.einsum("bhrd,bhtd->bhrt", aq, mag)
     smax = np.repeat(kp[..., 0].max(axis=-1), gk, axis=2)  # [B, H, T]
-    absolute = (2 * U16_ABS * big * qt.shape[-1] * aq.max(axis=-1)[..., None]
+    absolute = (2 * U16_ABS * qt.shape[-1] * aq.max(axis=-1)[..., None]
                 * smax[:, :, None, :])
     return rel + absolute
 
@@ -299,11 +299,12 @@ def f16_key_terms(qt, block, cfg):
 def f16_value_terms(p, block, cfg):
     """Extra output error of the v3 kernel, ``[B, H, rows, D]``, for normalized weights ``p``.
 
-    PV multiplies codes (``1 + c / 2**vb``) by ``f16(f16(p) s)`` and subtracts
-    ``E' = sum f16(p) f16(s - min / 2**vb)``, then scales by 2**vb: per token and channel at most
-    ``4 U16 p a2`` with ``a2 = |s| (2**(vb+1) + c) + |min|``, plus absolute float16 underflow of
-    the kernel's unnormalized weights (<= 1 relative to the running max, so <= 1 / L = max p
-    after normalization), plus float32 sums of those terms.
+    PV multiplies codes (exact float16 subnormals ``c 2**(p - 24)``, undone by an exact power of
+    two at the end) by ``f16(f16(p') s)`` and adds ``E = sum f16(p') min`` (one more mma), with
+    the kernel's unnormalized weights ``p' <= 1``: relative error 2 U16 of ``p s c`` and U16 of
+    ``p |min|`` per token and channel; absolute float16 underflow U16_ABS of ``p'`` (times
+    ``s c + |min|``) and of ``p' s`` (times ``c``), which normalization scales by at most
+    1 / L = max p; plus float32 sums of those terms.
     """
     if p.shape[-1] == 0:
         return 0.0
@@ -312,10 +313,11 @@ def f16_value_terms(p, block, cfg):
     gv = cfg.value_group_size
     s = np.abs(np.repeat(vp[..., 0], gv, axis=-1))  # [B, H, T, D]
     mn = np.abs(np.repeat(vp[..., 1], gv, axis=-1))
-    a2 = s * (2.0 ** (cfg.value_bits + 1) + codes) + mn
+    a2 = s * codes + mn
     t = p.shape[-1]
     rel = (4 * U16 + _gamma(t + 64)) * np.einsum("bhrt,bhtd->bhrd", p, a2)
-    absolute = 4 * U16_ABS * p.max(axis=-1, keepdims=True) * a2.sum(axis=2)[:, :, None, :]
+    absolute = (4 * U16_ABS * p.max(axis=-1, keepdims=True)
+                * (a2 + codes).sum(axis=2)[:, :, None, :])
     return rel + absolute
 
 
