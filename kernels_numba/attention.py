@@ -507,6 +507,7 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
     HS = _hadamard_scale(D)
     load_q = _loader(q_dtype)
     load_r = _loader(res_dtype)
+    UNROLL = 8
 
     def merge_kernel(q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale, quantized_len,
                      residual_len, num_splits):
@@ -565,19 +566,40 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
             total += p
         total = _block_sum(red, red2, total, tid)  # its barriers publish wsp and sr
 
+        # UNROLL independent partial sums: the loads of a group are in flight together (one
+        # dependent chain of num_splits L2 round trips took 16 us at 66 splits)
+        part = cuda.local.array(UNROLL, np.float32)
         for d in range(tid, D, NT):
+            for k in range(UNROLL):
+                part[k] = np.float32(0.0)
+            u0 = 0
+            while u0 + UNROLL <= num_splits:
+                for k in range(UNROLL):
+                    part[k] += wsp[u0 + k] * ws_acc[b, hq, i, u0 + k, d]
+                u0 += UNROLL
+            for u in range(u0, num_splits):
+                part[0] += wsp[u] * ws_acc[b, hq, i, u, d]
             a = np.float32(0.0)
-            for u in range(num_splits):
-                a += wsp[u] * ws_acc[b, hq, i, u, d]
+            for k in range(UNROLL):
+                a += part[k]
             buf[0, d] = a
         if ROTATE:
             fwht_shared(buf, 1, D, tid, NT)
         for d in range(tid, D, NT):
+            for k in range(UNROLL):
+                part[k] = np.float32(0.0)
+            t0 = 0
+            while t0 + UNROLL <= residual_len:
+                for k in range(UNROLL):
+                    part[k] += sr[t0 + k] * load_r(v_res[b, kvh, t0 + k, d])
+                t0 += UNROLL
+            for t in range(t0, residual_len):
+                part[0] += sr[t] * load_r(v_res[b, kvh, t, d])
             o = buf[0, d]
             if ROTATE:
                 o *= np.float32(HS)
-            for t in range(residual_len):
-                o += sr[t] * load_r(v_res[b, kvh, t, d])
+            for k in range(UNROLL):
+                o += part[k]
             out[b, hq, i, d] = o / total
         if tid == 0:
             lse[b, hq, i] = m + math.log(total)
