@@ -411,7 +411,9 @@ def sim_cases(draw):
     quantized_len = draw(st.sampled_from([q for q in (0, 32, 64) if q % key_group == 0]))
     residual_len = draw(st.integers(0, key_group - 1))
     residual_len = max(residual_len, lq - quantized_len)  # q_len <= seq_len
-    case = make_case(b, h, g, 32, quantized_len, residual_len, lq, config,
+    # v3 needs head_dim * key_bits to be a multiple of 128 (4 key words per lane column)
+    head_dim = 64 if v3 and key_bits == 2 else 32
+    case = make_case(b, h, g, head_dim, quantized_len, residual_len, lq, config,
                      q_dtype=draw(st.sampled_from(["float16", "float32", "bfloat16"])),
                      res_dtype=draw(st.sampled_from(["float16", "float32", "bfloat16"])),
                      seed=draw(st.integers(0, 2**16)), q_scale=draw(st.sampled_from([None, 1.0])))
