@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 import oscar  # noqa: E402
-from cases import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS  # noqa: E402
+from cases import decode_inputs  # noqa: E402
 from gpu_timing import (cache_bytes, copy_bandwidth, graph_host_us_per_replay,  # noqa: E402
                         host_us_per_call, sdpa_bf16, time_cuda, time_graph)
 from oscar.kernels_numba import attention as K  # noqa: E402
@@ -41,12 +41,7 @@ def main(argv=None):
     cfg = oscar.OScaRConfig(key_bits=args.bits, value_bits=args.bits)
     for shape in args.shapes.split(","):
         b, t = (int(x) for x in shape.split("x"))
-        gen = torch.Generator(device="cuda").manual_seed(t + b)
-        k = torch.randn(b, NUM_KV_HEADS, t, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
-                        generator=gen)
-        v = torch.randn_like(k)
-        q = torch.randn(b, NUM_Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
-                        generator=gen)
+        q, k, v = decode_inputs(b, t, seed=t + b)
         cache = oscar.quantize_kv(k, v, cfg)
         sdpa_ms = time_cuda(lambda: sdpa_bf16(q, k, v))
         nbytes = cache_bytes(cache)

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 import oscar  # noqa: E402
-from cases import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS  # noqa: E402
+from cases import HEAD_DIM, NUM_KV_HEADS, decode_inputs  # noqa: E402
 from gpu_timing import (cache_bytes, copy_bandwidth, graph_host_us_per_replay,  # noqa: E402
                         host_us_per_call, sdpa_bf16, time_cuda, time_graph)
 
@@ -40,12 +40,7 @@ def environment() -> dict:
 
 def decode_row(batch, seq_len, bits, copy_tbps, host=False):
     cfg = oscar.OScaRConfig(key_bits=bits, value_bits=bits)
-    g = torch.Generator(device="cuda").manual_seed(seq_len + batch)
-    k = torch.randn(batch, NUM_KV_HEADS, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
-                    generator=g)
-    v = torch.randn_like(k)
-    q = torch.randn(batch, NUM_Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
-                    generator=g)
+    q, k, v = decode_inputs(batch, seq_len, seed=seq_len + batch)
     cache = oscar.quantize_kv(k, v, cfg)
     fn = lambda: oscar.decode_attention(q, cache)  # noqa: E731
     ms = time_graph(fn)  # device time of one decode step (both kernels), no host launch cost

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import oscar  # noqa: E402
-from cases import DECODE_CASES, HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS  # noqa: E402
+from cases import DECODE_CASES, HEAD_DIM, NUM_KV_HEADS, decode_inputs  # noqa: E402
 from gpu_timing import (capture_graph, copy_bandwidth, flush_l2,  # noqa: E402
                         graph_host_us_per_replay, host_us_per_call, sdpa_bf16, time_cuda)
 
@@ -27,12 +27,7 @@ def copy_tbps():
 
 
 def _make(batch, seq_len, cfg=None):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    k = torch.randn(batch, NUM_KV_HEADS, seq_len, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
-                    generator=g)
-    v = torch.randn_like(k)
-    q = torch.randn(batch, NUM_Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
-                    generator=g)
+    q, k, v = decode_inputs(batch, seq_len, seed=0)
     return q, k, v, oscar.quantize_kv(k, v, cfg or oscar.OScaRConfig())
 
 

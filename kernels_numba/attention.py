@@ -72,7 +72,7 @@ import math
 from ._compat import SIMULATOR, cuda, np
 from . import attention_mma as _split_v3
 from . import attention_split as _split_v2
-from .common import bf16_bits_to_f32, fwht_shared, int_as_float, split_tile_range
+from .common import bf16_bits_to_f32, fwht_shared, int_as_float, split_block
 
 #: Which split kernel to build. 3 (default) = tensor cores through inline PTX (attention_mma.py;
 #: in the CUDA simulator through ptx_sim.py), for the configurations it supports
@@ -292,15 +292,11 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
         tid = cuda.threadIdx.x
         lane = tid % TILE_TOKENS
         slot = tid // TILE_TOKENS
-        split = cuda.blockIdx.y
-        nkv = k_codes.shape[1]
-        b = cuda.blockIdx.x // nkv
-        kvh = cuda.blockIdx.x % nkv
+        b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
+                                                    TPG)
         nh = kvh if NORM_PER_HEAD else 0
         neg_inf = np.float32(-math.inf)
         seq_len = quantized_len + residual_len
-
-        t_begin, t_end = split_tile_range(quantized_len, num_splits, split, TPG)
 
         # per-thread PV ownership: channels d0 + DW * j, rows r0 + RS * k
         d0 = tid % DW

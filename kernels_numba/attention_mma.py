@@ -74,7 +74,7 @@ from __future__ import annotations
 import math
 
 from ._compat import SIMULATOR, cuda, np
-from .common import fwht_shared, split_tile_range, write_empty_split
+from .common import fwht_shared, split_block, write_empty_split
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
@@ -232,6 +232,25 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             return a
         return b
 
+    def row_loader(words):
+        """Device function: the ``words`` uint32 of token rows xo, xo + 4, xo + 8, xo + 12 of a
+        stage region (rows of ``words`` words) into ``out[i * words + w]``, 16 bytes a load."""
+
+        @cuda.jit(device=True)
+        def load(so, region, xo, out):
+            for i in range(4):
+                for u in range(words // 4):
+                    w0, w1, w2, w3 = lds4(so, 4 * (region + (xo + 4 * i) * words + 4 * u))
+                    out[i * words + 4 * u] = w0
+                    out[i * words + 4 * u + 1] = w1
+                    out[i * words + 4 * u + 2] = w2
+                    out[i * words + 4 * u + 3] = w3
+
+        return load
+
+    load_vparams = row_loader(NGV)  # used when VEC_P
+    load_vcodes = row_loader(VW)  # used when VEC_V
+
     @cuda.jit(device=True)
     def kcodes(x, j):
         """Key code pair j of word ``x`` as f16x2 subnormals ``code * 2**(p_j - 24)`` (one LOP3;
@@ -285,15 +304,11 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         warp = tid >> 5
         g = lane >> 2
         t4 = lane & 3
-        split = cuda.blockIdx.y
-        nkv = k_codes.shape[1]
-        b = cuda.blockIdx.x // nkv
-        kvh = cuda.blockIdx.x % nkv
+        b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
+                                                    TPG)
         nh = kvh if NORM_PER_HEAD else 0
         neg_inf = np.float32(-math.inf)
         seq_len = quantized_len + residual_len
-
-        t_begin, t_end = split_tile_range(quantized_len, num_splits, split, TPG)
         if t_begin >= t_end:  # block-uniform
             write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, NT, ROWS, D, G, LQ)
             return
@@ -599,15 +614,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 po = 4 * (g * 33 + xo)
                 p01 = pack_f16x2(lds1f(psh_b, po), lds1f(psh_b, po + 16))
                 p23 = pack_f16x2(lds1f(psh_b, po + 32), lds1f(psh_b, po + 48))
-                for i in range(4):
-                    if VEC_P:
-                        for u in range(NGV // 4):
-                            w0, w1, w2, w3 = lds4(so, 4 * (VPO + (xo + 4 * i) * NGV + 4 * u))
-                            vpw[i * NGV + 4 * u] = w0
-                            vpw[i * NGV + 4 * u + 1] = w1
-                            vpw[i * NGV + 4 * u + 2] = w2
-                            vpw[i * NGV + 4 * u + 3] = w3
-                    else:
+                if VEC_P:
+                    load_vparams(so, VPO, xo, vpw)
+                else:
+                    for i in range(4):
                         for j in range(NGV):
                             vpw[i * NGV + j] = lds1(so, 4 * (VPO + (xo + 4 * i) * NGV + j))
                 for j in range(NGV):
@@ -626,13 +636,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 e0, e1, _, _ = mma_f16(p01, ZERO_U, p23, ZERO_U, wa, wb, e0, e1, ZERO_F, ZERO_F)
                 # value codes of the 4 tokens
                 if VEC_V:
-                    for i in range(4):
-                        for u in range(VW // 4):
-                            w0, w1, w2, w3 = lds4(so, 4 * (VCO + (xo + 4 * i) * VW + 4 * u))
-                            vx[i * VW + 4 * u] = w0
-                            vx[i * VW + 4 * u + 1] = w1
-                            vx[i * VW + 4 * u + 2] = w2
-                            vx[i * VW + 4 * u + 3] = w3
+                    load_vcodes(so, VCO, xo, vx)
                 else:
                     for i in range(4):
                         for ch in range(NCH):

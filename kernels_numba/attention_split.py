@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 
 from ._compat import cuda, np
-from .common import fwht_shared, split_tile_range, write_empty_split
+from .common import fwht_shared, split_block, write_empty_split
 
 NUM_THREADS = 128
 NUM_WARPS = 4
@@ -78,15 +78,11 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
         tid = cuda.threadIdx.x
         lane = tid % TILE
         warp = tid // TILE
-        split = cuda.blockIdx.y
-        nkv = k_codes.shape[1]
-        b = cuda.blockIdx.x // nkv
-        kvh = cuda.blockIdx.x % nkv
+        b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
+                                                    TPG)
         nh = kvh if NORM_PER_HEAD else 0
         neg_inf = np.float32(-math.inf)
         seq_len = quantized_len + residual_len
-
-        t_begin, t_end = split_tile_range(quantized_len, num_splits, split, TPG)
         if t_begin >= t_end:  # block-uniform
             write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, NT, ROWS, D, G, LQ)
             return

@@ -140,18 +140,22 @@ def check_threads(threads) -> None:
 
 
 @cuda.jit(device=True)
-def split_tile_range(quantized_len, num_splits, split, tiles_per_group):
-    """Tiles ``[begin, end)`` of split ``split`` of a decode split kernel (32-token tiles).
+def split_block(num_kv_heads, quantized_len, num_splits, tiles_per_group):
+    """``(batch, kv_head, split, begin, end)`` of this block of a decode split kernel (grid
+    ``(batch * num_kv_heads, num_splits)``): the split's 32-token tiles are ``[begin, end)``.
 
     Each split takes ``ceil(tiles / num_splits)`` tiles rounded up to whole key groups
     (``tiles_per_group`` tiles), so a split always starts a key group; trailing splits may be
     empty (``begin >= end``). Shared by the three split kernels so they partition alike.
     """
+    b = cuda.blockIdx.x // num_kv_heads
+    kvh = cuda.blockIdx.x % num_kv_heads
+    split = cuda.blockIdx.y
     ntiles = quantized_len // 32
     per = (ntiles + num_splits - 1) // num_splits
     per = (per + tiles_per_group - 1) // tiles_per_group * tiles_per_group
     begin = split * per
-    return begin, min(begin + per, ntiles)
+    return b, kvh, split, begin, min(begin + per, ntiles)
 
 
 @cuda.jit(device=True)

@@ -550,6 +550,20 @@ def test_errors_at_the_boundary(change, error, match):
         K.decode_attention(*dev, out, lse, ws, **args)
 
 
+def test_non_contiguous_array_is_a_clear_error():
+    # the kernels address tiles with fixed strides: a strided view must not reach them
+    case = make_case(1, 1, 2, 32, 32, 3, 1, oscar.OScaRConfig(residual_length=32))
+    dev, out, lse, ws = _host_args(case, 1)
+    kc = np.ascontiguousarray(case["kernel_args"][1])
+    wide = cuda.to_device(np.repeat(kc, 2, axis=-1))
+    dev[1] = wide[..., ::2]  # same shape and dtype as k_codes, every other word
+    assert tuple(dev[1].shape) == kc.shape
+    with pytest.raises(ValueError, match="k_codes: expected a C-contiguous array"):
+        K.decode_attention(*dev, out, lse, ws, config=case["config"], scale=case["scale"],
+                           quantized_len=32, residual_len=3, q_dtype="float32",
+                           res_dtype="float32", num_splits=1)
+
+
 def test_too_many_rows_is_a_clear_error():
     with pytest.raises(ValueError, match="query rows per KV head"):
         K._build_split(2, 2, 32, 32, 256, 8, 4, "float16", "float16", True, True, False)
