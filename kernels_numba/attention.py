@@ -72,7 +72,7 @@ import math
 from ._compat import SIMULATOR, cuda, np
 from . import attention_mma as _split_v3
 from . import attention_split as _split_v2
-from .common import bf16_bits_to_f32, fwht_shared, int_as_float, split_block
+from .common import bf16_bits_to_f32, fwht_shared, int_as_float, split_block, value_code_location
 
 #: Which split kernel to build. 3 (default) = tensor cores through inline PTX (attention_mma.py;
 #: in the CUDA simulator through ptx_sim.py), for the configurations it supports
@@ -265,7 +265,7 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
     STAGE_PS = lay["stage_ps"]
     PS_SHAPE = (ROWS, TILE_TOKENS, NGV) if STAGE_PS else (1, 1, 1)
     KB, VB = key_bits, value_bits
-    KCPW, VCPW = 32 // key_bits, 32 // value_bits
+    KCPW = 32 // key_bits
     KMASK, VMASK = (1 << key_bits) - 1, (1 << value_bits) - 1
     GV = value_group_size
     NT = NUM_THREADS
@@ -362,7 +362,7 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
                         s += red[tid * TPR + j]
                     kmin[tid] = s  # read after the QK barrier below
 
-            # stage the tile's value words and params (coalesced: token rows are contiguous)
+            # stage the tile's value words (one flat run, docs/format.md) and params (coalesced)
             for idx in range(tid, TILE_TOKENS * VW, NT):
                 vws[idx // VW, idx % VW] = v_codes[b, kvh, tok0 + idx // VW, idx % VW]
             for idx in range(tid, TILE_TOKENS * NGV, NT):
@@ -456,15 +456,14 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
             # PV: thread owns (channel, rows); each code unpacked once, one FMA per row
             for jd in range(DPT):
                 d = d0 + DW * jd
-                w = d // VCPW
-                sh = np.uint32(VB * (d % VCPW))
                 g = d // GV
                 for k in range(RPT):
                     r = r0 + RS * k
                     if r < ROWS:
                         acc[jd * RPT + k] *= alpha_s[r]
                 for l in range(TILE_TOKENS):
-                    cf = code_f32((vws[l, w] >> sh) & np.uint32(VMASK))
+                    f, sh = value_code_location(l, d, D, VB)  # the tiled value layout
+                    cf = code_f32((vws[f // VW, f % VW] >> np.uint32(sh)) & np.uint32(VMASK))
                     for k in range(RPT):
                         r = r0 + RS * k
                         if r < ROWS:

@@ -40,11 +40,14 @@ freely, and the M dimension of PV too, as long as both operands agree):
   M rows g, g+8 of mma block mb are tokens 4g + 2mb, 4g + 2mb + 1. Of the thread's code pairs,
   numbered ``i * cpw/2 + j`` (word i, pair j), mma ch takes pairs 2ch (K indices 2t4, 2t4 + 1)
   and 2ch + 1 (K indices 2t4 + 8, 2t4 + 9).
-* values (token-major rows): K index 2t4 + i (i = 0, 1) and 2t4 + 8 + i are tokens
-  16kb + t4 + 4i and 16kb + t4 + 8 + 4i (so the 4 lanes t4 read 4 consecutive rows: no bank
-  conflicts); M rows g, g + 8 of chunk ch are the code pair P = g. A register pairs two *tokens*
-  of one channel: one PRMT gathers the byte of each token's word, then LOP3 (low channel) and
-  SHF + LOP3 (high channel) make the two registers.
+* values (the value tile layout, docs/format.md section 2b): K index 2t4 + i (i = 0, 1) and
+  2t4 + 8 + i are tokens 16kb + t4 + 4i and 16kb + t4 + 8 + 4i (token pairs 0 and 1 of the
+  thread); M rows g, g + 8 of chunk ch are channels 16ch + g, 16ch + 8 + g (slots ch and
+  NCH + ch). The thread's 2 VWT words of block kb are contiguous (one 16-byte load at 2 bits,
+  head_dim 128; 32 lanes read 512 consecutive bytes) and hold exactly its codes: each word's low
+  and high halves are one channel of the two tokens of a pair, so one LOP3 (plus one SHF shared
+  by the slots above bit 10 - bits) makes an A register. The per-slot power of two is a
+  compile-time constant applied to the accumulators at the end.
 
 Memory: each warp stages its next tile (key codes, norms, the key group's params, value params,
 value codes: 3.2 KB at the default config) with ``cp.async`` into one of two shared buffers while
@@ -153,6 +156,8 @@ def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dt
         return f"value groups of {value_group_size} channels (16 or more, at most 8 per head)"
     if (head_dim * key_bits) % 128:
         return f"head_dim {head_dim} at {key_bits} bits is not 4 key words per lane column"
+    if (head_dim * value_bits) % 128:
+        return f"head_dim {head_dim} at {value_bits} value bits is under one word per token pair"
     if _num_stages(key_bits, value_bits, value_group_size, head_dim, rows) == 0:
         return "does not fit in 48 KB of static shared memory"
     return None
@@ -182,9 +187,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     ROWS = G * LQ
     NCH = D // 16
     KB, VB = key_bits, value_bits
-    KCPW, VCPW = 32 // KB, 32 // VB
-    KHP, VHP = KCPW // 2, VCPW // 2
-    VWPC = 16 // VCPW  # value words per 16-channel chunk
+    KCPW = 32 // KB
+    KHP = KCPW // 2
+    VHC = 16 // VB  # value codes per 16-bit half word
+    VWT = D * VB // 128  # value words per token pair a thread unpacks (2 VWT per 16-token block)
     KW, VW = D * KB // 32, D * VB // 32
     TPG = key_group_size // TILE
     LTPG = TPG.bit_length() - 1  # TPG is a power of two
@@ -192,7 +198,6 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     NGV = D // GV
     NW, NT = NUM_WARPS, NUM_THREADS
     BS = NCH * 8 + 8  # row stride (uint32) of the query-fragment exchange buffer
-    VEC_V = VHP == 8 and VW % 4 == 0  # 2-bit values: a thread uses every word of a token row
     VEC_P = NGV % 4 == 0  # a token's value params are whole 16-byte vectors
     NSTAGE = _num_stages(KB, VB, GV, D, ROWS)
     # staging buffer regions (uint32 offsets): key codes [KW][32], norms [32], key params
@@ -213,14 +218,17 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     # B' = b * 2**(10 - position): every product A B' is code * b * 2**-14 (A = code * 2**(p-24))
     KFAC = tuple(_pow2(_MANT - f[1]) for f in fields)
     QK_UNIT = _pow2(24 - _MANT)  # 2**14
-    VMASK = (1 << VB) - 1
+    vfields = _code_fields(VB, VHC)
+    VSH = tuple(np.uint32(f[0]) for f in vfields)  # shift of value code pair j (both halves)
+    VMK = tuple(np.uint32(((1 << VB) - 1 << f[1]) * 0x10001) for f in vfields)
+    VFAC = tuple(_pow2(24 - f[1]) for f in vfields)  # undoes the subnormal 2**(p - 24)
     SEL_LO, SEL_HI = np.uint32(0x5410), np.uint32(0x7632)
     ROTATE, SCALE_TOKENS, NORM_PER_HEAD = bool(rotate_keys), bool(scale_tokens), bool(norm_per_head)
     HS = np.float32(hadamard_scale)
     # array shapes must be literals (closure constants), not expressions, in a kernel
     DP, NACC, NBQ, NBV = D + 4, NCH * 4, NCH * 2, NGV * 2
     NVPW = NGV * 4
-    NVX = 4 * VW if VEC_V else 4 * NCH
+    NVX = 2 * VWT
     ZERO_U = np.uint32(0)
     ZERO_F = np.float32(0.0)
     LOG2E, LN2 = np.float32(1.0 / math.log(2.0)), np.float32(math.log(2.0))
@@ -249,13 +257,36 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         return load
 
     load_vparams = row_loader(NGV)  # used when VEC_P
-    load_vcodes = row_loader(VW)  # used when VEC_V
+
+    @cuda.jit(device=True)
+    def load_vcodes(so, kb, lane, out):
+        """The 2 VWT value words of this lane in 16-token block kb (docs/format.md, "Value
+        tiles"): contiguous, so one 16-byte load per 4 words (8 bytes when VWT = 1)."""
+        base = 4 * (VCO + (kb * 32 + lane) * NVX)
+        if NVX == 2:
+            w0, w1 = lds2(so, base)
+            out[0] = w0
+            out[1] = w1
+        else:
+            for u in range(NVX // 4):
+                w0, w1, w2, w3 = lds4(so, base + 16 * u)
+                out[4 * u] = w0
+                out[4 * u + 1] = w1
+                out[4 * u + 2] = w2
+                out[4 * u + 3] = w3
 
     @cuda.jit(device=True)
     def kcodes(x, j):
         """Key code pair j of word ``x`` as f16x2 subnormals ``code * 2**(p_j - 24)`` (one LOP3;
         the SHF of a shifted group is shared by its pairs after unrolling)."""
         return (x >> KSH[j]) & KMK[j]
+
+    @cuda.jit(device=True)
+    def vcodes(vx, i, n):
+        """Slot n (channel 16 (n % NCH) + 8 (n // NCH) + g) of token pair i of this lane's value
+        words as f16x2 subnormals ``code * 2**(p - 24)`` of the pair's two tokens."""
+        j = n % VHC
+        return (vx[i * VWT + n // VHC] >> VSH[j]) & VMK[j]
 
     # bytes per tile (per key group for k_params) of each array: its inner dimensions are
     # C-contiguous (checked by the launcher), so a tile is one fixed stride from the (b, head) base
@@ -373,15 +404,6 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         cuda.syncthreads()
 
         # --- per-thread constants of the fragment maps ----------------------------------------
-        vwo = g // VHP  # value word of pair g inside a chunk
-        vj = g % VHP
-        vo = (VB * vj) % 8
-        vby = (VB * vj) // 8
-        vsel = np.uint32(vby | ((vby + 2) << 4) | ((vby + 4) << 8) | ((vby + 6) << 12))
-        # value codes of this lane sit at bit vo of each half (after a shift by 8 for the high
-        # channel): subnormals code * 2**(vo - 24), undone per lane at the end
-        vmask = np.uint32((VMASK << vo) * 0x10001)
-        vfac = uint_as_float(np.uint32(127 + 24 - vo) << np.uint32(23))
         r0 = 2 * t4
         r1 = r0 + 1
         lim0 = seq_len - LQ + r0 % LQ  # last visible position of rows r0, r1
@@ -634,26 +656,14 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                     wa = ZERO_U
                     wb = ZERO_U
                 e0, e1, _, _ = mma_f16(p01, ZERO_U, p23, ZERO_U, wa, wb, e0, e1, ZERO_F, ZERO_F)
-                # value codes of the 4 tokens
-                if VEC_V:
-                    load_vcodes(so, VCO, xo, vx)
-                else:
-                    for i in range(4):
-                        for ch in range(NCH):
-                            vx[i * NCH + ch] = lds1(
-                                so, 4 * (VCO + (xo + 4 * i) * VW + ch * VWPC + vwo))
+                # value codes of the 4 tokens: this lane's own words, M rows g, g + 8 of chunk
+                # ch = slots ch, NCH + ch; K pairs = token pairs 0, 1
+                load_vcodes(so, kb, lane, vx)
                 for ch in range(NCH):
-                    if VEC_V:
-                        wi = ch * VWPC
-                        ta = prmt(vx[wi], vx[VW + wi], vsel)
-                        tb = prmt(vx[2 * VW + wi], vx[3 * VW + wi], vsel)
-                    else:
-                        ta = prmt(vx[ch], vx[NCH + ch], vsel)
-                        tb = prmt(vx[2 * NCH + ch], vx[3 * NCH + ch], vsel)
                     j = (16 * ch) // GV
                     acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3] = mma_f16(
-                        ta & vmask, (ta >> np.uint32(8)) & vmask,
-                        tb & vmask, (tb >> np.uint32(8)) & vmask,
+                        vcodes(vx, 0, ch), vcodes(vx, 0, NCH + ch),
+                        vcodes(vx, 1, ch), vcodes(vx, 1, NCH + ch),
                         bv[2 * j], bv[2 * j + 1],
                         acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3])
             cuda.syncwarp()  # this buffer and psh are consumed before they are refilled
@@ -673,16 +683,18 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         cuda.syncwarp()
         for ch in range(NCH):
             j = (16 * ch) // GV
-            clo = (ch * VWPC + vwo) * VCPW + vj
-            chi = clo + VHP
+            clo = 16 * ch + g  # M row g (slot ch), M row g + 8 (slot NCH + ch)
+            chi = clo + 8
+            flo = VFAC[ch % VHC]
+            fhi = VFAC[(NCH + ch) % VHC]
             if r0 < ROWS:
                 ej = esh[warp, r0, j]
-                stg[r0 * D + clo] = float_as_uint(acc[4 * ch] * vfac + ej)
-                stg[r0 * D + chi] = float_as_uint(acc[4 * ch + 2] * vfac + ej)
+                stg[r0 * D + clo] = float_as_uint(acc[4 * ch] * flo + ej)
+                stg[r0 * D + chi] = float_as_uint(acc[4 * ch + 2] * fhi + ej)
             if r1 < ROWS:
                 ej = esh[warp, r1, j]
-                stg[r1 * D + clo] = float_as_uint(acc[4 * ch + 1] * vfac + ej)
-                stg[r1 * D + chi] = float_as_uint(acc[4 * ch + 3] * vfac + ej)
+                stg[r1 * D + clo] = float_as_uint(acc[4 * ch + 1] * flo + ej)
+                stg[r1 * D + chi] = float_as_uint(acc[4 * ch + 3] * fhi + ej)
         if g == 0:
             mw[warp, r0] = m0
             mw[warp, r1] = m1

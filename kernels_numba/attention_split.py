@@ -23,7 +23,7 @@ Per step, per warp:
 * online softmax per row in registers (every lane holds the same running max; the tile max goes
   through shared memory; each lane keeps its own partial sum of exps);
 * PV, lane = channels ``[lane * D/32, (lane + 1) * D/32)`` (one value group): for each of the 32
-  tokens it reads its code word and (scale, min), ``acc[r, c] += (p * scale) * code`` and
+  tokens it reads its codes (docs/format.md, "Value tiles") and (scale, min), ``acc[r, c] += (p * scale) * code`` and
   ``accm[r] += p * min`` (the value dequantization folded into p).
 
 At the end the 4 warps merge their states by log-sum-exp through shared memory and write the
@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 
 from ._compat import cuda, np
-from .common import fwht_shared, split_block, write_empty_split
+from .common import fwht_shared, split_block, value_code_location, write_empty_split
 
 NUM_THREADS = 128
 NUM_WARPS = 4
@@ -60,14 +60,13 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
     KB, VB = key_bits, value_bits
-    KCPW, VCPW = 32 // KB, 32 // VB
+    KCPW = 32 // KB
     KW = D // KCPW
     KMASK, VMASK = (1 << KB) - 1, (1 << VB) - 1
     TPG = key_group_size // TILE
     GV = value_group_size
     CPL = D // TILE  # value channels per lane
-    CW = min(CPL, VCPW)  # a lane's codes in one value word
-    NWL = CPL // CW  # value words per lane per token
+    VW = D * VB // 32  # words per token row of v_codes
     NACC = ROWS * CPL  # accumulators per lane (a literal: local.array needs a constant shape)
     NT, NW = NUM_THREADS, NUM_WARPS
     ROTATE, SCALE_TOKENS, NORM_PER_HEAD = bool(rotate_keys), bool(scale_tokens), bool(norm_per_head)
@@ -213,14 +212,12 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
                         pr = pw[warp, r, u]
                         accm[r] += pr * vmn
                         dots[r] = pr * vsc
-                    for wi in range(NWL):
-                        cw0 = c0 + wi * CW
-                        word = v_codes[b, kvh, t, cw0 // VCPW]
-                        for j in range(CW):
-                            sh = np.uint32(VB * ((cw0 + j) % VCPW))
-                            cf = code_f32((word >> sh) & np.uint32(VMASK))
-                            for r in range(ROWS):
-                                acc[r * CPL + wi * CW + j] += dots[r] * cf
+                    for j in range(CPL):  # code (u, c0 + j) of the tiled value layout
+                        f, sh = value_code_location(u, c0 + j, D, VB)
+                        word = v_codes[b, kvh, tile * TILE + f // VW, f % VW]
+                        cf = code_f32((word >> np.uint32(sh)) & np.uint32(VMASK))
+                        for r in range(ROWS):
+                            acc[r * CPL + j] += dots[r] * cf
             cuda.syncthreads()
 
         # merge the warps: per-lane partial sums -> per-warp sums; (m, l, acc) by log-sum-exp

@@ -170,3 +170,18 @@ def write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, nthreads, rows
     if tid < rows:
         ws_max[b, kvh * gqa + tid // q_len, tid % q_len, split] = np.float32(-math.inf)
         ws_sum[b, kvh * gqa + tid // q_len, tid % q_len, split] = np.float32(0.0)
+
+
+@arithmetic_device
+def value_code_location(t, c, head_dim, bits):
+    """``(word, shift)`` of value code (token ``t`` < 32, channel ``c``) of a 32-token tile: the
+    index into the tile's flat run of ``head_dim * bits`` words and the bit of its lowest bit.
+    The formula of ``reference.pack.value_code_location`` (docs/format.md, "Value tiles"); with
+    ``head_dim`` and ``bits`` compile-time constants it folds to shifts and masks."""
+    kb = t >> 4
+    r = t & 15
+    chunk = c >> 4
+    slot = (((((kb * 8 + (c & 7)) * 4 + (r & 3)) * 2 + (r >> 3)) * 2 + ((c >> 3) & 1))
+            * (head_dim // 16) + chunk)
+    per_half = 16 // bits
+    return slot // per_half, 16 * ((r >> 2) & 1) + bits * (slot % per_half)

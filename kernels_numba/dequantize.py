@@ -31,7 +31,7 @@ import functools
 
 from ..reference.hadamard import hadamard_scale
 from ._compat import cuda, np
-from .common import check_threads, fwht_shared, mul_rn
+from .common import check_threads, fwht_shared, mul_rn, value_code_location
 from .quantize import PARAM_TYPES, TILE, check_block_arrays
 
 #: Threads per block: 8 warps (see quantize.THREADS).
@@ -74,7 +74,7 @@ def _dequantize_source(key_bits, value_bits, key_group_size, value_group_size, h
     k_cpw = 32 // key_bits
     d_pad = d + 1  # row stride of the shared tile: lane-major reads hit 32 different banks
     k_mask = (1 << key_bits) - 1
-    v_cpw = 32 // value_bits
+    v_words = d * value_bits // 32  # words per token row of v_codes
     v_mask = (1 << value_bits) - 1
     write_keys = _tile_writer(d, rotate_keys, nt)
     write_values = _tile_writer(d, rotate_values, nt)
@@ -107,8 +107,9 @@ def _dequantize_source(key_bits, value_bits, key_group_size, value_group_size, h
         while p < TILE * d:
             t = p // d
             c = p - t * d
-            word = np.int64(v_codes[b, h, t0 + t, c // v_cpw])
-            code = (word >> (value_bits * (c % v_cpw))) & v_mask
+            f, sh = value_code_location(t, c, d, value_bits)  # the tiled layout
+            word = np.int64(v_codes[b, h, t0 + f // v_words, f % v_words])
+            code = (word >> sh) & v_mask
             g = c // value_group_size
             tile[t, c] = np.float32(v_params[b, h, t0 + t, g, 1]) + mul_rn(
                 np.float32(code), np.float32(v_params[b, h, t0 + t, g, 0]))

@@ -6,7 +6,7 @@ Computes :func:`oscar.reference.block.quantize_block` bit for bit, writing the a
 ``PackedBlock`` (docs/format.md) for ``T`` tokens of ``k, v [B, H, T, D]``:
 
     k_codes  uint32 [B, H, T/32, D*kb/32, 32]     k_params [B, H, T/gk, D, 2]   (scale, min)
-    v_codes  uint32 [B, H, T, D*vb/32]            v_params [B, H, T, D/gv, 2]
+    v_codes  uint32 [B, H, T, D*vb/32] (tiled)    v_params [B, H, T, D/gv, 2]
     norms    float32 [B, S, T]   (S = 1 for norm_scope "token", H for "head"; untouched without
                                   token scaling)
 
@@ -41,7 +41,10 @@ Two kernels, launched back to back on the caller's stream:
    a warp writes 128 contiguous bytes.
    Values: per 32-token sub-tile, load (+ FWHT and scale); R = min(words per group, 256 / groups)
    threads share a group (t, g), each owning whole words: partial min / max of their words, combine
-   through shared memory, params (thread r == 0 stores them), then each thread packs its words.
+   through shared memory, params (thread r == 0 stores them), then each thread quantizes its words'
+   channels in place in the shared tile (codes as float32). After a barrier, thread p builds word
+   p of the sub-tile's value run (docs/format.md "Value tiles": a word holds one channel set of
+   two tokens) from the codes in the tile and writes it (coalesced).
    Shared memory: ``32 * (D + 1) * 4 + 3 * max(THREADS, D) * 4 + 5 * D * 4`` bytes (41 KB at
    D = 256).
 
@@ -306,6 +309,30 @@ def _norm_source(head_dim: int, in_dtype: str, rotate: bool, levels: int, head_s
 # --- kernel 2: quantize and pack ------------------------------------------------------------------
 
 
+def _value_tile_inverse(head_dim, value_bits):
+    """Device function ``(word, j) -> (token, channel)``: which code of a 32-token value tile is
+    code ``j`` of word ``word`` of the tile (the inverse of ``common.value_code_location``).
+
+    With ``slot = word * hc + j % hc`` (``hc = 16 / bits`` codes per 16-bit half) and ``half = j
+    // hc``, the slot's fields give token ``16 kb + 8 pair + 4 half + t4`` and channel ``16 chunk +
+    8 hi + g`` (docs/format.md, "Value tiles")."""
+    hc = 16 // value_bits
+    nch = head_dim // 16
+
+    def code_at(word, j):
+        slot = word * hc + j % hc
+        chunk = slot % nch
+        rest = slot // nch
+        hi = rest & 1
+        pair = (rest >> 1) & 1
+        t4 = (rest >> 2) & 3
+        g = (rest >> 4) & 7
+        kb = rest >> 7
+        return 16 * kb + 8 * pair + 4 * (j // hc) + t4, 16 * chunk + 8 * hi + g
+
+    return arithmetic_device(code_at)
+
+
 @functools.lru_cache(maxsize=None)
 def _quantize_source(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
                      param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, threads):
@@ -328,6 +355,9 @@ def _quantize_source(key_bits, value_bits, key_group_size, value_group_size, hea
     v_words_per_group = value_group_size // v_cpw
     v_groups = TILE * v_groups_per_token
     v_parts = min(v_words_per_group, max(1, nt // v_groups))  # threads per value group
+    v_words = d * value_bits // 32  # words per token row of v_codes
+    v_tile_words = TILE * v_words
+    v_code_at = _value_tile_inverse(d, value_bits)
     v_groups_per_pass = nt // v_parts
 
     group_params = _param_fn(param_dtype)
@@ -454,15 +484,25 @@ def _quantize_source(key_bits, value_bits, key_group_size, value_group_size, hea
                         v_params[b, h, t0 + t, g, 0] = sc
                         v_params[b, h, t0 + t, g, 1] = mn_s
                         flags |= fl
+                    # the codes replace their inputs in the tile (only this thread reads them)
                     for w in range(r, v_words_per_group, v_parts):
                         c0 = (g * v_words_per_group + w) * v_cpw
-                        word = 0
                         for j in range(v_cpw):
-                            code = quant_code(tile[t, c0 + j], mn_s, sc, v_levels)
-                            word |= code << (value_bits * j)
-                        v_codes[b, h, t0 + t, g * v_words_per_group + w] = word
+                            tile[t, c0 + j] = np.float32(
+                                quant_code(tile[t, c0 + j], mn_s, sc, v_levels))
                 cuda.syncthreads()
                 gbase += v_groups_per_pass
+            # pack in the value tile layout: thread p builds word p of the tile's flat run
+            # (coalesced writes); code j of word f is token tt, channel cc of this sub-tile
+            p = tid
+            while p < v_tile_words:
+                word = 0
+                for j in range(v_cpw):
+                    tt, cc = v_code_at(p, j)
+                    word |= int(tile[tt, cc]) << (value_bits * j)
+                v_codes[b, h, t0 + p // v_words, p % v_words] = word
+                p += nt
+            cuda.syncthreads()
 
         if flags != 0:
             cuda.atomic.or_(status, 0, flags)

@@ -22,6 +22,7 @@ from .pack import (
     unpack_key_codes,
     pack_value_codes,
     unpack_value_codes,
+    value_code_location,
 )
 from .block import PackedBlock, quantize_block, dequantize_block, concat_blocks
 from .attention import decode_attention, attention_dense
@@ -31,6 +32,7 @@ __all__ = [
     "quantize_groups", "dequantize_groups", "quantize_keys", "quantize_values",
     "dequantize_keys", "dequantize_values", "TILE_TOKENS", "codes_per_word",
     "pack_key_codes", "unpack_key_codes", "pack_value_codes", "unpack_value_codes",
+    "value_code_location",
     "PackedBlock", "quantize_block", "dequantize_block", "concat_blocks",
     "decode_attention", "attention_dense",
 ]

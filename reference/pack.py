@@ -1,16 +1,19 @@
 """Bit packing of codes into uint32 words, in the layout of docs/format.md.
 
-Inside a word, code j (j = 0 .. 32/bits - 1) sits at bits ``[bits*j, bits*j + bits)``, and the
-codes of one word are ``32/bits`` consecutive channels of one token. So a thread extracts channel
-``c`` of a token with ``(word[c // cpw] >> (bits * (c % cpw))) & (2**bits - 1)``.
-
-Keys are tiled by 32 tokens (one warp) so that a warp's load of word w reads 32 consecutive
-uint32 (128 bytes, one coalesced transaction) holding word w of 32 tokens:
+Keys: inside a word, code j (j = 0 .. 32/bits - 1) sits at bits ``[bits*j, bits*j + bits)``,
+and the codes of one word are ``32/bits`` consecutive channels of one token, so channel ``c`` of a
+token is ``(word[c // cpw] >> (bits * (c % cpw))) & (2**bits - 1)``. Keys are tiled by 32 tokens
+(one warp) so that a warp's load of word w reads 32 consecutive uint32 (128 bytes, one coalesced
+transaction) holding word w of 32 tokens:
 
     k_codes[b, h, i, w, l]  = word w (channels w*cpw .. w*cpw+cpw-1) of token 32*i + l
-    v_codes[b, h, t, w]     = word w of token t
 
-Values are token-major: 32/(D*bits/32) consecutive tokens fill 128 bytes, read by one warp.
+Values are tiled by 32 tokens too, in the order the tensor-core decode kernel's threads read them
+(docs/format.md, "Value tiles"): the ``32 * D * bits / 32`` words of tile i are the rows
+``32*i .. 32*i + 31`` of ``v_codes[b, h, :, :]`` taken as one flat run, and
+:func:`value_code_location` says which word and bit hold code (token, channel) of a tile. A word's
+low and high 16 bits hold the same channels of two tokens (4 apart), so one AND with a mask turns
+one channel of both tokens into the two float16 halves of an ``mma`` operand.
 """
 
 from __future__ import annotations
@@ -59,11 +62,62 @@ def unpack_key_codes(words: np.ndarray, bits: int) -> np.ndarray:
     return _unpack_last(tok, bits)
 
 
+def value_code_location(t, c, head_dim: int, bits: int):
+    """Where code (token ``t``, channel ``c``) of a 32-token value tile is stored: ``(word, shift)``
+    with ``word`` the index into the tile's flat run of ``head_dim * bits`` words and ``shift`` the
+    bit of its lowest bit. Works elementwise on integer arrays (and on Python ints).
+
+    Token ``t = 16*kb + 8*pair + 4*half + t4`` (kb, pair, half in {0, 1}, t4 < 4) and channel
+    ``c = 16*chunk + 8*hi + g`` (hi in {0, 1}, g < 8) occupy slot
+
+        slot = ((((kb*8 + g)*4 + t4)*2 + pair)*2 + hi) * (head_dim/16) + chunk
+
+    and a slot is one channel of the two tokens ``half = 0, 1``: word ``slot // (16/bits)``, at
+    bit ``bits * (slot % (16/bits))`` of the low (half 0) or high (half 1) 16 bits. The kernels
+    implement the same formula (``kernels_numba.common.value_code_location``).
+    """
+    t = np.asarray(t)
+    c = np.asarray(c)
+    kb, r = t >> 4, t & 15
+    t4, half, pair = r & 3, (r >> 2) & 1, r >> 3
+    chunk, hi, g = c >> 4, (c >> 3) & 1, c & 7
+    slot = ((((kb * 8 + g) * 4 + t4) * 2 + pair) * 2 + hi) * (head_dim // 16) + chunk
+    per_half = 16 // bits
+    return slot // per_half, 16 * half + bits * (slot % per_half)
+
+
+def _value_tile_maps(head_dim: int, bits: int):
+    """Index arrays of one value tile: ``(tok, chan)`` ``[words, cpw]`` -- code ``j`` of word
+    ``w`` (bits ``[bits*j, bits*j + bits)``) is (token ``tok[w, j]``, channel ``chan[w, j]``)."""
+    t, c = np.meshgrid(np.arange(TILE_TOKENS), np.arange(head_dim), indexing="ij")
+    word, shift = value_code_location(t, c, head_dim, bits)
+    cpw = codes_per_word(bits)
+    tok = np.empty((head_dim * bits, cpw), np.intp)
+    chan = np.empty_like(tok)
+    tok[word, shift // bits] = t
+    chan[word, shift // bits] = c
+    return tok, chan
+
+
 def pack_value_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """``uint8 [B, H, T, D]`` value codes to ``uint32 [B, H, T, D*bits/32]``."""
-    return np.ascontiguousarray(_pack_last(codes, bits))
+    """``uint8 [B, H, T, D]`` value codes to ``uint32 [B, H, T, D*bits/32]`` (T % 32 == 0): per
+    32-token tile, the words of :func:`value_code_location` as one flat run of 32 rows."""
+    b, h, t, d = codes.shape
+    if t % TILE_TOKENS or d % 16:
+        raise ValueError(f"value codes: expected T % {TILE_TOKENS} == 0 and D % 16 == 0, "
+                         f"got shape {codes.shape}")
+    tok, chan = _value_tile_maps(d, bits)
+    tiles = codes.reshape(b, h, t // TILE_TOKENS, TILE_TOKENS, d)[:, :, :, tok, chan]
+    words = _pack_last(tiles.reshape(*tiles.shape[:3], -1), bits)  # [B, H, T/32, D * bits]
+    return np.ascontiguousarray(words.reshape(b, h, t, d * bits // 32))
 
 
 def unpack_value_codes(words: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of :func:`pack_value_codes`: ``uint8 [B, H, T, D]``."""
-    return _unpack_last(words, bits)
+    b, h, t, vw = words.shape
+    d = vw * 32 // bits
+    tok, chan = _value_tile_maps(d, bits)
+    flat = _unpack_last(words.reshape(b, h, t // TILE_TOKENS, TILE_TOKENS * vw), bits)
+    out = np.empty((b, h, t // TILE_TOKENS, TILE_TOKENS, d), np.uint8)
+    out[:, :, :, tok.ravel(), chan.ravel()] = flat
+    return out.reshape(b, h, t, d)

@@ -108,19 +108,30 @@ def slow_pack_keys(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def slow_pack_values(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Loop packer of docs/format.md (values): ``v_codes[b, h, t, w] = OR_j code[..., w*cpw+j] << bits*j``."""
+    """Loop packer of docs/format.md ("Value tiles"): per 32-token tile, slots are numbered in the
+    nested order (kb, g, t4, pair, hi, chunk); slot s holds channel ``16*chunk + 8*hi + g`` of
+    tokens ``16*kb + 8*pair + t4`` (low 16 bits) and that + 4 (high 16 bits), at bit
+    ``bits * (s % (16/bits))`` of word ``s // (16/bits)`` of the tile's flat run."""
     b_, h_, t_, d_ = codes.shape
-    cpw = 32 // bits
-    out = np.zeros((b_, h_, t_, d_ // cpw), np.uint32)
-    for b in range(b_):
-        for h in range(h_):
-            for t in range(t_):
-                for w in range(d_ // cpw):
-                    word = 0
-                    for j in range(cpw):
-                        word |= int(codes[b, h, t, w * cpw + j]) << (bits * j)
-                    out[b, h, t, w] = word
-    return out
+    hc = 16 // bits
+    vw = d_ * bits // 32
+    out = np.zeros((b_, h_, t_ * vw), np.uint64)
+    for tile in range(t_ // 32):
+        slot = 0
+        for kb in range(2):
+            for g in range(8):
+                for t4 in range(4):
+                    for pair in range(2):
+                        for hi in range(2):
+                            for chunk in range(d_ // 16):
+                                for half in range(2):
+                                    t = 32 * tile + 16 * kb + 8 * pair + 4 * half + t4
+                                    c = 16 * chunk + 8 * hi + g
+                                    word = tile * 32 * vw + slot // hc
+                                    bit = 16 * half + bits * (slot % hc)
+                                    out[:, :, word] |= codes[:, :, t, c].astype(np.uint64) << bit
+                                slot += 1
+    return out.astype(np.uint32).reshape(b_, h_, t_, vw)
 
 
 def assert_same_packed(cache_a, cache_b):

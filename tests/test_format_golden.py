@@ -16,6 +16,7 @@ import pytest
 
 import oscar
 from oscar.reference.block import quantize_block
+from oscar.reference.pack import unpack_value_codes
 
 #: The worked example's configuration: the defaults (INT2, rotation + token scaling, key and
 #: value groups of 32, float16 params) with a residual window of one key group, so that 32
@@ -52,16 +53,16 @@ K_CODES = (
     0x56965958, 0x5b67905b, 0x55da616a, 0x76d6d949, 0x5aa659a5, 0x5d979591, 0x56a6956a, 0xe69b71ab,
     0x69a61db6, 0xd1b2485a, 0x79c4a959, 0x56969554, 0x94a6b99a, 0x66a36556, 0x1a7264fb, 0x5696a55a,
 )
-#: v_codes[0, 0, t, w]: token-major, words 0 and 1 of token 0, then token 1, ...
+#: v_codes[0, 0, t, w] as one flat run (the 32-token tile, docs/format.md "Value tiles")
 V_CODES = (
-    0xe2669baa, 0xee6699ba, 0x9a9686fa, 0x3d5a5e84, 0x56699a91, 0x9552666b, 0x8ab956ea, 0x468a7955,
-    0x1111d105, 0x55555555, 0x626ebbaa, 0xe6e69b9a, 0x5591a965, 0x558204d4, 0x40520515, 0x50104503,
-    0x8ad6aa6a, 0x7f8abbaa, 0x5005c545, 0x55555555, 0x155d5555, 0x51156555, 0x52618425, 0x958556f9,
-    0x5999699e, 0x6558699b, 0x5781aa4a, 0x2a5799aa, 0x14144d65, 0x55555555, 0x1c9d4155, 0x61499415,
-    0x61696a55, 0x45959976, 0xaea969a6, 0xaea8a995, 0x6655a9a6, 0xb86659ba, 0x66d91d69, 0x55555555,
-    0x4d551555, 0x14554155, 0x956e5556, 0x65f55936, 0xafabaabe, 0xabaaeaac, 0x751a5575, 0xe6655156,
-    0x9eab29aa, 0xabaebaea, 0x9e92695a, 0x59595655, 0x69596746, 0xa6657616, 0xeaa6aaa6, 0xaabfafac,
-    0xa96f9956, 0xc4b9a699, 0xa9e631ea, 0x6e9be6b9, 0xe66299aa, 0x6ee6b99a, 0xaa9aa9da, 0xaa6eaa8a,
+    0x1e55aaaa, 0xdaaa55a2, 0x4591559d, 0x552d5596, 0xab459a5a, 0x4a7a5596, 0x55057528, 0xb50149a6,
+    0x55541aae, 0x48a64453, 0x56165569, 0x15512e36, 0x6a44b95a, 0x69da456b, 0x45ad1556, 0x61109ca7,
+    0x5555eea7, 0xb6af456a, 0x4551556a, 0x410568a6, 0x6a44eaca, 0x9a4a45ed, 0x57561556, 0x34054569,
+    0x9a55cea5, 0x96a754d4, 0x54525959, 0x9440540d, 0x55476afa, 0x1ada5726, 0x45524596, 0x49549665,
+    0x7655ba59, 0xe66a6616, 0xaab25a9a, 0xaa69e255, 0xb955ea65, 0x9a7586a5, 0x4aaf6559, 0xea65dd66,
+    0xe555aa6d, 0x6eed55a6, 0xa6ab949e, 0x9197ea56, 0x9955ae95, 0xbbd165aa, 0xdaaa515a, 0x6b45aa75,
+    0x1915e956, 0x995569a5, 0xa5fa9b25, 0xa995ae65, 0x6671ba4a, 0xe459b6fa, 0xdaba659a, 0xaa51ae57,
+    0x29419e26, 0xab9556aa, 0xadaaaee6, 0xaab5aa65, 0xea14a859, 0x6c6565a9, 0x7aae9596, 0xaad5ba54,
 )
 #: float16 bits of k_params[0, 0, 0, c, :]: (scale, min) of channel 0, channel 1, ...
 K_PARAMS = (
@@ -95,6 +96,8 @@ NORMS = (
 
 #: The steps the document walks through, by hand.
 TOKEN0_KEY_CODES_CH0_15 = (1, 1, 2, 1, 1, 1, 3, 2, 2, 0, 1, 3, 2, 2, 1, 2)
+TOKEN0_VALUE_CODES = (2, 2, 2, 2, 3, 2, 1, 2, 2, 1, 2, 1, 2, 0, 2, 3,
+                      2, 2, 3, 2, 1, 2, 1, 2, 2, 1, 2, 1, 2, 3, 2, 3)
 CHANNEL0_KEY_CODES = (1, 2, 2, 2, 2, 0, 2, 2, 2, 2, 2, 2, 1, 1, 2, 2,
                       3, 2, 1, 2, 1, 1, 2, 2, 2, 2, 1, 0, 2, 1, 1, 2)
 
@@ -158,6 +161,15 @@ def test_worked_steps_of_the_document():
     # the sink's norm and the value params of token 0
     assert float(np.array([NORMS[0]], np.uint32).view(np.float32)[0]) == 0.7221387624740601
     assert V_PARAMS[0:2] == (0x3E9A, 0xC36D)
+    # value codes of token 0, and word 0 of the value tile from the codes of its 8 slots
+    vc = unpack_value_codes(np.array(V_CODES, np.uint32).reshape(1, 1, 32, 2), 2)[0, 0]
+    assert tuple(vc[0]) == TOKEN0_VALUE_CODES
+    slots = [(0, 0), (0, 16), (0, 8), (0, 24), (8, 0), (8, 16), (8, 8), (8, 24)]
+    assert [int(vc[t, c]) for t, c in slots] == [2] * 8  # tokens 0 and 8: the low 16 bits
+    assert [int(vc[t + 4, c]) for t, c in slots] == [1, 1, 1, 1, 2, 3, 1, 0]  # tokens 4 and 12
+    word = sum((int(vc[t, c]) << (2 * j)) | (int(vc[t + 4, c]) << (16 + 2 * j))
+               for j, (t, c) in enumerate(slots))
+    assert word == V_CODES[0] == 0x1E55AAAA
 
 
 def _doc_blocks(text):

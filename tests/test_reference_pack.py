@@ -1,7 +1,7 @@
 """Bit packing (reference/pack.py) against a loop-based packer written from the layout docs.
 
     k_codes[b, h, i, w, l] = OR_j code[b, h, 32*i + l, w*cpw + j] << (bits*j)
-    v_codes[b, h, t, w]    = OR_j code[b, h, t, w*cpw + j]        << (bits*j)
+    v_codes: per 32-token tile, the slot order of docs/format.md ("Value tiles")
 """
 
 import numpy as np
@@ -16,6 +16,7 @@ from oscar.reference import (
     quantize_block,
     unpack_key_codes,
     unpack_value_codes,
+    value_code_location,
 )
 from oscar.reference.block import rotate_and_scale_keys
 from oscar.reference.hadamard import hadamard_transform
@@ -50,7 +51,8 @@ def test_pack_keys_matches_loop_packer(bits, shape):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 32), (2, 3, 5, 32), (1, 2, 33, 64)])
+@pytest.mark.parametrize("shape", [(1, 1, 32, 32), (2, 3, 64, 32), (1, 2, 96, 64), (1, 1, 32, 128),
+                                   (1, 1, 32, 256)])
 def test_pack_values_matches_loop_packer(bits, shape):
     rng = np.random.default_rng(bits + shape[2])
     codes = _codes(rng, shape, bits)
@@ -69,26 +71,51 @@ def test_every_word_unpacks_and_repacks(bits):
     kw = rng.integers(0, 2**32, (2, 1, 2, 64 * bits // 32, 32), dtype=np.uint64).astype(np.uint32)
     kw[0, 0, 0, 0, :2] = [0, 0xFFFFFFFF]
     assert np.array_equal(pack_key_codes(unpack_key_codes(kw, bits), bits), kw)
-    vw = rng.integers(0, 2**32, (2, 1, 7, 64 * bits // 32), dtype=np.uint64).astype(np.uint32)
+    vw = rng.integers(0, 2**32, (2, 1, 64, 64 * bits // 32), dtype=np.uint64).astype(np.uint32)
     codes = unpack_value_codes(vw, bits)
     assert codes.max() <= 2**bits - 1
     assert np.array_equal(pack_value_codes(codes, bits), vw)
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_single_channel_extraction_formula(bits):
-    # the docstring's kernel-side read: (word[c // cpw] >> (bits * (c % cpw))) & (2**bits - 1)
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
+def test_single_code_extraction_formula(bits, head_dim):
+    # the kernels' reads: keys (word[c // cpw] >> (bits * (c % cpw))) & (2**bits - 1); values at
+    # value_code_location(t % 32, c) of the token's tile, whose words are 32 flat rows
     rng = np.random.default_rng(3)
-    codes = _codes(rng, (1, 1, 64, 32), bits)
+    codes = _codes(rng, (1, 1, 64, head_dim), bits)
     kw = pack_key_codes(codes, bits)
     vw = pack_value_codes(codes, bits)
+    row = head_dim * bits // 32
+    flat = vw.reshape(2, 32 * row)
     cpw, mask = codes_per_word(bits), (1 << bits) - 1
-    for t in (0, 1, 31, 32, 63):
-        for c in (0, 1, cpw - 1, cpw, 31):
+    for t in (0, 1, 4, 8, 15, 16, 31, 32, 63):
+        for c in (0, 1, 7, 8, 15, 16, cpw - 1, cpw, head_dim - 1):
             i, lane = divmod(t, TILE_TOKENS)
             key = (int(kw[0, 0, i, c // cpw, lane]) >> (bits * (c % cpw))) & mask
-            val = (int(vw[0, 0, t, c // cpw]) >> (bits * (c % cpw))) & mask
+            word, shift = value_code_location(lane, c, head_dim, bits)
+            val = (int(flat[i, word]) >> int(shift)) & mask
             assert key == val == codes[0, 0, t, c]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("head_dim", [32, 128, 256])
+def test_value_location_is_a_bijection(bits, head_dim):
+    t, c = np.meshgrid(np.arange(32), np.arange(head_dim), indexing="ij")
+    word, shift = value_code_location(t, c, head_dim, bits)
+    assert word.min() == 0 and word.max() == head_dim * bits - 1
+    assert shift.min() == 0 and shift.max() == 32 - bits and np.all(shift % bits == 0)
+    assert len(set(zip(word.ravel().tolist(), shift.ravel().tolist()))) == 32 * head_dim
+    # the low / high 16 bits of a word hold the same channels of tokens t and t + 4
+    lo = shift < 16
+    assert np.all((t[lo] // 4) % 2 == 0)
+    w2, s2 = value_code_location(t[lo] + 4, c[lo], head_dim, bits)
+    assert np.array_equal(w2, word[lo]) and np.array_equal(s2, shift[lo] + 16)
+
+
+def test_value_layout_rejects_partial_tiles():
+    with pytest.raises(ValueError, match="T % 32"):
+        pack_value_codes(np.zeros((1, 1, 33, 32), np.uint8), 2)
 
 
 @pytest.mark.parametrize("key_bits,value_bits", [(2, 2), (4, 2), (8, 4), (2, 8)])
