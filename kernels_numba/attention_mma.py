@@ -83,7 +83,7 @@ if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
     from .ptx_sim import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
                           f16x2_hi, f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f,
-                          lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt, shared_address, sts1,
+                          lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt, shared_address, sts2,
                           sts1f, uint_as_float)
 
     _sim.install()  # warp shuffles, votes and syncwarp for the simulator's cuda module
@@ -92,7 +92,7 @@ else:
 
     from .ptx import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
                       f16x2_hi, f16x2_lo, global_address, hmul2, lds1, lds1f, lds2, lds4, lds4f,
-                      mma_f16, pack_f16x2, prmt, shared_address, sts1, sts1f)
+                      mma_f16, pack_f16x2, prmt, shared_address, sts1f, sts2)
 
     @cuda.jit(device=True)
     def float_as_uint(x):
@@ -112,6 +112,9 @@ TILE = 32
 ROWS_MAX = 8
 SHARED_LIMIT = 48 * 1024
 FULL = 0xFFFFFFFF
+#: words of padding after each lane column's quarter of the key params in the stage (their 8-byte
+#: reads by the 4 lane columns then hit different banks)
+KP_PAD = 8
 #: a code of ``bits`` bits at float16 bit ``p`` with a zero exponent field is the subnormal
 #: ``code * 2**(p - 24)``, exact, as long as ``p + bits <= 10`` (inside the mantissa)
 _MANT = 10
@@ -121,7 +124,7 @@ def _stage_words(key_bits, value_bits, value_group_size, head_dim):
     """uint32 words of one warp's staging buffer: one tile's key codes, norms, key params (one
     group), value params and value codes, each region 16-byte aligned."""
     d = head_dim
-    return ((d * key_bits // 32) * 32 + 32 + d + 32 * (d // value_group_size)
+    return ((d * key_bits // 32) * 32 + 32 + (d + 4 * KP_PAD) + 32 * (d // value_group_size)
             + 32 * (d * value_bits // 32))
 
 
@@ -140,7 +143,7 @@ def shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages)
     nch = head_dim // 16
     stage = max(stages * _stage_words(key_bits, value_bits, value_group_size, head_dim),
                 rows * head_dim)
-    return 4 * (rows * (head_dim + 4) + rows + NUM_WARPS * (stage + 8 * 33 + 8 * (nch * 8 + 8)
+    return 4 * (rows * (head_dim + 4) + rows + NUM_WARPS * (stage + 8 * 32 + 8 * (nch * 8 + 8)
                                                           + 64 + 16))
 
 
@@ -205,7 +208,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     SW = _stage_words(KB, VB, GV, D)
     KC, NRM = 0, KW * 32
     KPO = NRM + 32
-    VPO = KPO + D
+    VPO = KPO + D + 4 * KP_PAD
+    KPSEG = D // 4 + KP_PAD  # stage words per lane column's quarter of the key params
+    LKPC = (D // 16).bit_length() - 1  # log2 of the 16-byte chunks per quarter
     VCO = VPO + 32 * NGV
     NSW = max(NSTAGE * SW, ROWS * D)  # the stage also holds the warp's final accumulators
     NKC, NKP, NVP, NVC = KW * 8, D // 4, 8 * NGV, 8 * VW  # 16-byte copies per region and tile
@@ -229,6 +234,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     DP, NACC, NBQ, NBV = D + 4, NCH * 4, NCH * 2, NGV * 2
     NVPW = NGV * 4
     NVX = 2 * VWT
+    NQP = (ROWS * D + NT - 1) // NT  # query values per thread in the permutation pass
     ZERO_U = np.uint32(0)
     ZERO_F = np.float32(0.0)
     LOG2E, LN2 = np.float32(1.0 / math.log(2.0)), np.float32(math.log(2.0))
@@ -315,7 +321,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             ga = gb[2] + np.int64(o)
             for j in range((NKP + 31) // 32):
                 if NKP % 32 == 0 or lane + 32 * j < NKP:
-                    cp_async16_bo(sl, 4 * KPO + 512 * j, ga + 512 * j)
+                    pad = 4 * KP_PAD * ((lane + 32 * j) >> LKPC)  # after each quarter
+                    cp_async16_bo(sl, 4 * KPO + 512 * j + pad, ga + 512 * j)
         o = np.uint32(tile) * np.uint32(VP_TB) + np.uint32(16 * lane)
         ga = gb[3] + np.int64(o)
         for j in range((NVP + 31) // 32):
@@ -345,9 +352,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             return
 
         stage = cuda.shared.array((NW, NSW), np.uint32, alignment=ALIGN16)
-        qs = cuda.shared.array((ROWS, DP), np.float32)
+        qs = cuda.shared.array((ROWS, DP), np.float32, alignment=ALIGN16)
         qmax = cuda.shared.array(ROWS, np.float32)
-        psh = cuda.shared.array((NW, 8, 33), np.float32)
+        psh = cuda.shared.array((NW, 8, 32), np.float32)  # XOR-swizzled (see PSW below)
         bsh = cuda.shared.array((NW, 8, BS), np.uint32, alignment=ALIGN16)  # 8-byte reads
         esh = cuda.shared.array((NW, 8, 8), np.float32)
         mw = cuda.shared.array((NW, 8), np.float32)
@@ -402,10 +409,33 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             if lane == 0:
                 qmax[r] = mx
         cuda.syncthreads()
+        # permute each row into the fragment-build order: position (jj*32 + lane)*4 + k holds the
+        # channel that lane's chunk g + 8 jj takes as k-th value (one 16-byte read per row)
+        qt = cuda.local.array(NQP, np.float32)
+        for u in range(NQP):
+            idx = tid + u * NT
+            if (ROWS * D) % NT == 0 or idx < ROWS * D:
+                pos = idx % D
+                pl = (pos >> 2) & 31
+                ch = (pl >> 2) + 8 * (pos >> 7)
+                cb = ((pl & 3) * KWT + (2 * ch) // KHP) * KCPW + (2 * ch) % KHP
+                qt[u] = qs[idx // D, cb + (pos & 1) + ((pos >> 1) & 1) * KHP]
+        cuda.syncthreads()
+        for u in range(NQP):
+            idx = tid + u * NT
+            if (ROWS * D) % NT == 0 or idx < ROWS * D:
+                qs[idx // D, idx % D] = qt[u]
+        cuda.syncthreads()
 
         # --- per-thread constants of the fragment maps ----------------------------------------
         r0 = 2 * t4
         r1 = r0 + 1
+        # the score tile psh[row R][token T] sits at R*32 + (T ^ s(R)), s(R) = ((R & 7) << 2) |
+        # ((R >> 1) & 3): both the QK-side stores (rows 2t4, 2t4 + 1, tokens 4g + i) and the
+        # PV-side loads (row g, tokens 16kb + 4i + t4) then hit 32 different banks
+        ps0 = 4 * (r0 * 32 + ((g ^ r0) << 2))
+        ps1 = 4 * (r1 * 32 + ((g ^ r1) << 2))
+        pl0 = 4 * (g * 32 + (t4 ^ ((g >> 1) & 3)))
         lim0 = seq_len - LQ + r0 % LQ  # last visible position of rows r0, r1
         lim1 = seq_len - LQ + r1 % LQ
         gq = min(g, ROWS - 1)
@@ -458,8 +488,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                     ch = g + 8 * jj
                     if NCH % 8 == 0 or ch < NCH:
                         cb = (t4 * KWT + (2 * ch) // KHP) * KCPW + (2 * ch) % KHP
-                        w0, w1 = lds2(so, 4 * (KPO + cb))
-                        w2, w3 = lds2(so, 4 * (KPO + cb + KHP))
+                        cp = cb + KP_PAD * t4  # padded stage position (cb is in quarter t4)
+                        w0, w1 = lds2(so, 4 * (KPO + cp))
+                        w2, w3 = lds2(so, 4 * (KPO + cp + KHP))
                         pw[4 * jj] = w0
                         pw[4 * jj + 1] = w1
                         pw[4 * jj + 2] = w2
@@ -503,13 +534,11 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         s2 *= fa
                         s3 *= fb
                         fo = 4 * (ch * 8 + 2 * t4)
+                        qo = 16 * (jj * 32 + lane)  # this lane's 4 values, permuted above
                         for r in range(ROWS):
-                            qa = lds1f(qs_b, 4 * (r * DP + cb))
-                            qb = lds1f(qs_b, 4 * (r * DP + cb + 1))
-                            qc = lds1f(qs_b, 4 * (r * DP + cb + KHP))
-                            qd = lds1f(qs_b, 4 * (r * DP + cb + KHP + 1))
-                            sts1(bsh_b, 4 * r * BS + fo, pack_f16x2(qa * s0, qc * s2))
-                            sts1(bsh_b, 4 * r * BS + fo + 4, pack_f16x2(qb * s1, qd * s3))
+                            qa, qb, qc, qd = lds4f(qs_b, 4 * r * DP + qo)
+                            sts2(bsh_b, 4 * r * BS + fo, pack_f16x2(qa * s0, qc * s2),
+                                 pack_f16x2(qb * s1, qd * s3))
                             kp[r] += qa * d0 + qb * d1 + qc * d2 + qd * d3
                 # transpose-reduce the 8 row partials over the warp: lanes (g, *) get row g
                 up = (lane & 16) != 0
@@ -624,18 +653,20 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 ag = a_1 if g & 1 else a_0
                 e0 *= ag
                 e1 *= ag
-            for i in range(4):
-                sts1f(psh_b, 4 * (r0 * 33 + 4 * g + i), sc[2 * i])
-                sts1f(psh_b, 4 * (r1 * 33 + 4 * g + i), sc[2 * i + 1])
+            for i in range(4):  # token 4g + i of rows r0, r1 (swizzled: no bank conflicts)
+                sts1f(psh_b, ps0 + 4 * (i ^ t4), sc[2 * i])
+                sts1f(psh_b, ps1 + 4 * (i ^ t4), sc[2 * i + 1])
             cuda.syncwarp()
 
             # (4) PV on tensor cores, two blocks of 16 tokens; the thread's tokens of block kb
             # are 16 kb + t4 + 4 i (i = 0..3): the 4 lanes t4 read 4 consecutive token rows
             for kb in range(2):
                 xo = 16 * kb + t4
-                po = 4 * (g * 33 + xo)
-                p01 = pack_f16x2(lds1f(psh_b, po), lds1f(psh_b, po + 16))
-                p23 = pack_f16x2(lds1f(psh_b, po + 32), lds1f(psh_b, po + 48))
+                # P of row g, tokens xo + 4 i (swizzled positions)
+                p01 = pack_f16x2(lds1f(psh_b, pl0 + 16 * ((4 * kb) ^ g)),
+                                 lds1f(psh_b, pl0 + 16 * ((4 * kb + 1) ^ g)))
+                p23 = pack_f16x2(lds1f(psh_b, pl0 + 16 * ((4 * kb + 2) ^ g)),
+                                 lds1f(psh_b, pl0 + 16 * ((4 * kb + 3) ^ g)))
                 if VEC_P:
                     load_vparams(so, VPO, xo, vpw)
                 else:

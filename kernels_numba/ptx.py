@@ -20,13 +20,14 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
   the address of element ``a[idx]`` (``idx`` a tuple, one index per dimension), formed once so
   that the hot loop works with 32-bit offsets instead of Numba's int64 index arithmetic.
 * ``lds4 / lds2 / lds1 / lds4f / lds1f(base, off)``: 16/8/4-byte loads (uint32 or float32 lanes)
-  from .shared address ``base + off``; ``sts1 / sts1f(base, off, value)``: 4-byte stores. The
-  add is 32-bit inside the intrinsic, so ptxas folds a constant offset into the instruction.
+  from .shared address ``base + off``; ``sts1 / sts1f(base, off, value)``: 4-byte stores;
+  ``sts2(base, off, w0, w1)``: an 8-byte store. The add is 32-bit inside the intrinsic, so
+  ptxas folds a constant offset into the instruction.
 * ``cp_async16_bo(base, off, src)``, ``cp_async_commit()``, ``cp_async_wait0/1()``: 16-byte
   asynchronous global -> shared copies (``cp.async.cg``) and their group waits; a
   ``syncwarp``/``syncthreads`` after the wait makes the other lanes' copies visible.
 
-Alignment (16 bytes for the 16-byte forms, 8 for ``lds2``) is the caller's contract, derived
+Alignment (16 bytes for the 16-byte forms, 8 for ``lds2`` / ``sts2``) is the caller's contract, derived
 from the packed layout and the shared-array declarations. The shared-memory and cp.async asm
 statements are side-effecting and clobber memory, so LLVM keeps them in program order with
 respect to each other, to plain loads and stores, and to barriers.
@@ -223,6 +224,24 @@ def _sts_bo(nbtype, llty, ptx_type, constraint):
 #: ``sts*(base, off, value)``: store to .shared address ``base + off``
 sts1 = _sts_bo(types.uint32, _I32, "u32", "r")
 sts1f = _sts_bo(types.float32, _F32, "f32", "f")
+
+
+@intrinsic
+def sts2(typingctx, base, off, v0, v1):
+    """``st.shared.v2.u32``: two uint32 to the 8-byte aligned .shared address ``base + off``."""
+
+    def codegen(context, builder, sig, args):
+        b = context.cast(builder, args[0], sig.args[0], types.uint32)
+        o = context.cast(builder, args[1], sig.args[1], types.uint32)
+        w0 = context.cast(builder, args[2], sig.args[2], types.uint32)
+        w1 = context.cast(builder, args[3], sig.args[3], types.uint32)
+        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_I32, _I32, _I32]),
+                           "st.shared.v2.u32 [$0], {$1, $2};", "r,r,r,~{memory}",
+                           side_effect=True)
+        builder.call(asm, [builder.add(b, o), w0, w1])
+        return context.get_dummy_value()
+
+    return types.void(base, off, v0, v1), codegen
 
 
 @intrinsic
