@@ -335,6 +335,49 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 cp_async16_bo(sl, 4 * VCO + 512 * j, ga + 512 * j)
         cp_async_commit()
 
+    @cuda.jit(device=True)
+    def pv_block(kb, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc, e0, e1):
+        """PV of 16-token block kb (called with literal 0 and 1, so that after inlining every
+        offset below is an immediate): B = P * value scales, the E (min-term) mma, and one mma
+        per 16-channel chunk on this lane's value words. Returns the updated (e0, e1)."""
+        xo = 16 * kb + t4
+        # P of row g, tokens xo + 4 i (swizzled positions)
+        p01 = pack_f16x2(lds1f(psh_b, pl0 + 16 * ((4 * kb) ^ g)),
+                         lds1f(psh_b, pl0 + 16 * ((4 * kb + 1) ^ g)))
+        p23 = pack_f16x2(lds1f(psh_b, pl0 + 16 * ((4 * kb + 2) ^ g)),
+                         lds1f(psh_b, pl0 + 16 * ((4 * kb + 3) ^ g)))
+        if VEC_P:
+            load_vparams(so, VPO, xo, vpw)
+        else:
+            for i in range(4):
+                for j in range(NGV):
+                    vpw[i * NGV + j] = lds1(so, 4 * (VPO + (xo + 4 * i) * NGV + j))
+        for j in range(NGV):
+            bv[2 * j] = hmul2(p01, prmt(vpw[j], vpw[NGV + j], SEL_LO))
+            bv[2 * j + 1] = hmul2(p23, prmt(vpw[2 * NGV + j], vpw[3 * NGV + j], SEL_LO))
+        # E += P (rows x tokens) . M (tokens x groups), M = the value mins
+        y0 = lds1(so, 4 * (VPO + (xo) * NGV + gv))
+        y1 = lds1(so, 4 * (VPO + (xo + 4) * NGV + gv))
+        y2 = lds1(so, 4 * (VPO + (xo + 8) * NGV + gv))
+        y3 = lds1(so, 4 * (VPO + (xo + 12) * NGV + gv))
+        wa = prmt(y0, y1, SEL_HI)  # the mins of tokens xo, xo + 4 (group gv)
+        wb = prmt(y2, y3, SEL_HI)
+        if g >= NGV:
+            wa = ZERO_U
+            wb = ZERO_U
+        e0, e1, _, _ = mma_f16(p01, ZERO_U, p23, ZERO_U, wa, wb, e0, e1, ZERO_F, ZERO_F)
+        # value codes of the 4 tokens: this lane's own words, M rows g, g + 8 of chunk
+        # ch = slots ch, NCH + ch; K pairs = token pairs 0, 1
+        load_vcodes(so, kb, lane, vx)
+        for ch in range(NCH):
+            j = (16 * ch) // GV
+            acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3] = mma_f16(
+                vcodes(vx, 0, ch), vcodes(vx, 0, NCH + ch),
+                vcodes(vx, 1, ch), vcodes(vx, 1, NCH + ch),
+                bv[2 * j], bv[2 * j + 1],
+                acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3])
+        return e0, e1
+
     def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc,
                      scale, quantized_len, residual_len, num_splits):
         tid = cuda.threadIdx.x
@@ -563,6 +606,14 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 k1 = cuda.shfl_sync(FULL, kr, 4 * r1)
                 f0 = cuda.shfl_sync(FULL, fr, 4 * r0)
                 f1 = cuda.shfl_sync(FULL, fr, 4 * r1)
+                # padding rows (>= ROWS): their B rows are zero, so c = 0 and the score
+                # (0 * c - inf) * n = -inf: masked for the whole group without per-tile selects
+                if r0 >= ROWS:
+                    k0 = neg_inf
+                    f0 = ZERO_F
+                if r1 >= ROWS:
+                    k1 = neg_inf
+                    f1 = ZERO_F
                 cuda.syncwarp()
                 for ch in range(NCH):  # rows >= ROWS read the zero rows of bsh
                     u0, u1 = lds2(bsh_b, 4 * (g * BS + ch * 8 + 2 * t4))
@@ -609,12 +660,6 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         sc[2 * i] = neg_inf
                     if not (r1 < ROWS and tok + i <= lim1):
                         sc[2 * i + 1] = neg_inf
-            elif ROWS < 8:  # only the padding rows (>= ROWS) are masked
-                for i in range(4):
-                    if r0 >= ROWS:
-                        sc[2 * i] = neg_inf
-                    if r1 >= ROWS:
-                        sc[2 * i + 1] = neg_inf
 
             # (3) online softmax for rows r0, r1 (the 8 lanes of a column t4 hold the 32 tokens)
             # plain max (one FMNMX, which drops NaN): a NaN score still reaches its row's output,
@@ -660,43 +705,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
 
             # (4) PV on tensor cores, two blocks of 16 tokens; the thread's tokens of block kb
             # are 16 kb + t4 + 4 i (i = 0..3): the 4 lanes t4 read 4 consecutive token rows
-            for kb in range(2):
-                xo = 16 * kb + t4
-                # P of row g, tokens xo + 4 i (swizzled positions)
-                p01 = pack_f16x2(lds1f(psh_b, pl0 + 16 * ((4 * kb) ^ g)),
-                                 lds1f(psh_b, pl0 + 16 * ((4 * kb + 1) ^ g)))
-                p23 = pack_f16x2(lds1f(psh_b, pl0 + 16 * ((4 * kb + 2) ^ g)),
-                                 lds1f(psh_b, pl0 + 16 * ((4 * kb + 3) ^ g)))
-                if VEC_P:
-                    load_vparams(so, VPO, xo, vpw)
-                else:
-                    for i in range(4):
-                        for j in range(NGV):
-                            vpw[i * NGV + j] = lds1(so, 4 * (VPO + (xo + 4 * i) * NGV + j))
-                for j in range(NGV):
-                    bv[2 * j] = hmul2(p01, prmt(vpw[j], vpw[NGV + j], SEL_LO))
-                    bv[2 * j + 1] = hmul2(p23, prmt(vpw[2 * NGV + j], vpw[3 * NGV + j], SEL_LO))
-                # E += P (rows x tokens) . M (tokens x groups), M = the value mins
-                y0 = lds1(so, 4 * (VPO + (xo) * NGV + gv))
-                y1 = lds1(so, 4 * (VPO + (xo + 4) * NGV + gv))
-                y2 = lds1(so, 4 * (VPO + (xo + 8) * NGV + gv))
-                y3 = lds1(so, 4 * (VPO + (xo + 12) * NGV + gv))
-                wa = prmt(y0, y1, SEL_HI)  # the mins of tokens xo, xo + 4 (group gv)
-                wb = prmt(y2, y3, SEL_HI)
-                if g >= NGV:
-                    wa = ZERO_U
-                    wb = ZERO_U
-                e0, e1, _, _ = mma_f16(p01, ZERO_U, p23, ZERO_U, wa, wb, e0, e1, ZERO_F, ZERO_F)
-                # value codes of the 4 tokens: this lane's own words, M rows g, g + 8 of chunk
-                # ch = slots ch, NCH + ch; K pairs = token pairs 0, 1
-                load_vcodes(so, kb, lane, vx)
-                for ch in range(NCH):
-                    j = (16 * ch) // GV
-                    acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3] = mma_f16(
-                        vcodes(vx, 0, ch), vcodes(vx, 0, NCH + ch),
-                        vcodes(vx, 1, ch), vcodes(vx, 1, NCH + ch),
-                        bv[2 * j], bv[2 * j + 1],
-                        acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3])
+            e0, e1 = pv_block(0, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc, e0, e1)
+            e0, e1 = pv_block(1, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc, e0, e1)
             cuda.syncwarp()  # this buffer and psh are consumed before they are refilled
 
         # --- per-warp results to shared memory (the stage is free now) ------------------------
