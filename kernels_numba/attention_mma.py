@@ -56,11 +56,14 @@ once per tile (``global_address`` / ``shared_address``) and offset in 32-bit ari
 intrinsics: Numba's own indexing (int64, wrap-around checks, Python floor division) was most of
 the instructions of the first version. S is rounded to a power of two (no division).
 
-The score tile goes to the PV layout through shared memory (8 x 33 floats per warp); the query
-fragments of a key group are built by all 32 lanes (lane (g, t4) takes chunk g) and exchanged
-the same way. The softmax runs in log2 units with ``ex2.approx`` (the partials are converted to
-natural-log units at the end). Per 32-token tile a warp issues 16 + 16 + 2 mma. docs/kernels.md
-has the measured steps and where the time goes (the shared-memory pipe, then the ALU pipe).
+The score tile goes to the PV layout through shared memory (8 x 32 floats per warp, XOR-swizzled
+so that the stores and the loads are free of bank conflicts); the query fragments of a key group
+are built by all 32 lanes (lane (g, t4) takes chunk g, reading its 4 values of a query row with
+one 16-byte load: the prologue permutes the rows into that order) and exchanged through shared
+memory with 8-byte stores; the key params in the stage are padded per lane column. The softmax
+runs in log2 units with ``ex2.approx`` (the partials are converted to natural-log units at the
+end). Per 32-token tile a warp issues 16 + 16 + 2 mma. docs/kernels.md has the measured steps and
+where the time goes (latency at 4 warps per scheduler; no pipe saturated).
 
 In the CUDA simulator the intrinsics and warp collectives come from ``ptx_sim`` (Python with the
 PTX semantics), so CPU CI runs this kernel on tiny shapes.
