@@ -530,20 +530,12 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
         cuda.syncthreads()
 
         m = neg_inf
-        part = cuda.local.array(UNROLL, np.float32)
         for t in range(tid, residual_len, NT):
             s = neg_inf
             if quantized_len + t <= last:
-                # UNROLL independent partial sums (D is a multiple of UNROLL): a chain of D
-                # dependent FMAs per residual token was the merge kernel's longest path
-                for k in range(UNROLL):
-                    part[k] = np.float32(0.0)
-                for c0 in range(0, D, UNROLL):
-                    for k in range(UNROLL):
-                        part[k] += qv[c0 + k] * load_r(k_res[b, kvh, t, c0 + k])
                 s = np.float32(0.0)
-                for k in range(UNROLL):
-                    s += part[k]
+                for c in range(D):
+                    s += qv[c] * load_r(k_res[b, kvh, t, c])
             sr[t] = s
             m = max(m, s)
         for u in range(tid, num_splits, NT):
@@ -571,6 +563,7 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
 
         # UNROLL independent partial sums: the loads of a group are in flight together (one
         # dependent chain of num_splits L2 round trips took 16 us at 66 splits)
+        part = cuda.local.array(UNROLL, np.float32)
         for d in range(tid, D, NT):
             for k in range(UNROLL):
                 part[k] = np.float32(0.0)
