@@ -9,7 +9,8 @@ QUICK_CASES = [(1, 4096), (1, 32768), (8, 32768)]
 
 
 def decode_inputs(batch, seq_len, seed):
-    """Random bfloat16 ``q [batch, 32, 1, 128]`` and ``k, v [batch, 8, seq_len, 128]`` on the GPU."""
+    """Random bfloat16 ``q [batch, 32, 1, 128]`` and ``k, v [batch, 8, seq_len, 128]``, on the
+    GPU."""
     import torch
 
     g = torch.Generator(device="cuda").manual_seed(seed)

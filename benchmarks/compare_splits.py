@@ -1,6 +1,7 @@
 """Decode attention with each split kernel against torch SDPA bf16, same shapes, same run (GPU).
 
-    python benchmarks/compare_splits.py [--versions 1,2,3,3@128] [--shapes 1x4096,8x131072] [--bits 2]
+    python benchmarks/compare_splits.py [--versions 1,2,3,3@128] [--shapes 1x4096,8x131072] \
+        [--bits 2]
 
 ``3@128`` is split kernel v3 compiled with a register cap of 128 (``V3_MAX_REGISTERS``).
 

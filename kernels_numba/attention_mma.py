@@ -22,8 +22,8 @@ Both products are ``mma.sync.m16n8k16`` (float16 in, float32 accumulate); the qu
 * PV: ``O[c, row] = sum_t A[c, t] B[t, row]``, M = 16 channels, K = 16 tokens. A holds codes,
   B = ``p_rt * s_tj`` (value scale of token t, group j; p <= 1 so no overflow) per value group.
   The min term ``E[row, j] = sum_t p_rt min_tj`` is one more mma per 16 tokens with A = P
-  (rows x tokens) and B = the mins, and the output is ``2**(24 - p) O + E`` (p = the bit of this
-  lane's value codes, the same for all its channels).
+  (rows x tokens) and B = the mins, and the output is ``2**(24 - p) O + E`` (p = the bit of the
+  accumulator's value slot after its shift: a compile-time constant per accumulator).
 
 The unpack trick: a code of ``bits`` bits at bit p of a float16 whose exponent field is zero is
 the subnormal ``code * 2**(p - 24)``, exact while ``p + bits <= 10``. Codes j and j + cpw/2 of a
@@ -72,7 +72,8 @@ Precision (derived in tests/test_kernels_attention.py): float16 rounding of b' (
 absolute 2**-25 below the normal range) and of p and p * s; exact products, float32 accumulation.
 Requirements (:func:`unsupported`): rows <= 8, float16 params, value groups of >= 16 channels
 and at most 8 per head, head_dim a multiple of 16, ``head_dim * key_bits`` a multiple of 128
-(4 key words per lane column), 48 KB of static shared memory.
+(4 key words per lane column), ``head_dim * value_bits`` a multiple of 128 (at least one value
+word per token pair and thread), 48 KB of static shared memory.
 """
 
 from __future__ import annotations
@@ -212,7 +213,6 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     KC, NRM = 0, KW * 32
     KPO = NRM + 32
     VPO = KPO + D + 4 * KP_PAD
-    KPSEG = D // 4 + KP_PAD  # stage words per lane column's quarter of the key params
     LKPC = (D // 16).bit_length() - 1  # log2 of the 16-byte chunks per quarter
     VCO = VPO + 32 * NGV
     NSW = max(NSTAGE * SW, ROWS * D)  # the stage also holds the warp's final accumulators
@@ -400,7 +400,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         stage = cuda.shared.array((NW, NSW), np.uint32, alignment=ALIGN16)
         qs = cuda.shared.array((ROWS, DP), np.float32, alignment=ALIGN16)
         qmax = cuda.shared.array(ROWS, np.float32)
-        psh = cuda.shared.array((NW, 8, 32), np.float32)  # XOR-swizzled (see PSW below)
+        psh = cuda.shared.array((NW, 8, 32), np.float32)  # XOR-swizzled (see ps0, ps1, pl0)
         bsh = cuda.shared.array((NW, 8, BS), np.uint32, alignment=ALIGN16)  # 8-byte reads
         esh = cuda.shared.array((NW, 8, 8), np.float32)
         mw = cuda.shared.array((NW, 8), np.float32)
@@ -707,7 +707,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             cuda.syncwarp()
 
             # (4) PV on tensor cores, two blocks of 16 tokens; the thread's tokens of block kb
-            # are 16 kb + t4 + 4 i (i = 0..3): the 4 lanes t4 read 4 consecutive token rows
+            # are 16 kb + t4 + 4 i (i = 0..3)
             e0, e1 = pv_block(0, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc, e0, e1)
             e0, e1 = pv_block(1, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc, e0, e1)
             cuda.syncwarp()  # this buffer and psh are consumed before they are refilled

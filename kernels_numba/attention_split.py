@@ -23,8 +23,9 @@ Per step, per warp:
 * online softmax per row in registers (every lane holds the same running max; the tile max goes
   through shared memory; each lane keeps its own partial sum of exps);
 * PV, lane = channels ``[lane * D/32, (lane + 1) * D/32)`` (one value group): for each of the 32
-  tokens it reads its codes (docs/format.md, "Value tiles") and (scale, min), ``acc[r, c] += (p * scale) * code`` and
-  ``accm[r] += p * min`` (the value dequantization folded into p).
+  tokens it reads its codes (docs/format.md, "Value tiles") and (scale, min),
+  ``acc[r, c] += (p * scale) * code`` and ``accm[r] += p * min`` (the value dequantization
+  folded into p).
 
 At the end the 4 warps merge their states by log-sum-exp through shared memory and write the
 partials. Shared memory (float32): ``ROWS*D`` (qs) + ``4*D*ROWS`` (qp, reused for the merge)

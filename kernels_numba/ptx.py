@@ -3,8 +3,9 @@
 Numba has no tensor-core, asynchronous-copy, vector-shared-load or packed-half API; each helper
 here is one PTX instruction (or a short fixed sequence) emitted through
 ``numba.cuda.extending.intrinsic`` and ``llvmlite.ir.InlineAsm``. They cannot run in the CUDA
-simulator (nothing here is Python), so the kernel that uses them is covered by GPU tests and by
-the sm_90 PTX compile test in CI.
+simulator; ``ptx_sim.py`` has a Python version of each with the same semantics, so the kernel
+that uses them also runs in CPU CI. The real instructions are covered by the GPU tests and by
+the sm_90 PTX compile test.
 
 Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = element 0) is a
 "f16x2" in PTX terms.
@@ -20,17 +21,17 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
   the address of element ``a[idx]`` (``idx`` a tuple, one index per dimension), formed once so
   that the hot loop works with 32-bit offsets instead of Numba's int64 index arithmetic.
 * ``lds4 / lds2 / lds1 / lds4f / lds1f(base, off)``: 16/8/4-byte loads (uint32 or float32 lanes)
-  from .shared address ``base + off``; ``sts1 / sts1f(base, off, value)``: 4-byte stores;
+  from .shared address ``base + off``; ``sts1f(base, off, value)``: a 4-byte store;
   ``sts2(base, off, w0, w1)``: an 8-byte store. The add is 32-bit inside the intrinsic, so
   ptxas folds a constant offset into the instruction.
 * ``cp_async16_bo(base, off, src)``, ``cp_async_commit()``, ``cp_async_wait0/1()``: 16-byte
   asynchronous global -> shared copies (``cp.async.cg``) and their group waits; a
   ``syncwarp``/``syncthreads`` after the wait makes the other lanes' copies visible.
 
-Alignment (16 bytes for the 16-byte forms, 8 for ``lds2`` / ``sts2``) is the caller's contract, derived
-from the packed layout and the shared-array declarations. The shared-memory and cp.async asm
-statements are side-effecting and clobber memory, so LLVM keeps them in program order with
-respect to each other, to plain loads and stores, and to barriers.
+Alignment (16 bytes for the 16-byte forms, 8 for ``lds2`` / ``sts2``) is the caller's
+contract, derived from the packed layout and the shared-array declarations. The shared-memory
+and cp.async asm statements are side-effecting and clobber memory, so LLVM keeps them in program
+order with respect to each other, to plain loads and stores, and to barriers.
 """
 
 from __future__ import annotations
@@ -221,8 +222,7 @@ def _sts_bo(nbtype, llty, ptx_type, constraint):
     return intrinsic(impl)
 
 
-#: ``sts*(base, off, value)``: store to .shared address ``base + off``
-sts1 = _sts_bo(types.uint32, _I32, "u32", "r")
+#: ``sts1f(base, off, value)``: store a float32 to .shared address ``base + off``
 sts1f = _sts_bo(types.float32, _F32, "f32", "f")
 
 

@@ -135,10 +135,6 @@ lds4f = _load(16, np.float32)
 lds1f = _load(4, np.float32)
 
 
-def sts1(base, off, value):
-    _bytes(int(base) + int(off), 4)[:] = np.array([int(value) & _M32], np.uint32).view(np.uint8)
-
-
 def sts2(base, off, v0, v1):
     _bytes(int(base) + int(off), 8)[:] = np.array([int(v0) & _M32, int(v1) & _M32],
                                                   np.uint32).view(np.uint8)

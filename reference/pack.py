@@ -116,6 +116,9 @@ def unpack_value_codes(words: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of :func:`pack_value_codes`: ``uint8 [B, H, T, D]``."""
     b, h, t, vw = words.shape
     d = vw * 32 // bits
+    if t % TILE_TOKENS or d % 16:
+        raise ValueError(f"value words: expected T % {TILE_TOKENS} == 0 and D % 16 == 0, "
+                         f"got shape {words.shape} at {bits} bits (D = {d})")
     tok, chan = _value_tile_maps(d, bits)
     flat = _unpack_last(words.reshape(b, h, t // TILE_TOKENS, TILE_TOKENS * vw), bits)
     out = np.empty((b, h, t // TILE_TOKENS, TILE_TOKENS, d), np.uint8)

@@ -37,8 +37,8 @@ the mean value within ``gamma(T + 64) V``.
 Kinds: ``sim`` tests run the kernels under the CUDA simulator on CPU (tests/conftest.py turns it
 on without a GPU, and makes the simulator's shared-array allocation atomic: without that shim a
 rare thread interleaving gives one thread a private "shared" array, seen here as one query row
-wrong in a few percent of runs), tiny shapes; ``gpu`` tests run Llama-3.1-8B-like sizes on a real GPU (skipped
-under the simulator and without CUDA).
+wrong in a few percent of runs), tiny shapes; ``gpu`` tests run Llama-3.1-8B-like sizes on a
+real GPU (skipped under the simulator and without CUDA).
 """
 
 from __future__ import annotations

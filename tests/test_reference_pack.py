@@ -116,6 +116,8 @@ def test_value_location_is_a_bijection(bits, head_dim):
 def test_value_layout_rejects_partial_tiles():
     with pytest.raises(ValueError, match="T % 32"):
         pack_value_codes(np.zeros((1, 1, 33, 32), np.uint8), 2)
+    with pytest.raises(ValueError, match="T % 32"):
+        unpack_value_codes(np.zeros((1, 1, 33, 2), np.uint32), 2)
 
 
 @pytest.mark.parametrize("key_bits,value_bits", [(2, 2), (4, 2), (8, 4), (2, 8)])
