@@ -157,7 +157,7 @@ def compile_signatures():
     """(name, python function, signature) of a representative set of kernels for compile checks."""
     from .quantize import _representative_configs
 
-    for cfg, d, _ in _representative_configs():
+    for cfg, d, *_ in _representative_configs():
         key = _dequantize_key(cfg, d)
         fn, sig = _dequantize_source(*key)
         yield f"dequantize.dequantize{key}", fn, sig

@@ -22,8 +22,13 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
   that the hot loop works with 32-bit offsets instead of Numba's int64 index arithmetic.
 * ``lds4 / lds2 / lds1 / lds4f / lds1f(base, off)``: 16/8/4-byte loads (uint32 or float32 lanes)
   from .shared address ``base + off``; ``sts1f(base, off, value)``: a 4-byte store;
-  ``sts2(base, off, w0, w1)``: an 8-byte store. The add is 32-bit inside the intrinsic, so
+  ``sts2(base, off, w0, w1)``: an 8-byte store; ``sts4(base, off, w0, w1, w2, w3)``: a 16-byte
+  store. The add is 32-bit inside the intrinsic, so
   ptxas folds a constant offset into the instruction.
+* ``rcp_approx(x)``: ``rcp.approx.ftz.f32`` (the seed of the quantize kernel's exact
+  reciprocals).
+* ``ldg4(addr)``: a 16-byte global load (4 uint32) through the read-only path (the quantize
+  kernel's input rows).
 * ``cp_async16_bo(base, off, src)``, ``cp_async_commit()``, ``cp_async_wait0/1()``: 16-byte
   asynchronous global -> shared copies (``cp.async.cg``) and their group waits; a
   ``syncwarp``/``syncthreads`` after the wait makes the other lanes' copies visible.
@@ -242,6 +247,54 @@ def sts2(typingctx, base, off, v0, v1):
         return context.get_dummy_value()
 
     return types.void(base, off, v0, v1), codegen
+
+
+@intrinsic
+def sts4(typingctx, base, off, v0, v1, v2, v3):
+    """``st.shared.v4.u32``: four uint32 to the 16-byte aligned .shared address ``base + off``."""
+
+    def codegen(context, builder, sig, args):
+        b = context.cast(builder, args[0], sig.args[0], types.uint32)
+        o = context.cast(builder, args[1], sig.args[1], types.uint32)
+        ws = [context.cast(builder, args[i], sig.args[i], types.uint32) for i in range(2, 6)]
+        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_I32] * 5),
+                           "st.shared.v4.u32 [$0], {$1, $2, $3, $4};", "r,r,r,r,r,~{memory}",
+                           side_effect=True)
+        builder.call(asm, [builder.add(b, o)] + ws)
+        return context.get_dummy_value()
+
+    return types.void(base, off, v0, v1, v2, v3), codegen
+
+
+@intrinsic
+def rcp_approx(typingctx, x):
+    """``rcp.approx.ftz.f32``: 1/x to about 1 ulp (a seed for Newton steps; 0 and subnormal
+    inputs give inf)."""
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        asm = ir.InlineAsm(ir.FunctionType(_F32, [_F32]), "rcp.approx.ftz.f32 $0, $1;", "=f,f")
+        return builder.call(asm, [v])
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def ldg4(typingctx, addr):
+    """``ld.global.nc.v4.u32``: 16 bytes (4 uint32) from the 16-byte aligned global address
+    ``addr`` (int64, from :func:`global_address`), through the read-only data path."""
+
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], types.uint64)
+        rty = ir.LiteralStructType([_I32] * 4)
+        asm = ir.InlineAsm(ir.FunctionType(rty, [_U64]),
+                           "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                           side_effect=True)
+        res = builder.call(asm, [a])
+        return context.make_tuple(builder, sig.return_type,
+                                  [builder.extract_value(res, i) for i in range(4)])
+
+    return types.UniTuple(types.uint32, 4)(addr), codegen
 
 
 @intrinsic

@@ -135,9 +135,23 @@ lds4f = _load(16, np.float32)
 lds1f = _load(4, np.float32)
 
 
+def ldg4(addr):
+    return lds4(addr, 0)
+
+
 def sts2(base, off, v0, v1):
     _bytes(int(base) + int(off), 8)[:] = np.array([int(v0) & _M32, int(v1) & _M32],
                                                   np.uint32).view(np.uint8)
+
+
+def sts4(base, off, v0, v1, v2, v3):
+    _bytes(int(base) + int(off), 16)[:] = np.array(
+        [int(v) & _M32 for v in (v0, v1, v2, v3)], np.uint32).view(np.uint8)
+
+
+def rcp_approx(x):
+    with np.errstate(divide="ignore"):
+        return np.float32(np.float32(1.0) / np.float32(x))
 
 
 def sts1f(base, off, value):

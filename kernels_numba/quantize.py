@@ -10,49 +10,33 @@ Computes :func:`oscar.reference.block.quantize_block` bit for bit, writing the a
     norms    float32 [B, S, T]   (S = 1 for norm_scope "token", H for "head"; untouched without
                                   token scaling)
 
-Two kernels, launched back to back on the caller's stream:
+One launch. Grid ``(T / gk, G, B)``: a block owns one key group (gk tokens) of one batch row, for
+all H heads (G = 1) when the token norm spans the heads, else for one head (G = H). Block: D
+threads. **A warp lane owns one run of 32 consecutive channels of one token**: ``LPT = D / 32``
+adjacent lanes hold a token, a warp ``32 / LPT`` tokens, the block 32 tokens (one sub-tile).
 
-1. ``norm_kernel`` (only with ``scale_tokens``): the safe token norms of the rotated keys.
-   Grid ``(T / TT, S, B)``, ``THREADS`` threads. A block owns ``TT`` tokens of one batch row
-   (and one head for scope "head"); ``TT`` is the largest power of two <= 32 whose buffers fit
-   ``NORM_SMEM_BUDGET`` (32 for D = 32, 16 for D = 128 and 8 heads, 8 for D = 256 and 8 heads).
-   It walks the heads in bit-reversed order: load ``[TT, D]`` (thread p <-> elements p, p + 256,
-   ... row-major, coalesced), FWHT in shared memory, ``u = mul.rn(y, 1/sqrt(D))``, ``s = mul.rn(u,
-   u)``. The reference sums the squares of a token over the flattened (head, channel) index by a
-   halving tree (reference/norms.py); with D a power of two that tree first adds head ``h`` to head
-   ``h + Hp/2`` channel by channel, i.e. it is the adjacent-pair tree over the heads taken in
-   bit-reversed order. Each thread keeps its elements' pending partial sums on a small stack in
-   shared memory (one slot per tree level; binary-counter merge), so the head sums cost
-   ``log2(Hp) * TT * D`` floats whatever H is; zero padding heads add ``+0`` exactly as the
-   reference's padding does. Then the halving tree over the D channels in shared memory, a
-   correctly rounded sqrt, and 0 / non-finite -> 1.
-   Shared memory: ``(1 + max(1, log2 Hp)) * TT * D * 4`` bytes <= 40 KB.
+* Load: 16-byte read-only loads of the lane's run (4 for 16-bit inputs, 8 for float32).
+* Rotation (FWHT) in registers: stages h = 1..16 inside the run, stages 32..D/2 by butterfly
+  shuffles between the token's lanes (``x + o`` on the low lane, ``o - x`` on the high one: the
+  reference's ``(a + b, a - b)``), then ``mul.rn`` by 1/sqrt(D). No shared memory, no barrier.
+* Token norms (phase 1, with token scaling): per head, the squares' halving tree inside the run
+  (registers), then over the token's runs (shuffles) -- exactly the order of
+  ``reference/norms.py``; the heads, walked in bit-reversed order, merge on a per-token stack
+  (binary counter, ``levels = ceil(log2 H)`` slots) into the head tree. sqrt, 0 / non-finite -> 1.
+* Keys (phase 2, per head): u / n (true division) in registers; per-channel min / max over the gk
+  tokens through a padded shared tile (thread c reads channel c's column; conflict-free both
+  ways), the (scale, min) pair by thread c, then every lane quantizes its own run and packs its
+  ``kb`` words in registers (lane = token in the key tile layout). With gk > 32 the sub-tiles are
+  recomputed for the codes (the same float32 operations, so the same bits).
+* Values: per-token groups inside the run (gv <= 32) or over adjacent lanes (shuffles); codes
+  go into the value tile (docs/format.md "Value tiles") by ``atomic or`` of two codes at a time
+  in shared memory, then the 32-token tile is written out coalesced.
 
-2. ``quantize_kernel``: grid ``(T / gk, H, B)``, ``THREADS`` threads; a block owns one key group
-   (gk tokens) of one (batch, head), for keys and values, processed in 32-token sub-tiles held in a
-   ``[32, D + 1]`` float32 shared tile (the +1 pad makes the lane = token reads of packing
-   conflict-free).
-   Keys: load, FWHT, ``mul.rn`` by the scale, true division by the norm (read from ``norms``);
-   threads (c = tid % D, r = tid // D) take partial min / max of channel c over tokens r, r + 256/D,
-   ...; partials combine through shared memory into running per-channel min / max. With gk > 32
-   the group's sub-tiles are re-read and re-rotated for packing (the same float32 operations, so the
-   same bits; the re-read mostly hits L2). Params: thread c. Packing: thread p <-> (lane = p % 32,
-   word = p // 32) builds word ``w`` of token ``lane`` and writes ``k_codes[b, h, tile, w, lane]``:
-   a warp writes 128 contiguous bytes.
-   Values: per 32-token sub-tile, load (+ FWHT and scale); R = min(words per group, 256 / groups)
-   threads share a group (t, g), each owning whole words: partial min / max of their words, combine
-   through shared memory, params (thread r == 0 stores them), then each thread quantizes its words'
-   channels in place in the shared tile (codes as float32). After a barrier, thread p builds word
-   p of the sub-tile's value run (docs/format.md "Value tiles": a word holds one channel set of
-   two tokens) from the codes in the tile and writes it (coalesced).
-   Shared memory: ``32 * (D + 1) * 4 + 3 * max(THREADS, D) * 4 + 5 * D * 4`` bytes (41 KB at
-   D = 256).
-
-Exactness: every float32 operation is the reference's, in its order. Products that feed an add
-use ``mul_rn`` (no FMA contraction); divisions are ``div.rn`` (numba-cuda default without
-fastmath); the float16 params are ``cvt.rn.f16.f32``. Min and max do not depend on order except
-for the sign of a zero: the kernel stores a zero min as +0 (NumPy's sign there depends on its
-SIMD reduction order; see tests).
+Exactness: every float32 operation is the reference's, in its order: ``mul.rn`` where a product
+feeds an add, true division (``div.rn``), ``rint`` (round half to even, ``cvt.rni``), float16
+params by ``cvt.rn.f16.f32``. The cross-lane butterflies multiply by +-1 (exact), so an FMA
+contraction there changes nothing; the finite check ``z = x * 0 + z`` only tests for NaN. Min and
+max do not depend on order except for the sign of a zero: the kernel stores a zero min as +0.
 
 Errors are reported, not raised (the bridge raises): ``status[0] |= STATUS_NONFINITE`` when a
 quantizer input is not finite (any non-finite element of k or v; also finite float32 inputs so
@@ -61,20 +45,10 @@ through the rotation to the whole (head, token) row, and through a non-finite no
 stored unscaled, as in the reference); ``status[0] |= STATUS_FLOAT16_RANGE`` when param_dtype is
 float16 and a finite group's min, max or scale exceeds 65504 in magnitude -- NaN params, codes 0.
 
-Threads: ``THREADS`` (256) by default; any power of two from 32 to 1024 through ``threads=``
-(every loop is strided by the block size; the simulator tests use 32).
-
-Limits: T a multiple of key_group_size; D in {32, 64, 128, 256}; H <= 65535 and B <= 65535
-(grid y / z); T / 32 < 2**31.
-
-Performance notes (not measured yet): DRAM traffic with token scaling is K twice (norm kernel,
-then quantize kernel; the second read hits L2 when the call's keys fit in the 50 MB L2 -- a
-128-token flush does, a 32K-token prefill of bf16 Llama-3.1-8B keys (64 MB per batch row) does
-not, so the caller may split a long prefill into chunks of whole key groups), V once, the packed
-arrays once. Likely hot spots for the tuning pass: ``fwht_shared``'s pair index uses run-time
-int64 ``//`` and ``%`` by powers of two (shifts and masks would do), one ``div.rn.f32`` and one
-``rint`` per element (required for exactness), about 25 barriers per quantize block, and the
-serial scan of a value group by few threads when value groups are large.
+Limits: D in {32, 64, 128, 256}; T a multiple of key_group_size; H <= 65535 and B <= 65535 (grid
+y / z); the input rows (the last axis) contiguous, and the input base address and strides
+multiples of 16 bytes (the launcher checks; torch tensors from ``.contiguous()`` qualify).
+Shared memory: ``(32 (D + D/8) + 2 (D + D/8) + gk (1 + max(1, levels))) * 4`` bytes (< 48 KB).
 """
 
 from __future__ import annotations
@@ -85,21 +59,74 @@ import math
 from ..reference.hadamard import hadamard_scale
 from ..reference.pack import TILE_TOKENS
 from ..reference.quantize import FLOAT16_MAX
-from ._compat import cuda, np
-from .common import (INPUT_ELEMENT_TYPES, arithmetic_device, check_threads, float32_loader,
-                     fwht_shared, mul_rn, plain_in_simulator, rint_half_even)
+from ._compat import SIMULATOR, cuda, np
+from .common import INPUT_ELEMENT_TYPES, arithmetic_device, mul_rn, value_code_location
 
-#: Threads per block: 8 warps. THREADS >= head_dim lets thread c own channel c of the keys.
-THREADS = 256
-#: Tokens per packed key tile: one warp lane per token (the packed layout's tile).
+if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
+    from . import ptx_sim as _sim
+    from .ptx_sim import (f16x2_hi, f16x2_lo, float_as_uint, global_address, ldg4, lds4f,
+                          rcp_approx, shared_address, sts4, uint_as_float)
+
+    _sim.install()  # warp shuffles for the simulator's cuda module
+
+    def _rint(y):
+        return np.float32(np.rint(np.float32(y)))
+
+    def div_by(a, d, r):
+        """The simulator takes the true quotient, which the GPU sequence equals (see there); with
+        r = 0 (a zero or NaN scale) the GPU sequence gives a * 0."""
+        with np.errstate(all="ignore"):
+            if r == 0:
+                return np.float32(a) * np.float32(0.0)
+            return np.float32(np.float32(a) / np.float32(d))
+else:
+    from numba.cuda import libdevice
+
+    from .ptx import (f16x2_hi, f16x2_lo, global_address, ldg4, lds4f, rcp_approx,
+                      shared_address, sts4)
+
+    _rint = libdevice.rintf  # cvt.rni.f32.f32: round half to even
+
+    @cuda.jit(device=True)
+    def div_by(a, d, r):
+        """``RN(a / d)`` from ``r = RN(1 / d)`` in five FMA-pipe operations, with no slow-path
+        call (a ``div.rn`` is a call site; 99 of them made ptxas spill). Markstein's theorem:
+        if ``r`` is within half an ulp of 1/d and ``q`` is within one ulp of a/d, then ``q +
+        (a - d q) r``, the remainder exact by FMA, rounds to RN(a/d). ``q0 = RN(a r)`` can be
+        1.5 ulps off, so one correction makes it faithful and a second one exact. Valid while
+        nothing underflows: the caller sends quotients below 2**-90 and numerators below 2**-100
+        to :func:`_div_wide`."""
+        q = a * r
+        q = cuda.fma(cuda.fma(-q, d, a), r, q)
+        return cuda.fma(cuda.fma(-q, d, a), r, q)
+
+    @cuda.jit(device=True)
+    def float_as_uint(x):
+        return np.uint32(libdevice.float_as_int(x))
+
+    @cuda.jit(device=True)
+    def uint_as_float(u):
+        return libdevice.int_as_float(np.int32(u))
+
+#: alignment of the shared arrays read with vector loads (the simulator rejects the argument)
+ALIGN16 = None if SIMULATOR else 16
+#: numerators with |a| >= max(d * 2**-90, 2**-100) take the fast exact division (the quotient and
+#: the remainders stay normal); the rest (tiny, zero, NaN) the float64 product (both exact, see
+#: ``div_by`` and ``_div_wide``)
+_FAST_MIN = np.float32(2.0 ** -90)
+_FAST_FLOOR = np.float32(2.0 ** -100)
+#: scales below 2**-60 are scaled by 2**64 with their numerators (exact) so that no remainder
+#: of the fast division underflows
+_SMALL_SCALE = np.float32(2.0 ** -60)
+_TWO64 = np.float32(2.0 ** 64)
+
+#: Tokens per packed key tile and per sub-tile of a block (one per lane in the key layout).
 TILE = TILE_TOKENS
-#: Shared-memory budget of the norm kernel: under the 48 KB of static shared memory a default
-#: launch allows, leaving room for several blocks per SM.
-NORM_SMEM_BUDGET = 40 * 1024
-#: Elements of one norm tile: 16 KB of float32 keeps a block busy without more smem.
-NORM_TILE_ELEMENTS = 4096
+#: Channels per lane: a lane holds one run of 32 consecutive channels of one token.
+RUN = 32
 HEAD_DIMS = (32, 64, 128, 256)
 PARAM_TYPES = {"float16": "float16", "float32": "float32"}
+FULL = 0xFFFFFFFF
 
 #: status[0] bits (the bridge turns them into errors).
 STATUS_NONFINITE = 1
@@ -117,16 +144,20 @@ def _levels(n: int) -> int:
     return max(0, (n - 1).bit_length())
 
 
-def norm_tile_tokens(head_dim: int, levels: int) -> int:
-    """Tokens per norm-kernel block (a power of two <= 32, so it divides every T)."""
-    per_token = (1 + max(1, levels)) * head_dim * 4
-    tt = TILE
-    while tt > 1 and (tt * per_token > NORM_SMEM_BUDGET or tt * head_dim > NORM_TILE_ELEMENTS):
-        tt //= 2
-    return tt
+def threads_per_block(head_dim: int) -> int:
+    """Threads of a quantize block: 32 tokens x head_dim / 32 lanes."""
+    return head_dim
 
 
-# --- device-function builders shared by the two kernels -----------------------------------------
+def tile_stride(head_dim: int) -> int:
+    """Row stride (words) of the min / max tile: run r of a row starts at word 36 r, and the stride
+    is 4 * LPT mod 32, so the 16-byte stores of 8 lanes hit 8 different bank quads."""
+    return head_dim + head_dim // 8
+
+
+def shared_bytes(head_dim: int, key_group_size: int, levels: int) -> int:
+    sp = tile_stride(head_dim)
+    return 4 * (TILE * sp + 2 * sp + key_group_size * (1 + max(1, levels)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,22 +182,6 @@ def _param_fn(param_dtype: str):
     return group_params
 
 
-_rint_half_even = plain_in_simulator(rint_half_even)
-
-
-@arithmetic_device
-def quant_code(x, mn_s, scale_s, levels):
-    """``clamp(rint((x - mn_s) / scale_s), 0, levels)`` as an int; 0 for a zero or NaN scale."""
-    if not scale_s > _F32_ZERO:  # constant group (0), or a poisoned group (NaN)
-        return 0
-    r = _rint_half_even((x - mn_s) / scale_s)
-    if not r >= _F32_ZERO:
-        return 0
-    if r > levels:
-        r = levels
-    return int(r)
-
-
 @arithmetic_device
 def bit_reverse(j, nbits):
     r = 0
@@ -176,368 +191,351 @@ def bit_reverse(j, nbits):
     return r
 
 
-@arithmetic_device
-def minmax_update(x, mn, mx, bad):
-    """Fold one element into a running (min, max, any-non-finite)."""
-    if math.isfinite(x):
-        if x < mn:
-            mn = x
-        if x > mx:
-            mx = x
-    else:
-        bad = 1
-    return mn, mx, bad
+@cuda.jit(device=True)
+def recip(d):
+    """``(RN32(1/d), r64)`` for a positive normal float32 ``d``: a float32 seed and two Newton
+    steps in float64 give 1/d to about 2**-52; no float32 quotient is within 2**-48 of a float32
+    midpoint (it would need a 25-bit odd significand times d's to be a power of two), so rounding
+    r64 to float32 is RN(1/d). No division instruction (no slow-path call)."""
+    d64 = np.float64(d)
+    r64 = np.float64(rcp_approx(d))
+    r64 = r64 + r64 * (1.0 - d64 * r64)
+    r64 = r64 + r64 * (1.0 - d64 * r64)
+    return np.float32(r64), r64
 
 
-@functools.lru_cache(maxsize=None)
-def _tile_loader(head_dim: int, in_dtype: str, rotate: bool, scale_tokens: bool, rows: int,
-                 threads: int):
-    """Device function filling ``tile[0:rows, 0:D]`` with the quantizer input of tokens
-    ``t0 .. t0 + rows`` of ``x[b, h]``: load, [FWHT, mul.rn by 1/sqrt(D)], [/ norms[b, s, t]].
-    All threads call it; it ends with a barrier."""
-    d = head_dim
-    nt = threads
-    hs = hadamard_scale(d)
-    load = float32_loader(in_dtype)
+@cuda.jit(device=True)
+def _div_wide(a, r64):
+    """``RN32(a / d)`` from ``r64`` (1/d to about 2**-52): a / d is never within 2**-48 of a
+    float32 rounding boundary unless it is exactly representable, so rounding the float64
+    product once is exact, subnormal results included."""
+    return np.float32(np.float64(a) * r64)
+
+
+def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
+           param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels):
+    """Python function of the quantize kernel for one compile-time configuration."""
+    D = head_dim
+    LPT = D // RUN  # lanes per token
+    LLPT = LPT.bit_length() - 1
+    TPW = 32 // LPT  # tokens per warp
+    NSUB = key_group_size // TILE
+    SP = tile_stride(D)
+    KB, VB = key_bits, value_bits
+    KCPW, VCPW = 32 // KB, 32 // VB
+    KL = np.float32((1 << KB) - 1)
+    VL = np.float32((1 << VB) - 1)
+    GV = value_group_size
+    VW = D * VB // 32  # value words per token
+    VTW = TILE * VW  # words of one value tile
+    NT = threads_per_block(D)
+    TSZ = TILE * SP  # shared array shapes must be closure constants, not expressions
+    KPSZ = 4 * (D + LPT)  # per channel c: (mn_s, kk, sc2, r) at slot c + c // 32
+    GK = key_group_size
+    LEVELS = levels
+    NLEAF = 1 << levels
+    NSLOT = max(1, levels)
+    ALL_HEADS = scale_tokens and not head_scope  # a block walks every head (token norm)
+    ROTK, ROTV, SCALE = bool(rotate_keys), bool(rotate_values), bool(scale_tokens)
+    HS = hadamard_scale(D)
+    F32_IN = in_dtype == "float32"
+    BF16_IN = in_dtype == "bfloat16"
+    NLD = 8 if F32_IN else 4  # 16-byte loads per run
+    VGL = max(1, RUN // GV)  # value groups inside a run
+    VGS = min(GV, RUN)  # channels of a group inside one run
+    VXL = max(1, GV // RUN)  # lanes per value group
+    LVXL = VXL.bit_length() - 1
+    group_params = _param_fn(param_dtype)
+    HI16 = np.uint32(0xFFFF0000)
+    S16 = np.uint32(16)
 
     @cuda.jit(device=True)
-    def load_tile(x, norms, b, h, s, t0, tile, tid):
-        p = tid
-        while p < rows * d:
-            t = p // d
-            c = p - t * d
-            u = load(x[b, h, t0 + t, c])
-            if scale_tokens and not rotate:
-                u = u / norms[b, s, t0 + t]
-            tile[t, c] = u
-            p += nt
-        if rotate:
-            fwht_shared(tile, rows, d, tid, nt)
-            p = tid
-            while p < rows * d:
-                t = p // d
-                c = p - t * d
-                u = mul_rn(tile[t, c], hs)
-                if scale_tokens:
-                    u = u / norms[b, s, t0 + t]
-                tile[t, c] = u
-                p += nt
-        cuda.syncthreads()
+    def load_run(arr, b, h, t, lane_run, x):
+        """x[0:32] = float32 of arr[b, h, t, 32 lane_run : 32 lane_run + 32] (16-byte loads)."""
+        addr = global_address(arr, (b, h, t, RUN * lane_run))
+        for i in range(NLD):
+            w0, w1, w2, w3 = ldg4(addr + 16 * i)
+            if F32_IN:
+                x[4 * i] = uint_as_float(w0)
+                x[4 * i + 1] = uint_as_float(w1)
+                x[4 * i + 2] = uint_as_float(w2)
+                x[4 * i + 3] = uint_as_float(w3)
+            elif BF16_IN:
+                x[8 * i] = uint_as_float(w0 << S16)
+                x[8 * i + 1] = uint_as_float(w0 & HI16)
+                x[8 * i + 2] = uint_as_float(w1 << S16)
+                x[8 * i + 3] = uint_as_float(w1 & HI16)
+                x[8 * i + 4] = uint_as_float(w2 << S16)
+                x[8 * i + 5] = uint_as_float(w2 & HI16)
+                x[8 * i + 6] = uint_as_float(w3 << S16)
+                x[8 * i + 7] = uint_as_float(w3 & HI16)
+            else:
+                x[8 * i] = f16x2_lo(w0)
+                x[8 * i + 1] = f16x2_hi(w0)
+                x[8 * i + 2] = f16x2_lo(w1)
+                x[8 * i + 3] = f16x2_hi(w1)
+                x[8 * i + 4] = f16x2_lo(w2)
+                x[8 * i + 5] = f16x2_hi(w2)
+                x[8 * i + 6] = f16x2_lo(w3)
+                x[8 * i + 7] = f16x2_hi(w3)
 
-    return load_tile
+    @cuda.jit(device=True)
+    def rotate(x, lane):
+        """Normalized FWHT of the token's D channels, held as runs of 32 by LPT adjacent lanes:
+        the reference's stages in its order (h = 1..16 in registers, then across lanes)."""
+        for st in range(5):
+            h = 1 << st
+            for p in range(16):
+                i = ((p >> st) << (st + 1)) | (p & (h - 1))
+                a = x[i]
+                c = x[i + h]
+                x[i] = a + c
+                x[i + h] = a - c
+        for st in range(LLPT):
+            m = 1 << st
+            # low lane (channel i): a + b; high lane (i + h): a - b = -x + o (exact product)
+            sg = np.float32(1.0) if (lane & m) == 0 else np.float32(-1.0)
+            for j in range(RUN):
+                o = cuda.shfl_xor_sync(FULL, x[j], m)
+                x[j] = sg * x[j] + o
+        for j in range(RUN):
+            x[j] = mul_rn(x[j], HS)
 
+    @cuda.jit(device=True)
+    def head_sum(x, q):
+        """The head's sum of squares (reference/norms.py): tree in the run, then across runs."""
+        for j in range(RUN):
+            q[j] = mul_rn(x[j], x[j])
+        for st in range(5):
+            p = 16 >> st
+            for j in range(p):
+                q[j] = q[j] + q[j + p]
+        s = q[0]
+        for st in range(LLPT):
+            s = s + cuda.shfl_xor_sync(FULL, s, LPT >> (st + 1))
+        return s
 
-# --- kernel 1: safe token norms -------------------------------------------------------------------
+    @cuda.jit(device=True)
+    def scale_run(x, n):
+        """x[j] = RN(x[j] / n) for the token's norm n (normal, positive)."""
+        r, r64 = recip(n)
+        thr = max(n * _FAST_MIN, _FAST_FLOOR)
+        for j in range(RUN):
+            a = x[j]
+            if abs(a) >= thr:
+                x[j] = div_by(a, n, r)
+            else:  # tiny, zero or NaN: the float64 product (exact, see _div_wide)
+                x[j] = _div_wide(a, r64)
 
+    @cuda.jit(device=True)
+    def quantizer(sc, mn_s):
+        """Per-group constants ``(mn_s, kk, sc2, r)`` of :func:`quant`: ``sc2 = sc * kk`` with
+        ``kk = 2**64`` for scales below 2**-60 (else 1), ``r = RN(1 / sc2)``; ``r = 0`` for a
+        zero or NaN scale, which makes every code 0."""
+        kk = _F32_ONE
+        if sc > _F32_ZERO and sc < _SMALL_SCALE:
+            kk = _TWO64
+        sc2 = sc * kk
+        r = _F32_ZERO
+        if sc > _F32_ZERO:
+            r, _ = recip(sc2)
+        else:
+            sc2 = _F32_ONE
+        return mn_s, kk, sc2, r
 
-@functools.lru_cache(maxsize=None)
-def _norm_source(head_dim: int, in_dtype: str, rotate: bool, levels: int, head_scope: bool,
-                 threads: int):
-    """(kernel function, signature) of the norm kernel. ``levels`` = ceil(log2 H) (0 for scope
-    "head", where a block sums one head)."""
-    d = head_dim
-    nt = threads
-    tt = norm_tile_tokens(d, levels)
-    n_leaves = 1 << levels
-    stack_slots = max(1, levels)
-    hs = hadamard_scale(d)
-    load = float32_loader(in_dtype)
-
-    def norm_kernel(k, norms):
-        t0 = cuda.blockIdx.x * tt
-        s = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        tid = cuda.threadIdx.x
-        num_heads = k.shape[1]
-        buf = cuda.shared.array((tt, d), np.float32)
-        stack = cuda.shared.array((stack_slots, tt, d), np.float32)
-        for j in range(n_leaves):
-            head = s if head_scope else bit_reverse(j, levels)
-            present = head < num_heads  # uniform over the block: barriers below are safe
-            if present:
-                p = tid
-                while p < tt * d:
-                    t = p // d
-                    c = p - t * d
-                    buf[t, c] = load(k[b, head, t0 + t, c])
-                    p += nt
-                if rotate:
-                    fwht_shared(buf, tt, d, tid, nt)
-            # Each thread merges only its own elements (same p mapping as the load): no barrier.
-            p = tid
-            while p < tt * d:
-                t = p // d
-                c = p - t * d
-                carry = _F32_ZERO  # a padding head: +0, as the reference pads
-                if present:
-                    u = buf[t, c]
-                    if rotate:
-                        u = mul_rn(u, hs)
-                    carry = mul_rn(u, u)
-                level = 0
-                jj = j
-                while jj & 1:
-                    carry = stack[level, t, c] + carry
-                    level += 1
-                    jj >>= 1
-                if level < levels:
-                    stack[level, t, c] = carry
-                else:  # j == n_leaves - 1: the head sum of (t, c); the channel tree follows
-                    buf[t, c] = carry
-                p += nt
-            cuda.syncthreads()
-        half = d // 2
-        while half >= 1:
-            p = tid
-            while p < tt * half:
-                t = p // half
-                c = p - t * half
-                buf[t, c] = buf[t, c] + buf[t, c + half]
-                p += nt
-            cuda.syncthreads()
-            half //= 2
-        if tid < tt:
-            n = np.float32(math.sqrt(buf[tid, 0]))
-            if not (math.isfinite(n) and n != _F32_ZERO):
-                n = _F32_ONE
-            norms[b, s, t0 + tid] = n
-
-    sig = f"void({INPUT_ELEMENT_TYPES[in_dtype]}[:, :, :, :], float32[:, :, :])"
-    return norm_kernel, sig
-
-
-# --- kernel 2: quantize and pack ------------------------------------------------------------------
-
-
-def _value_tile_inverse(head_dim, value_bits):
-    """Device function ``(word, j) -> (token, channel)``: which code of a 32-token value tile is
-    code ``j`` of word ``word`` of the tile (the inverse of ``common.value_code_location``).
-
-    With ``slot = word * hc + j % hc`` (``hc = 16 / bits`` codes per 16-bit half) and ``half = j
-    // hc``, the slot's fields give token ``16 kb + 8 pair + 4 half + t4`` and channel ``16 chunk +
-    8 hi + g`` (docs/format.md, "Value tiles")."""
-    hc = 16 // value_bits
-    nch = head_dim // 16
-
-    def code_at(word, j):
-        slot = word * hc + j % hc
-        chunk = slot % nch
-        rest = slot // nch
-        hi = rest & 1
-        pair = (rest >> 1) & 1
-        t4 = (rest >> 2) & 3
-        g = (rest >> 4) & 7
-        kb = rest >> 7
-        return 16 * kb + 8 * pair + 4 * (j // hc) + t4, 16 * chunk + 8 * hi + g
-
-    return arithmetic_device(code_at)
-
-
-@functools.lru_cache(maxsize=None)
-def _quantize_source(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
-                     param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, threads):
-    """(kernel function, signature) of the quantize kernel for one configuration."""
-    d = head_dim
-    nt = threads
-    n_sub = key_group_size // TILE
-    d_pad = d + 1  # row stride of the shared tile: lane-major reads hit 32 different banks
-    # keys
-    k_cpw = 32 // key_bits
-    k_words = d // k_cpw
-    k_levels = np.float32((1 << key_bits) - 1)
-    k_parts = max(1, nt // d)  # threads per channel in the min/max scan
-    c_step = min(nt, d)  # channel stride of a thread (one channel per thread when nt >= d)
-    red_size = max(nt, d)
-    # values
-    v_cpw = 32 // value_bits
-    v_levels = np.float32((1 << value_bits) - 1)
-    v_groups_per_token = d // value_group_size
-    v_words_per_group = value_group_size // v_cpw
-    v_groups = TILE * v_groups_per_token
-    v_parts = min(v_words_per_group, max(1, nt // v_groups))  # threads per value group
-    v_words = d * value_bits // 32  # words per token row of v_codes
-    v_tile_words = TILE * v_words
-    v_code_at = _value_tile_inverse(d, value_bits)
-    v_groups_per_pass = nt // v_parts
-
-    group_params = _param_fn(param_dtype)
-    load_keys = _tile_loader(d, in_dtype, rotate_keys, scale_tokens, TILE, nt)
-    load_values = _tile_loader(d, in_dtype, rotate_values, False, TILE, nt)
+    @cuda.jit(device=True)
+    def quant(x, mn_s, kk, sc2, r, levels):
+        """``clamp(rint((x - mn_s) / sc), 0, levels)`` as uint32 (``(x - mn_s) kk / sc2``:
+        the same quotient, exact powers of two)."""
+        q = _rint(div_by((x - mn_s) * kk, sc2, r))
+        q = max(q, _F32_ZERO)  # NaN -> 0
+        return np.uint32(min(q, levels))
 
     def quantize_kernel(k, v, k_codes, k_params, v_codes, v_params, norms, status):
         kg = cuda.blockIdx.x
-        h = cuda.blockIdx.y
+        hb = cuda.blockIdx.y
         b = cuda.blockIdx.z
         tid = cuda.threadIdx.x
-        s = h if head_scope else 0
-        tile = cuda.shared.array((TILE, d_pad), np.float32)
-        red_mn = cuda.shared.array(red_size, np.float32)
-        red_mx = cuda.shared.array(red_size, np.float32)
-        red_bad = cuda.shared.array(red_size, np.int32)
-        k_mn = cuda.shared.array(d, np.float32)
-        k_mx = cuda.shared.array(d, np.float32)
-        k_bad = cuda.shared.array(d, np.int32)
-        k_scale = cuda.shared.array(d, np.float32)
-        k_min = cuda.shared.array(d, np.float32)
+        lane = tid & 31
+        lr = lane & (LPT - 1)  # this lane's run of its token
+        tk = (tid >> 5) * TPW + (lane >> LLPT)  # its token in the sub-tile
+        num_heads = k.shape[1]
+        g0 = kg * GK  # first token of the key group
+        tile = cuda.shared.array(TSZ, np.uint32, alignment=ALIGN16)  # min / max, then values
+        kpar = cuda.shared.array(KPSZ, np.float32, alignment=ALIGN16)  # quantizer per channel
+        nrm = cuda.shared.array(GK, np.float32)
+        stk = cuda.shared.array((NSLOT, GK), np.float32)
+        tile_b = shared_address(tile, 0)
+        kpar_b = shared_address(kpar, 0)
+        x = cuda.local.array(RUN, np.float32)
+        q = cuda.local.array(RUN, np.float32)
+        cd = cuda.local.array(RUN, np.uint32)
         flags = 0
+        col = tid + 4 * (tid >> 5)  # thread c's column in the padded tile (c = tid)
+        run0 = (RUN + 4) * lr  # this lane's run in a padded row
+        kp0 = 16 * (RUN + 1) * lr  # byte offset of its run's channels in kpar
 
-        # ---- keys, pass 1: per-channel min / max over the group's sub-tiles
-        c = tid
-        while c < d:
-            k_mn[c] = _F32_INF
-            k_mx[c] = -_F32_INF
-            k_bad[c] = 0
-            c += nt
-        for sub in range(n_sub):
-            load_keys(k, norms, b, h, s, kg * key_group_size + sub * TILE, tile, tid)
-            # thread (r = tid // d, c = tid % d): channel c over tokens r, r + k_parts, ...
-            c = tid % d
-            while c < d:
-                mn = _F32_INF
-                mx = -_F32_INF
-                bad = 0
-                for t in range(tid // d, TILE, k_parts):
-                    mn, mx, bad = minmax_update(tile[t, c], mn, mx, bad)
-                i = (tid // d) * d + c
-                red_mn[i] = mn
-                red_mx[i] = mx
-                red_bad[i] = bad
-                c += c_step
+        # ---- phase 1: token norms (the heads in bit-reversed order merge on a per-token stack)
+        if SCALE:
+            for j in range(NLEAF):
+                head = hb if not ALL_HEADS else bit_reverse(j, LEVELS)
+                present = head < num_heads  # uniform over the block
+                for sub in range(NSUB):
+                    tt = sub * TILE + tk
+                    carry = _F32_ZERO  # a padding head adds +0, as the reference pads
+                    if present:
+                        load_run(k, b, head, g0 + tt, lr, x)
+                        if ROTK:
+                            rotate(x, lane)
+                        carry = head_sum(x, q)
+                    if lr == 0:
+                        level = 0
+                        jj = j
+                        while jj & 1:
+                            carry = stk[level, tt] + carry
+                            level += 1
+                            jj >>= 1
+                        if level < LEVELS:
+                            stk[level, tt] = carry
+                        else:  # the last leaf: the token's sum of squares
+                            n = np.float32(math.sqrt(carry))
+                            if not (math.isfinite(n) and n != _F32_ZERO):
+                                n = _F32_ONE
+                            nrm[tt] = n
+                            norms[b, hb, g0 + tt] = n
             cuda.syncthreads()
-            c = tid
-            while c < d:
-                mn = k_mn[c]
-                mx = k_mx[c]
-                bad = k_bad[c]
-                for r in range(k_parts):
-                    i = r * d + c
-                    if red_mn[i] < mn:
-                        mn = red_mn[i]
-                    if red_mx[i] > mx:
-                        mx = red_mx[i]
-                    bad |= red_bad[i]
-                k_mn[c] = mn
-                k_mx[c] = mx
-                k_bad[c] = bad
-                c += nt
-            cuda.syncthreads()
-        c = tid
-        while c < d:
-            sc, mn_s, fl = group_params(k_mn[c], k_mx[c], k_bad[c], k_levels)
-            k_params[b, h, kg, c, 0] = sc
-            k_params[b, h, kg, c, 1] = mn_s
-            k_scale[c] = sc
-            k_min[c] = mn_s
+
+        h_first = 0 if ALL_HEADS else hb
+        h_end = num_heads if ALL_HEADS else hb + 1
+        for head in range(h_first, h_end):
+            # ---- keys, pass A: u = [H] k [/ n]; per-channel min / max over the key group
+            cmn = _F32_INF
+            cmx = -_F32_INF
+            cz = _F32_ZERO
+            for sub in range(NSUB):
+                tt = sub * TILE + tk
+                load_run(k, b, head, g0 + tt, lr, x)
+                if ROTK:
+                    rotate(x, lane)
+                if SCALE:
+                    scale_run(x, nrm[tt])
+                for i in range(RUN // 4):
+                    sts4(tile_b, 4 * (tk * SP + run0 + 4 * i), float_as_uint(x[4 * i]),
+                         float_as_uint(x[4 * i + 1]), float_as_uint(x[4 * i + 2]),
+                         float_as_uint(x[4 * i + 3]))
+                cuda.syncthreads()
+                for t in range(TILE):
+                    u = uint_as_float(tile[t * SP + col])
+                    cmn = min(cmn, u)
+                    cmx = max(cmx, u)
+                    cz = u * _F32_ZERO + cz  # NaN once any input is not finite
+                cuda.syncthreads()
+            sc, mn_s, fl = group_params(cmn, cmx, cz != cz, KL)
             flags |= fl
-            c += nt
-        cuda.syncthreads()
-
-        # ---- keys, pass 2: codes, packed lane = token
-        for sub in range(n_sub):
-            if n_sub > 1:
-                load_keys(k, norms, b, h, s, kg * key_group_size + sub * TILE, tile, tid)
-            p = tid
-            while p < TILE * k_words:
-                lane = p % TILE
-                w = p // TILE
-                word = 0
-                for j in range(k_cpw):
-                    c = w * k_cpw + j
-                    code = quant_code(tile[lane, c], k_min[c], k_scale[c], k_levels)
-                    word |= code << (key_bits * j)
-                k_codes[b, h, kg * n_sub + sub, w, lane] = word
-                p += nt
+            k_params[b, head, kg, tid, 0] = sc
+            k_params[b, head, kg, tid, 1] = mn_s
+            qa, qb, qc, qd = quantizer(sc, mn_s)
+            sts4(kpar_b, 16 * (tid + (tid >> 5)), float_as_uint(qa), float_as_uint(qb),
+                 float_as_uint(qc), float_as_uint(qd))
             cuda.syncthreads()
-
-        # ---- values: per token, groups of value_group_size channels
-        for sub in range(n_sub):
-            t0 = kg * key_group_size + sub * TILE
-            load_values(v, norms, b, h, s, t0, tile, tid)
-            gbase = 0
-            while gbase < v_groups:  # uniform trip count: barriers inside are safe
-                gi = gbase + tid // v_parts
-                r = tid % v_parts
-                t = gi // v_groups_per_token
-                g = gi - t * v_groups_per_token
-                mn = _F32_INF
-                mx = -_F32_INF
-                bad = 0
-                if gi < v_groups:
-                    for w in range(r, v_words_per_group, v_parts):
-                        c0 = (g * v_words_per_group + w) * v_cpw
-                        for j in range(v_cpw):
-                            mn, mx, bad = minmax_update(tile[t, c0 + j], mn, mx, bad)
-                red_mn[tid] = mn
-                red_mx[tid] = mx
-                red_bad[tid] = bad
-                cuda.syncthreads()
-                if gi < v_groups:
-                    first = tid - r
-                    for rr in range(v_parts):
-                        if red_mn[first + rr] < mn:
-                            mn = red_mn[first + rr]
-                        if red_mx[first + rr] > mx:
-                            mx = red_mx[first + rr]
-                        bad |= red_bad[first + rr]
-                    sc, mn_s, fl = group_params(mn, mx, bad, v_levels)
-                    if r == 0:
-                        v_params[b, h, t0 + t, g, 0] = sc
-                        v_params[b, h, t0 + t, g, 1] = mn_s
+            # ---- keys, pass B: each lane quantizes its run and packs its words (lane = token)
+            for sub in range(NSUB):
+                tt = sub * TILE + tk
+                if NSUB > 1:  # recompute the sub-tile: the same operations give the same bits
+                    load_run(k, b, head, g0 + tt, lr, x)
+                    if ROTK:
+                        rotate(x, lane)
+                    if SCALE:
+                        scale_run(x, nrm[tt])
+                for w in range(KB):
+                    word = np.uint32(0)
+                    for i in range(KCPW):
+                        j = w * KCPW + i
+                        qa, qb, qc, qd = lds4f(kpar_b, kp0 + 16 * j)
+                        word |= quant(x[j], qa, qb, qc, qd, KL) << np.uint32(KB * i)
+                    k_codes[b, head, kg * NSUB + sub, lr * KB + w, tk] = word
+            # ---- values: per-token groups, packed into the value tile in shared memory
+            for i in range(tid, VTW, NT):
+                tile[i] = np.uint32(0)
+            for sub in range(NSUB):
+                tt = sub * TILE + tk
+                load_run(v, b, head, g0 + tt, lr, x)
+                if ROTV:
+                    rotate(x, lane)
+                for gl in range(VGL):
+                    mn = _F32_INF
+                    mx = -_F32_INF
+                    z = _F32_ZERO
+                    for j in range(VGS):
+                        u = x[gl * VGS + j]
+                        mn = min(mn, u)
+                        mx = max(mx, u)
+                        z = u * _F32_ZERO + z
+                    for st in range(LVXL):  # groups over several lanes
+                        m = 1 << st
+                        mn = min(mn, cuda.shfl_xor_sync(FULL, mn, m))
+                        mx = max(mx, cuda.shfl_xor_sync(FULL, mx, m))
+                        z = z + cuda.shfl_xor_sync(FULL, z, m)
+                    sc, mn_s, fl = group_params(mn, mx, z != z, VL)
+                    if (lr & (VXL - 1)) == 0:
                         flags |= fl
-                    # the codes replace their inputs in the tile (only this thread reads them)
-                    for w in range(r, v_words_per_group, v_parts):
-                        c0 = (g * v_words_per_group + w) * v_cpw
-                        for j in range(v_cpw):
-                            tile[t, c0 + j] = np.float32(
-                                quant_code(tile[t, c0 + j], mn_s, sc, v_levels))
+                        gi = (RUN * lr + gl * VGS) // GV
+                        v_params[b, head, g0 + tt, gi, 0] = sc
+                        v_params[b, head, g0 + tt, gi, 1] = mn_s
+                    qa, qb, qc, qd = quantizer(sc, mn_s)
+                    for j in range(VGS):
+                        cd[gl * VGS + j] = quant(x[gl * VGS + j], qa, qb, qc, qd, VL)
+                cuda.syncthreads()  # the tile is zeroed (and free of the key pass) everywhere
+                # channels j and j + 16 of the run are chunks 2 lr and 2 lr + 1: adjacent slots of
+                # one word (docs/format.md "Value tiles")
+                for j in range(16):
+                    wd, shift = value_code_location(tk, RUN * lr + j, D, VB)
+                    cuda.atomic.or_(tile, wd, (cd[j] | (cd[j + 16] << np.uint32(VB)))
+                                    << np.uint32(shift))
                 cuda.syncthreads()
-                gbase += v_groups_per_pass
-            # pack in the value tile layout: thread p builds word p of the tile's flat run
-            # (coalesced writes); code j of word f is token tt, channel cc of this sub-tile
-            p = tid
-            while p < v_tile_words:
-                word = 0
-                for j in range(v_cpw):
-                    tt, cc = v_code_at(p, j)
-                    word |= int(tile[tt, cc]) << (value_bits * j)
-                v_codes[b, h, t0 + p // v_words, p % v_words] = word
-                p += nt
-            cuda.syncthreads()
+                t0 = g0 + sub * TILE
+                for i in range(tid, VTW, NT):
+                    v_codes[b, head, t0 + i // VW, i % VW] = tile[i]
+                    tile[i] = np.uint32(0)
+                cuda.syncthreads()
 
         if flags != 0:
             cuda.atomic.or_(status, 0, flags)
 
+    return quantize_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_source(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
+                     param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels):
+    """(kernel function, signature) of the quantize kernel for one configuration."""
+    fn = _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
+                param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels)
     it = INPUT_ELEMENT_TYPES[in_dtype]
     pt = PARAM_TYPES[param_dtype]
     sig = (f"void({it}[:, :, :, :], {it}[:, :, :, :], uint32[:, :, :, :, :], {pt}[:, :, :, :, :], "
            f"uint32[:, :, :, :], {pt}[:, :, :, :, :], float32[:, :, :], int32[:])")
-    return quantize_kernel, sig
+    return fn, sig
 
 
-def _quantize_key(config, head_dim: int, in_dtype: str, threads: int = THREADS) -> tuple:
+def _quantize_key(config, head_dim: int, in_dtype: str, num_kv_heads: int) -> tuple:
     """The factory key of a configuration (flags that do not change the code are normalized)."""
+    head_scope = config.scale_tokens and config.norm_scope == "head"
+    levels = _levels(num_kv_heads) if config.scale_tokens and not head_scope else 0
     return (config.key_bits, config.value_bits, config.key_group_size, config.value_group_size,
             head_dim, in_dtype, config.param_dtype, config.rotate_keys, config.scale_tokens,
-            config.rotate_values, config.scale_tokens and config.norm_scope == "head", threads)
+            config.rotate_values, head_scope, levels)
+
+
+#: Register cap of the quantize kernel: 4 blocks (16 warps) per SM. Uncapped ptxas takes about 220
+#: and the 32K prefill ran 211 us against 184 us at 128 and 200 us at 96 (H200, 2026-11-24).
+MAX_REGISTERS = 128
 
 
 @functools.lru_cache(maxsize=None)
 def _quantize_kernel(key: tuple):
     fn, sig = _quantize_source(*key)
-    return cuda.jit(sig)(fn)
-
-
-@functools.lru_cache(maxsize=None)
-def _norm_kernel(key: tuple):
-    fn, sig = _norm_source(*key)
-    return cuda.jit(sig)(fn)
-
-
-def _norm_key(config, head_dim: int, in_dtype: str, num_kv_heads: int,
-              threads: int = THREADS) -> tuple:
-    head_scope = config.norm_scope == "head"
-    levels = 0 if head_scope else _levels(num_kv_heads)
-    return (head_dim, in_dtype, config.rotate_keys, levels, head_scope, threads)
+    return cuda.jit(sig, max_registers=MAX_REGISTERS)(fn)
 
 
 # --- launch wrapper -------------------------------------------------------------------------------
@@ -588,16 +586,27 @@ def check_block_arrays(k, v, k_codes, k_params, v_codes, v_params, norms, config
     return bsz, heads, seq, d
 
 
+def _check_input_layout(name: str, arr) -> None:
+    """The kernel reads 16-byte vectors of each input row: rows contiguous, base and strides
+    multiples of 16 bytes."""
+    item = np.dtype(arr.dtype).itemsize
+    strides = tuple(int(s) for s in arr.strides)
+    ptr = arr.__cuda_array_interface__["data"][0] if hasattr(arr, "__cuda_array_interface__") \
+        else 0
+    if strides[3] != item or any(s % 16 for s in strides[:3]) or ptr % 16:
+        raise ValueError(f"{name}: expected rows contiguous along head_dim with a 16-byte aligned "
+                         f"base and strides (e.g. a .contiguous() tensor), got strides "
+                         f"{strides} bytes and base address {ptr:#x}")
+
+
 def quantize_block(k, v, k_codes, k_params, v_codes, v_params, norms, status, config, in_dtype,
-                   stream=0, *, threads: int = THREADS) -> None:
+                   stream=0) -> None:
     """Quantize and pack ``k, v [batch, num_kv_heads, seq_len, head_dim]`` into the given arrays.
 
     Equals :func:`oscar.reference.block.quantize_block` on ``float32(k), float32(v)`` bit for bit
     (see the module spec sheet for the error groups). ``status`` (int32[1], device) is OR-ed with
-    ``STATUS_NONFINITE`` / ``STATUS_FLOAT16_RANGE``; it is not cleared here. ``threads``
-    (threads per block, a power of two >= 32) is a launch-configuration override for tests.
+    ``STATUS_NONFINITE`` / ``STATUS_FLOAT16_RANGE``; it is not cleared here.
     """
-    check_threads(threads)
     bsz, heads, seq, d = check_block_arrays(k, v, k_codes, k_params, v_codes, v_params, norms,
                                             config, in_dtype)
     if tuple(status.shape) != (1,) or np.dtype(status.dtype) != np.int32:
@@ -605,13 +614,12 @@ def quantize_block(k, v, k_codes, k_params, v_codes, v_params, norms, status, co
                          f"{np.dtype(status.dtype).name} {tuple(status.shape)}")
     if seq == 0 or bsz == 0 or heads == 0:
         return
-    if config.scale_tokens:
-        nkey = _norm_key(config, d, in_dtype, heads, threads)
-        tt = norm_tile_tokens(d, nkey[3])
-        grid_s = heads if nkey[4] else 1
-        _norm_kernel(nkey)[(seq // tt, grid_s, bsz), threads, stream](k, norms)
-    kernel = _quantize_kernel(_quantize_key(config, d, in_dtype, threads))
-    kernel[(seq // config.key_group_size, heads, bsz), threads, stream](
+    _check_input_layout("k", k)
+    _check_input_layout("v", v)
+    key = _quantize_key(config, d, in_dtype, heads)
+    grid_y = 1 if config.scale_tokens and not key[10] else heads
+    kernel = _quantize_kernel(key)
+    kernel[(seq // config.key_group_size, grid_y, bsz), threads_per_block(d), stream](
         k, v, k_codes, k_params, v_codes, v_params, norms, status)
 
 
@@ -619,31 +627,24 @@ def quantize_block(k, v, k_codes, k_params, v_codes, v_params, norms, status, co
 
 
 def _representative_configs():
-    """Configurations that together take every branch of the factories (compile checks)."""
+    """Configurations that together take every branch of the factory (compile checks)."""
     from oscar.config import OScaRConfig
 
-    yield OScaRConfig(), 128, "bfloat16"
+    yield OScaRConfig(), 128, "bfloat16", 8
     yield (OScaRConfig(key_bits=4, value_bits=8, value_group_size=64, param_dtype="float32"), 64,
-           "float16")
+           "float16", 5)
     yield OScaRConfig(key_bits=8, value_bits=4, key_group_size=64, norm_scope="head"), 256, \
-        "float32"
+        "float32", 2
     yield OScaRConfig(key_group_size=128, value_group_size=32, rotate_keys=False,
-                      rotate_values=False, scale_tokens=False, residual_length=128), 32, "float16"
+                      rotate_values=False, scale_tokens=False, residual_length=128), 32, \
+        "float16", 1
     yield OScaRConfig(key_bits=2, value_bits=8, value_group_size=4, scale_tokens=False), 256, \
-        "bfloat16"
+        "bfloat16", 3
 
 
 def compile_signatures():
     """(name, python function, signature) of a representative set of kernels for compile checks."""
-    norm_keys = set()
-    for cfg, d, in_dtype in _representative_configs():
-        key = _quantize_key(cfg, d, in_dtype)
+    for cfg, d, in_dtype, heads in _representative_configs():
+        key = _quantize_key(cfg, d, in_dtype, heads)
         fn, sig = _quantize_source(*key)
         yield f"quantize.quantize{key}", fn, sig
-        if cfg.scale_tokens:
-            for heads in (1, 5):  # scope "token": no head tree; a 3-level tree with 3 zero pads
-                nkey = _norm_key(cfg, d, in_dtype, heads)
-                if nkey not in norm_keys:
-                    norm_keys.add(nkey)
-                    fn, sig = _norm_source(*nkey)
-                    yield f"quantize.norms{nkey}", fn, sig

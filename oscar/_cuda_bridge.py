@@ -45,6 +45,16 @@ def _nb(t: torch.Tensor):
     return cuda.as_cuda_array(t)
 
 
+def _rows16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the layout the quantize kernel reads (16-byte vectors of each row): rows
+    contiguous, base address and strides multiples of 16 bytes; otherwise a contiguous copy."""
+    es = t.element_size()
+    if (t.stride(-1) != 1 or t.data_ptr() % 16
+            or any((s * es) % 16 for s in t.stride()[:-1])):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
 def _nb_u32(t: torch.Tensor):
     """Numba uint32 view of an int32 tensor holding packed code words (same bits)."""
     return cuda.as_cuda_array(t).view(np.uint32)
@@ -185,7 +195,7 @@ class NumbaStore:
     def _launch_quantize(self, k, v, start, stream) -> None:
         """One launch of the fused quantize kernel into tokens [start, start + n) (in capacity)."""
         views = self._views(start, start + k.shape[2])
-        _quant.quantize_block(_nb(k), _nb(v), views["k_codes"], views["k_params"],
+        _quant.quantize_block(_nb(_rows16(k)), _nb(_rows16(v)), views["k_codes"], views["k_params"],
                               views["v_codes"], views["v_params"], views["norms"],
                               self.status_nb, self.config, self.dtype, stream=stream)
 

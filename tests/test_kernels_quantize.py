@@ -53,7 +53,7 @@ gpu_only = pytest.mark.skipif(
 
 
 #: Threads per block under test: the simulator's cost grows with threads per barrier.
-THREADS = 32 if SIMULATOR else kq.THREADS
+THREADS = 32 if SIMULATOR else kdq.THREADS
 #: Hypothesis examples of the small-shape tests: a simulated block costs ~0.1-0.3 s; on a GPU
 #: each new configuration costs a compile (~1-2 s) instead.
 EXAMPLES = 24
@@ -126,7 +126,7 @@ def _device_input(x, pad_tokens: int):
     return dev[:, :, pad_tokens:pad_tokens + t, :], dev
 
 
-def run_quantize(k_in, v_in, cfg, in_dtype, *, threads=THREADS, pad=0, status0=0, stream=0):
+def run_quantize(k_in, v_in, cfg, in_dtype, *, pad=0, status0=0, stream=0):
     """Quantize with the kernel; return the packed arrays (host) and ``status``.
 
     ``pad``: inputs are token slices of bigger arrays, and outputs are views at a token offset of
@@ -151,8 +151,7 @@ def run_quantize(k_in, v_in, cfg, in_dtype, *, threads=THREADS, pad=0, status0=0
         views[name] = bufs[name][tuple(idx)] if pad else bufs[name]
     status = cuda.to_device(np.array([status0], np.int32))
     kq.quantize_block(kd, vd, views["k_codes"], views["k_params"], views["v_codes"],
-                      views["v_params"], views["norms"], status, cfg, in_dtype, stream,
-                      threads=threads)
+                      views["v_params"], views["norms"], status, cfg, in_dtype, stream)
     if stream:
         stream.synchronize()
     out = {"status": int(status.copy_to_host()[0])}
@@ -285,11 +284,11 @@ def _sim_sizes(draw):
     return gk, t, (32, 64), 3, 3
 
 
-def check_quantize_case(cfg, shape, in_dtype, seed, pad, threads=THREADS):
+def check_quantize_case(cfg, shape, in_dtype, seed, pad):
     k_in, k32 = as_input(random_kv(np.random.default_rng(seed), shape)[0], in_dtype)
     v_in, v32 = as_input(random_kv(np.random.default_rng(seed + 1), shape)[1], in_dtype)
     want = quantize_block(k32, v32, cfg)
-    got = run_quantize(k_in, v_in, cfg, in_dtype, pad=pad, threads=threads)
+    got = run_quantize(k_in, v_in, cfg, in_dtype, pad=pad)
     assert got["status"] == 0
     assert_packed_equal(got, want)
 
@@ -319,8 +318,8 @@ def test_quantize_fixed_cases(name, shape, changes, in_dtype):
 
 
 def test_default_launch_configuration():
-    """The wrappers' default threads per block (256), simulated once on a small case."""
-    check_quantize_case(config(), (1, 2, 32, 32), "bfloat16", seed=5, pad=0, threads=kq.THREADS)
+    """The dequantize wrapper's default threads per block (256), simulated once on a small case
+    (the quantize kernel's block is always head_dim threads)."""
     block = quantize_block(*random_kv(np.random.default_rng(6), (1, 1, 32, 32)), config())
     k_hat, v_hat = run_dequantize(block, config(), threads=kdq.THREADS)
     want_k, want_v = dequantize_block(block, config())
@@ -506,7 +505,7 @@ def test_validation_errors():
         kq.quantize_block(k, k, *args[:4], bad_norms, status, cfg, "float32")
     with pytest.raises(ValueError, match="seq_len a multiple of key_group_size"):
         kq.quantize_block(k, k, *args, status, config(key_group_size=64), "float32")
-    with pytest.raises(ValueError, match="threads"):
+    with pytest.raises(TypeError, match="threads"):
         kq.quantize_block(k, k, *args, status, cfg, "float32", threads=48)
     with pytest.raises(ValueError, match="v_out: expected shape"):
         kdq.dequantize_block(*args, k, cuda.to_device(np.zeros((1, 2, 64, 32), np.float32)), cfg)
@@ -530,7 +529,7 @@ def _gpu_sizes(draw):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=block_cases(_gpu_sizes), threads=st.sampled_from([64, 256]))
 def test_gpu_quantize_and_dequantize_random(case, threads):
-    check_quantize_case(*case, threads=threads)
+    check_quantize_case(*case)
     check_dequantize_case(*case, threads=threads)
 
 
@@ -573,3 +572,43 @@ def test_gpu_stream_argument():
 def test_gpu_hadamard_many_rows(head_dim):
     for in_dtype in INPUT_DTYPES:
         check_hadamard(8 * 8 * 1000 + 3, head_dim, in_dtype, seed=head_dim)
+
+
+def _wide_float32(rng, n, lo, hi):
+    """float32 with random significands and exponents in [lo, hi], random signs."""
+    sig = rng.uniform(1.0, 2.0, n)
+    sig[: n // 8] = 2.0 - 2.0 ** -23  # all-ones significands, the hard case for reciprocals
+    return (sig * np.exp2(rng.integers(lo, hi + 1, n)) * rng.choice([-1.0, 1.0], n)).astype(
+        np.float32)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_exact_division_helpers():
+    """``recip`` is RN(1/d) and ``scale_run``'s two paths are RN(a/d) on 4M pairs over wide
+    exponent ranges (including all-ones significands, tiny and zero numerators and subnormal
+    quotients): the quantize kernel divides without a div.rn instruction."""
+    rng = np.random.default_rng(17)
+    n = 1 << 22
+    d = np.abs(_wide_float32(rng, n, -60, 60))
+    a = _wide_float32(rng, n, -140, 60)
+    a[::97] = 0.0
+    a[1::97] = np.float32(1e-44)  # subnormal numerators
+
+    @cuda.jit
+    def divide(a, d, q, r):
+        i = cuda.grid(1)
+        if i < a.size:
+            rr, r64 = kq.recip(d[i])
+            r[i] = rr
+            if abs(a[i]) >= max(d[i] * kq._FAST_MIN, kq._FAST_FLOOR):
+                q[i] = kq.div_by(a[i], d[i], rr)
+            else:
+                q[i] = kq._div_wide(a[i], r64)
+
+    q = cuda.device_array(n, np.float32)
+    r = cuda.device_array(n, np.float32)
+    divide[(n + 255) // 256, 256](cuda.to_device(a), cuda.to_device(d), q, r)
+    with np.errstate(under="ignore"):
+        assert_bits_equal("recip", r.copy_to_host(), np.float32(1.0) / d)
+        assert_bits_equal("quotient", q.copy_to_host(), a / d)

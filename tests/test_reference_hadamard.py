@@ -142,9 +142,9 @@ def test_butterfly_order_is_the_documented_one():
 # --- token norms ----------------------------------------------------------------------------
 
 
-def _python_tree_norm(values) -> np.float32:
-    """sqrt of the halving-tree sum of float32 squares (reference/norms.py docstring), in loops."""
-    s = [np.float32(np.float32(v) * np.float32(v)) for v in values]
+def _python_tree(s):
+    """The halving tree of reference/norms.py over float32 values, in loops."""
+    s = list(s)
     p = 1
     while p < len(s):
         p *= 2
@@ -153,10 +153,19 @@ def _python_tree_norm(values) -> np.float32:
         p //= 2
         for i in range(p):
             s[i] = np.float32(s[i] + s[i + p])
-    return np.float32(np.sqrt(s[0]))
+    return s[0]
 
 
-@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 32), (3, 32), (2, 64), (5, 128)])
+def _python_head_sum(values):
+    """A head's float32 sum of squares (reference/norms.py docstring), in loops: the tree inside
+    each run of 32 channels, then the tree over the runs."""
+    q = [np.float32(np.float32(v) * np.float32(v)) for v in values]
+    run = min(len(q), 32)
+    return _python_tree([_python_tree(q[j:j + run]) for j in range(0, len(q), run)])
+
+
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 32), (3, 32), (2, 64), (5, 128),
+                                                   (3, 256)])
 def test_token_norms_match_python_tree(num_kv_heads, head_dim):
     rng = np.random.default_rng(num_kv_heads * head_dim)
     b, t = 2, 3
@@ -169,11 +178,20 @@ def test_token_norms_match_python_tree(num_kv_heads, head_dim):
     assert head.shape == (b, num_kv_heads, t) and head.dtype == np.float32
     for bi in range(b):
         for ti in range(t):
-            # flattened (head, channel) index, head-major
-            flat = [x[bi, h, ti, c] for h in range(num_kv_heads) for c in range(head_dim)]
-            assert tok[bi, 0, ti] == _python_tree_norm(flat)
+            sums = [_python_head_sum(list(x[bi, h, ti])) for h in range(num_kv_heads)]
+            assert tok[bi, 0, ti] == np.float32(np.sqrt(_python_tree(sums)))
             for h in range(num_kv_heads):
-                assert head[bi, h, ti] == _python_tree_norm(list(x[bi, h, ti]))
+                assert head[bi, h, ti] == np.float32(np.sqrt(sums[h]))
+
+
+def test_token_norm_order_matters():
+    # Guard that the test above is sensitive to order: the flattened (head, channel) halving
+    # tree, an equally valid order, gives different bits for some tokens.
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((1, 5, 64, 128))
+         * np.exp(rng.uniform(-6, 6, (1, 5, 64, 128)))).astype(np.float32)
+    flat = np.ascontiguousarray((x * x).transpose(0, 2, 1, 3)).reshape(1, 64, 5 * 128)
+    assert not np.array_equal(token_norms(x, "token")[:, 0], np.sqrt(tree_sum_last(flat)))
 
 
 def test_tree_sum_differs_from_sequential_order_somewhere():
