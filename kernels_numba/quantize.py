@@ -213,7 +213,7 @@ def _div_wide(a, r64):
 
 
 def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
-           param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels):
+           param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels, head_split):
     """Python function of the quantize kernel for one compile-time configuration."""
     D = head_dim
     LPT = D // RUN  # lanes per token
@@ -235,12 +235,14 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
     LEVELS = levels
     NLEAF = 1 << levels
     NSLOT = max(1, levels)
-    ALL_HEADS = scale_tokens and not head_scope  # a block walks every head (token norm)
+    ALL_HEADS = scale_tokens and not head_scope  # phase 1 walks every head (token norm)
     ROTK, ROTV, SCALE = bool(rotate_keys), bool(rotate_values), bool(scale_tokens)
     HS = hadamard_scale(D)
     F32_IN = in_dtype == "float32"
     BF16_IN = in_dtype == "bfloat16"
     NLD = 8 if F32_IN else 4  # 16-byte loads per run
+    NRAW = 4 * NLD  # uint32 words of a fetched run
+    HEAD_SPLIT = bool(head_split)  # one head per block in phase 2, the norms recomputed by each
     VGL = max(1, RUN // GV)  # value groups inside a run
     VGS = min(GV, RUN)  # channels of a group inside one run
     VXL = max(1, GV // RUN)  # lanes per value group
@@ -250,34 +252,30 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
     S16 = np.uint32(16)
 
     @cuda.jit(device=True)
-    def load_run(arr, b, h, t, lane_run, x):
-        """x[0:32] = float32 of arr[b, h, t, 32 lane_run : 32 lane_run + 32] (16-byte loads)."""
+    def fetch(arr, b, h, t, lane_run, raw):
+        """Issue the 16-byte loads of arr[b, h, t, 32 lane_run : 32 lane_run + 32] into raw
+        (uint32); they fly until :func:`convert` uses them (software prefetch)."""
         addr = global_address(arr, (b, h, t, RUN * lane_run))
         for i in range(NLD):
             w0, w1, w2, w3 = ldg4(addr + 16 * i)
+            raw[4 * i] = w0
+            raw[4 * i + 1] = w1
+            raw[4 * i + 2] = w2
+            raw[4 * i + 3] = w3
+
+    @cuda.jit(device=True)
+    def convert(raw, x):
+        """x[0:32] = the float32 values of a fetched run (exact)."""
+        for i in range(4 * NLD):
+            w = raw[i]
             if F32_IN:
-                x[4 * i] = uint_as_float(w0)
-                x[4 * i + 1] = uint_as_float(w1)
-                x[4 * i + 2] = uint_as_float(w2)
-                x[4 * i + 3] = uint_as_float(w3)
+                x[i] = uint_as_float(w)
             elif BF16_IN:
-                x[8 * i] = uint_as_float(w0 << S16)
-                x[8 * i + 1] = uint_as_float(w0 & HI16)
-                x[8 * i + 2] = uint_as_float(w1 << S16)
-                x[8 * i + 3] = uint_as_float(w1 & HI16)
-                x[8 * i + 4] = uint_as_float(w2 << S16)
-                x[8 * i + 5] = uint_as_float(w2 & HI16)
-                x[8 * i + 6] = uint_as_float(w3 << S16)
-                x[8 * i + 7] = uint_as_float(w3 & HI16)
+                x[2 * i] = uint_as_float(w << S16)
+                x[2 * i + 1] = uint_as_float(w & HI16)
             else:
-                x[8 * i] = f16x2_lo(w0)
-                x[8 * i + 1] = f16x2_hi(w0)
-                x[8 * i + 2] = f16x2_lo(w1)
-                x[8 * i + 3] = f16x2_hi(w1)
-                x[8 * i + 4] = f16x2_lo(w2)
-                x[8 * i + 5] = f16x2_hi(w2)
-                x[8 * i + 6] = f16x2_lo(w3)
-                x[8 * i + 7] = f16x2_hi(w3)
+                x[2 * i] = f16x2_lo(w)
+                x[2 * i + 1] = f16x2_hi(w)
 
     @cuda.jit(device=True)
     def rotate(x, lane):
@@ -302,15 +300,16 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
             x[j] = mul_rn(x[j], HS)
 
     @cuda.jit(device=True)
-    def head_sum(x, q):
-        """The head's sum of squares (reference/norms.py): tree in the run, then across runs."""
+    def head_sum(x):
+        """The head's sum of squares (reference/norms.py): tree in the run, then across runs
+        (overwrites x)."""
         for j in range(RUN):
-            q[j] = mul_rn(x[j], x[j])
+            x[j] = mul_rn(x[j], x[j])
         for st in range(5):
             p = 16 >> st
             for j in range(p):
-                q[j] = q[j] + q[j + p]
-        s = q[0]
+                x[j] = x[j] + x[j + p]
+        s = x[0]
         for st in range(LLPT):
             s = s + cuda.shfl_xor_sync(FULL, s, LPT >> (st + 1))
         return s
@@ -368,8 +367,9 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
         tile_b = shared_address(tile, 0)
         kpar_b = shared_address(kpar, 0)
         x = cuda.local.array(RUN, np.float32)
-        q = cuda.local.array(RUN, np.float32)
         cd = cuda.local.array(RUN, np.uint32)
+        rk = cuda.local.array(NRAW, np.uint32)  # fetched key run
+        rv = cuda.local.array(NRAW, np.uint32)  # fetched value run (or the next leaf's keys)
         flags = 0
         col = tid + 4 * (tid >> 5)  # thread c's column in the padded tile (c = tid)
         run0 = (RUN + 4) * lr  # this lane's run in a padded row
@@ -377,6 +377,8 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
 
         # ---- phase 1: token norms (the heads in bit-reversed order merge on a per-token stack)
         if SCALE:
+            if NSUB == 1:
+                fetch(k, b, hb if not ALL_HEADS else 0, g0 + tk, lr, rv)
             for j in range(NLEAF):
                 head = hb if not ALL_HEADS else bit_reverse(j, LEVELS)
                 present = head < num_heads  # uniform over the block
@@ -384,10 +386,20 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                     tt = sub * TILE + tk
                     carry = _F32_ZERO  # a padding head adds +0, as the reference pads
                     if present:
-                        load_run(k, b, head, g0 + tt, lr, x)
+                        if NSUB == 1:  # the next present leaf's keys fly during this one
+                            for i in range(NRAW):
+                                rk[i] = rv[i]
+                            nj = j + 1  # the next leaf that is a real head
+                            while nj < NLEAF and bit_reverse(nj, LEVELS) >= num_heads:
+                                nj += 1
+                            if ALL_HEADS and nj < NLEAF:
+                                fetch(k, b, bit_reverse(nj, LEVELS), g0 + tt, lr, rv)
+                        else:
+                            fetch(k, b, head, g0 + tt, lr, rk)
+                        convert(rk, x)
                         if ROTK:
                             rotate(x, lane)
-                        carry = head_sum(x, q)
+                        carry = head_sum(x)
                     if lr == 0:
                         level = 0
                         jj = j
@@ -402,19 +414,24 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                             if not (math.isfinite(n) and n != _F32_ZERO):
                                 n = _F32_ONE
                             nrm[tt] = n
-                            norms[b, hb, g0 + tt] = n
+                            if hb == 0 or not HEAD_SPLIT:
+                                norms[b, 0 if HEAD_SPLIT else hb, g0 + tt] = n
             cuda.syncthreads()
 
-        h_first = 0 if ALL_HEADS else hb
-        h_end = num_heads if ALL_HEADS else hb + 1
+        h_first = 0 if ALL_HEADS and not HEAD_SPLIT else hb
+        h_end = num_heads if ALL_HEADS and not HEAD_SPLIT else hb + 1
         for head in range(h_first, h_end):
+            fetch(k, b, head, g0 + tk, lr, rk)  # sub-tile 0 of keys and values: both in flight
+            fetch(v, b, head, g0 + tk, lr, rv)
             # ---- keys, pass A: u = [H] k [/ n]; per-channel min / max over the key group
             cmn = _F32_INF
             cmx = -_F32_INF
             cz = _F32_ZERO
             for sub in range(NSUB):
                 tt = sub * TILE + tk
-                load_run(k, b, head, g0 + tt, lr, x)
+                if sub > 0:
+                    fetch(k, b, head, g0 + tt, lr, rk)
+                convert(rk, x)
                 if ROTK:
                     rotate(x, lane)
                 if SCALE:
@@ -442,7 +459,8 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
             for sub in range(NSUB):
                 tt = sub * TILE + tk
                 if NSUB > 1:  # recompute the sub-tile: the same operations give the same bits
-                    load_run(k, b, head, g0 + tt, lr, x)
+                    fetch(k, b, head, g0 + tt, lr, rk)
+                    convert(rk, x)
                     if ROTK:
                         rotate(x, lane)
                     if SCALE:
@@ -459,7 +477,9 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                 tile[i] = np.uint32(0)
             for sub in range(NSUB):
                 tt = sub * TILE + tk
-                load_run(v, b, head, g0 + tt, lr, x)
+                if sub > 0:
+                    fetch(v, b, head, g0 + tt, lr, rv)
+                convert(rv, x)
                 if ROTV:
                     rotate(x, lane)
                 for gl in range(VGL):
@@ -507,10 +527,12 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
 
 @functools.lru_cache(maxsize=None)
 def _quantize_source(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
-                     param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels):
+                     param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels,
+                     head_split):
     """(kernel function, signature) of the quantize kernel for one configuration."""
     fn = _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
-                param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels)
+                param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels,
+                head_split)
     it = INPUT_ELEMENT_TYPES[in_dtype]
     pt = PARAM_TYPES[param_dtype]
     sig = (f"void({it}[:, :, :, :], {it}[:, :, :, :], uint32[:, :, :, :, :], {pt}[:, :, :, :, :], "
@@ -518,13 +540,23 @@ def _quantize_source(key_bits, value_bits, key_group_size, value_group_size, hea
     return fn, sig
 
 
-def _quantize_key(config, head_dim: int, in_dtype: str, num_kv_heads: int) -> tuple:
-    """The factory key of a configuration (flags that do not change the code are normalized)."""
+#: Below this many (key group, batch) blocks, a token-norm launch gives each head its own block
+#: (the norms are recomputed per block): a 128-token flush has 4 groups, so 4 blocks would walk
+#: 8 heads each. About one block per SM of an H200.
+HEAD_SPLIT_BELOW = 128
+
+
+def _quantize_key(config, head_dim: int, in_dtype: str, num_kv_heads: int,
+                  blocks: int = HEAD_SPLIT_BELOW) -> tuple:
+    """The factory key of a configuration (flags that do not change the code are normalized);
+    ``blocks`` = key groups x batch of the launch."""
     head_scope = config.scale_tokens and config.norm_scope == "head"
-    levels = _levels(num_kv_heads) if config.scale_tokens and not head_scope else 0
+    all_heads = config.scale_tokens and not head_scope
+    levels = _levels(num_kv_heads) if all_heads else 0
+    head_split = all_heads and num_kv_heads > 1 and blocks < HEAD_SPLIT_BELOW
     return (config.key_bits, config.value_bits, config.key_group_size, config.value_group_size,
             head_dim, in_dtype, config.param_dtype, config.rotate_keys, config.scale_tokens,
-            config.rotate_values, head_scope, levels)
+            config.rotate_values, head_scope, levels, head_split)
 
 
 #: Register cap of the quantize kernel: 4 blocks (16 warps) per SM. Uncapped ptxas takes about 220
@@ -535,7 +567,8 @@ MAX_REGISTERS = 128
 @functools.lru_cache(maxsize=None)
 def _quantize_kernel(key: tuple):
     fn, sig = _quantize_source(*key)
-    return cuda.jit(sig, max_registers=MAX_REGISTERS)(fn)
+    opts = {} if SIMULATOR else {"max_registers": MAX_REGISTERS}  # the simulator takes no cap
+    return cuda.jit(sig, **opts)(fn)
 
 
 # --- launch wrapper -------------------------------------------------------------------------------
@@ -616,8 +649,10 @@ def quantize_block(k, v, k_codes, k_params, v_codes, v_params, norms, status, co
         return
     _check_input_layout("k", k)
     _check_input_layout("v", v)
-    key = _quantize_key(config, d, in_dtype, heads)
-    grid_y = 1 if config.scale_tokens and not key[10] else heads
+    groups = seq // config.key_group_size
+    key = _quantize_key(config, d, in_dtype, heads, groups * bsz)
+    all_heads = config.scale_tokens and not key[10]
+    grid_y = heads if key[12] or not all_heads else 1
     kernel = _quantize_kernel(key)
     kernel[(seq // config.key_group_size, grid_y, bsz), threads_per_block(d), stream](
         k, v, k_codes, k_params, v_codes, v_params, norms, status)
@@ -644,7 +679,8 @@ def _representative_configs():
 
 def compile_signatures():
     """(name, python function, signature) of a representative set of kernels for compile checks."""
-    for cfg, d, in_dtype, heads in _representative_configs():
-        key = _quantize_key(cfg, d, in_dtype, heads)
-        fn, sig = _quantize_source(*key)
-        yield f"quantize.quantize{key}", fn, sig
+    for i, (cfg, d, in_dtype, heads) in enumerate(_representative_configs()):
+        for blocks in ((HEAD_SPLIT_BELOW, 1) if i == 0 else (HEAD_SPLIT_BELOW,)):
+            key = _quantize_key(cfg, d, in_dtype, heads, blocks)
+            fn, sig = _quantize_source(*key)
+            yield f"quantize.quantize{key}", fn, sig

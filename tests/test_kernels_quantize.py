@@ -612,3 +612,16 @@ def test_gpu_exact_division_helpers():
     with np.errstate(under="ignore"):
         assert_bits_equal("recip", r.copy_to_host(), np.float32(1.0) / d)
         assert_bits_equal("quotient", q.copy_to_host(), a / d)
+
+
+@pytest.mark.parametrize("head_split_below", [1, 1 << 30])
+@pytest.mark.parametrize("name, shape, changes", [
+    ("heads5", (1, 5, 32, 32), dict(key_bits=4)),
+    ("heads3_group64", (2, 3, 64, 64), dict(key_group_size=64)),
+])
+def test_quantize_head_split_modes(monkeypatch, head_split_below, name, shape, changes):
+    """Both launch shapes of a token-norm configuration: one block per key group walking every
+    head, and one block per (key group, head) recomputing the norms (small launches)."""
+    monkeypatch.setattr(kq, "HEAD_SPLIT_BELOW", head_split_below)
+    check_quantize_case(config(**changes), shape, "bfloat16", seed=zlib.crc32(name.encode()),
+                        pad=0)
