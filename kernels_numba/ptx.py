@@ -1,4 +1,5 @@
-"""Inline-PTX device intrinsics for the tensor-core decode kernel (``attention_mma``). GPU only.
+"""Inline-PTX device intrinsics for the tensor-core decode kernel (``attention_mma``) and the
+quantize kernel. GPU only.
 
 Numba has no tensor-core, asynchronous-copy, vector-shared-load or packed-half API; each helper
 here is one PTX instruction (or a short fixed sequence) emitted through
@@ -23,8 +24,8 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
 * ``lds4 / lds2 / lds1 / lds4f / lds1f(base, off)``: 16/8/4-byte loads (uint32 or float32 lanes)
   from .shared address ``base + off``; ``sts1f(base, off, value)``: a 4-byte store;
   ``sts2(base, off, w0, w1)``: an 8-byte store; ``sts4(base, off, w0, w1, w2, w3)``: a 16-byte
-  store. The add is 32-bit inside the intrinsic, so
-  ptxas folds a constant offset into the instruction.
+  store. The add is 32-bit inside the intrinsic, so ptxas folds a constant offset into the
+  instruction.
 * ``rcp_approx(x)``: ``rcp.approx.ftz.f32`` (the seed of the quantize kernel's exact
   reciprocals).
 * ``ldg4(addr)``: a 16-byte global load (4 uint32) through the read-only path (the quantize

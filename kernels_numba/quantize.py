@@ -222,7 +222,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
     NSUB = key_group_size // TILE
     SP = tile_stride(D)
     KB, VB = key_bits, value_bits
-    KCPW, VCPW = 32 // KB, 32 // VB
+    KCPW = 32 // KB
     KL = np.float32((1 << KB) - 1)
     VL = np.float32((1 << VB) - 1)
     GV = value_group_size

@@ -1,8 +1,9 @@
 """The quantize, dequantize and Hadamard kernels against the NumPy reference: bit for bit.
 
 Every float32 operation of the kernels is the reference's, in the reference's order (FWHT
-butterflies, the halving-tree norm, true divisions, ``mul.rn`` products that are never contracted
-into an FMA), so all comparisons here are *exact*: packed codes, the bits of the params and norms,
+butterflies, the halving-tree norm, correctly rounded divisions, ``mul.rn`` products that are
+never contracted into an FMA), so all comparisons here are *exact*: packed codes, the bits of the
+params and norms,
 and the dequantized float32 outputs. The one documented difference: the kernel stores a zero group
 minimum as +0, whereas NumPy's min returns +0 or -0 depending on its SIMD reduction order
 (``test_zero_min_sign``); inputs here contain no -0.
@@ -13,9 +14,12 @@ and sets a status bit; every other group equals the reference.
 
 Where the kernels run:
 * CUDA simulator (CPU CI, ``NUMBA_ENABLE_CUDASIM=1``, set by conftest.py when no GPU is visible):
-  tiny shapes and 32 threads per block. The simulator runs each CUDA thread as a Python thread and a
-  barrier costs a round of thread switches, so 256-thread blocks are ~8x slower; the default
-  launch configuration is still simulated once (``test_default_launch_configuration``).
+  tiny shapes; 32 threads per block for the dequantize and Hadamard kernels (the quantize kernel's
+  block is head_dim threads). The simulator runs each CUDA thread as a Python thread and a barrier
+  costs a round of thread switches, so 256-thread blocks are ~8x slower; the default dequantize
+  launch configuration is still simulated once (``test_default_launch_configuration``). The
+  simulator divides with ``/``; the GPU's division sequence is tested on the GPU
+  (``test_gpu_exact_division_helpers``).
 * GPU: the same tests with the default 256 threads, plus ``gpu``-marked tests at real sizes
   (batch 8, 8 KV heads, head_dim up to 256, a 32K-token prefill) and other launch configurations.
 """
