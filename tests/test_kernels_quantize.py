@@ -3,8 +3,7 @@
 Every float32 operation of the kernels is the reference's, in the reference's order (FWHT
 butterflies, the halving-tree norm, correctly rounded divisions, ``mul.rn`` products that are
 never contracted into an FMA), so all comparisons here are *exact*: packed codes, the bits of the
-params and norms,
-and the dequantized float32 outputs. The one documented difference: the kernel stores a zero group
+params and norms, and the dequantized float32 outputs. The one documented difference: the kernel stores a zero group
 minimum as +0, whereas NumPy's min returns +0 or -0 depending on its SIMD reduction order
 (``test_zero_min_sign``); inputs here contain no -0.
 
