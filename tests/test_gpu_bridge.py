@@ -107,6 +107,20 @@ def test_quantize_kv_bytes_equal_reference(cfg, dtype):
     _assert_same_packed(gpu, ref)
 
 
+def test_quantize_kv_strided_and_misaligned_inputs():
+    """Views the quantize kernel cannot read with 16-byte vectors (rows 2 bytes off alignment,
+    and a [B, T, H, D] -> [B, H, T, D] transpose) are copied by the bridge: same bytes."""
+    rng = np.random.default_rng(3)
+    k, v = _kv(rng, 1, 8, 256, 128, "bfloat16")
+    ref = oscar.quantize_kv(k, v)
+    big_k = torch.zeros(1, 8, 256, 129, dtype=k.dtype, device=DEV)
+    big_k[..., 1:] = k.to(DEV)
+    kt = k.transpose(1, 2).contiguous().to(DEV).transpose(1, 2)  # strided, rows contiguous
+    vt = v.transpose(1, 2).contiguous().to(DEV).transpose(1, 2)
+    _assert_same_packed(oscar.quantize_kv(big_k[..., 1:], vt), ref)  # misaligned rows
+    _assert_same_packed(oscar.quantize_kv(kt, v.to(DEV)), ref)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_append_one_by_one_and_chunks_equal_prefill(dtype):
     cfg = oscar.OScaRConfig(residual_length=64)
