@@ -624,8 +624,9 @@ def _check_input_layout(name: str, arr) -> None:
     multiples of 16 bytes."""
     item = np.dtype(arr.dtype).itemsize
     strides = tuple(int(s) for s in arr.strides)
-    ptr = arr.__cuda_array_interface__["data"][0] if hasattr(arr, "__cuda_array_interface__") \
-        else 0
+    host = getattr(arr, "_ary", None)  # a simulator array wraps an ndarray
+    ptr = host.ctypes.data if SIMULATOR and host is not None \
+        else arr.__cuda_array_interface__["data"][0]
     if strides[3] != item or any(s % 16 for s in strides[:3]) or ptr % 16:
         raise ValueError(f"{name}: expected rows contiguous along head_dim with a 16-byte aligned "
                          f"base and strides (e.g. a .contiguous() tensor), got strides "

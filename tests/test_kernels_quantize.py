@@ -510,9 +510,10 @@ def test_validation_errors():
         kq.quantize_block(k, k, *args, status, config(key_group_size=64), "float32")
     with pytest.raises(TypeError, match="threads"):
         kq.quantize_block(k, k, *args, status, cfg, "float32", threads=48)
-    strided = cuda.to_device(np.zeros((1, 2, 32, 64), np.float32))[..., ::2]  # rows not contiguous
+    flat = cuda.to_device(np.zeros(2 * 32 * 32 + 1, np.float32))
+    shifted = flat[1:].reshape(shape)  # base 4 bytes past a 16-byte boundary
     with pytest.raises(ValueError, match="v: expected rows contiguous along head_dim"):
-        kq.quantize_block(k, strided, *args, status, cfg, "float32")
+        kq.quantize_block(k, shifted, *args, status, cfg, "float32")
     with pytest.raises(ValueError, match="v_out: expected shape"):
         kdq.dequantize_block(*args, k, cuda.to_device(np.zeros((1, 2, 64, 32), np.float32)), cfg)
     with pytest.raises(ValueError, match="out: expected shape"):
