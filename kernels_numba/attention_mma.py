@@ -92,19 +92,10 @@ if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
 
     _sim.install()  # warp shuffles, votes and syncwarp for the simulator's cuda module
 else:
-    from numba.cuda import libdevice
-
     from .ptx import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
-                      f16x2_hi, f16x2_lo, global_address, hmul2, lds1, lds1f, lds2, lds4, lds4f,
-                      mma_f16, pack_f16x2, prmt, shared_address, sts1f, sts2)
-
-    @cuda.jit(device=True)
-    def float_as_uint(x):
-        return np.uint32(libdevice.float_as_int(x))
-
-    @cuda.jit(device=True)
-    def uint_as_float(u):
-        return libdevice.int_as_float(np.int32(u))
+                      f16x2_hi, f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f, lds2,
+                      lds4, lds4f, mma_f16, pack_f16x2, prmt, shared_address, sts1f, sts2,
+                      uint_as_float)
 
 #: alignment of the shared arrays read with vector loads (the simulator rejects the argument;
 #: its NumPy arrays are aligned anyway)

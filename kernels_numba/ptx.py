@@ -42,9 +42,11 @@ order with respect to each other, to plain loads and stores, and to barriers.
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
+from numba import cuda
 from numba import types
-from numba.cuda import cgutils
+from numba.cuda import cgutils, libdevice
 from numba.cuda.api_util import normalize_indices
 from numba.cuda.extending import intrinsic
 
@@ -248,6 +250,18 @@ def sts2(typingctx, base, off, v0, v1):
         return context.get_dummy_value()
 
     return types.void(base, off, v0, v1), codegen
+
+
+@cuda.jit(device=True)
+def float_as_uint(x):
+    """The bits of a float32 as uint32."""
+    return np.uint32(libdevice.float_as_int(x))
+
+
+@cuda.jit(device=True)
+def uint_as_float(u):
+    """uint32 bits as a float32."""
+    return libdevice.int_as_float(np.int32(u))
 
 
 @intrinsic

@@ -82,8 +82,8 @@ if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
 else:
     from numba.cuda import libdevice
 
-    from .ptx import (f16x2_hi, f16x2_lo, global_address, ldg4, lds4f, rcp_approx,
-                      shared_address, sts4)
+    from .ptx import (f16x2_hi, f16x2_lo, float_as_uint, global_address, ldg4, lds4f,
+                      rcp_approx, shared_address, sts4, uint_as_float)
 
     _rint = libdevice.rintf  # cvt.rni.f32.f32: round half to even
 
@@ -99,14 +99,6 @@ else:
         q = a * r
         q = cuda.fma(cuda.fma(-q, d, a), r, q)
         return cuda.fma(cuda.fma(-q, d, a), r, q)
-
-    @cuda.jit(device=True)
-    def float_as_uint(x):
-        return np.uint32(libdevice.float_as_int(x))
-
-    @cuda.jit(device=True)
-    def uint_as_float(u):
-        return libdevice.int_as_float(np.int32(u))
 
 #: alignment of the shared arrays read with vector loads (the simulator rejects the argument)
 ALIGN16 = None if SIMULATOR else 16
@@ -327,6 +319,15 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                 x[j] = _div_wide(a, r64)
 
     @cuda.jit(device=True)
+    def key_run(raw, x, lane, n):
+        """x = the quantizer input of a fetched key run: [FWHT] then [/ n]."""
+        convert(raw, x)
+        if ROTK:
+            rotate(x, lane)
+        if SCALE:
+            scale_run(x, n)
+
+    @cuda.jit(device=True)
     def quantizer(sc, mn_s):
         """Per-group constants ``(mn_s, kk, sc2, r)`` of :func:`quant`: ``sc2 = sc * kk`` with
         ``kk = 2**64`` for scales below 2**-60 (else 1), ``r = RN(1 / sc2)``; ``r = 0`` for a
@@ -431,11 +432,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                 tt = sub * TILE + tk
                 if sub > 0:
                     fetch(k, b, head, g0 + tt, lr, rk)
-                convert(rk, x)
-                if ROTK:
-                    rotate(x, lane)
-                if SCALE:
-                    scale_run(x, nrm[tt])
+                key_run(rk, x, lane, nrm[tt])
                 for i in range(RUN // 4):
                     sts4(tile_b, 4 * (tk * SP + run0 + 4 * i), float_as_uint(x[4 * i]),
                          float_as_uint(x[4 * i + 1]), float_as_uint(x[4 * i + 2]),
@@ -460,11 +457,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                 tt = sub * TILE + tk
                 if NSUB > 1:  # recompute the sub-tile: the same operations give the same bits
                     fetch(k, b, head, g0 + tt, lr, rk)
-                    convert(rk, x)
-                    if ROTK:
-                        rotate(x, lane)
-                    if SCALE:
-                        scale_run(x, nrm[tt])
+                    key_run(rk, x, lane, nrm[tt])
                 for w in range(KB):
                     word = np.uint32(0)
                     for i in range(KCPW):
