@@ -72,7 +72,13 @@ import math
 from ._compat import SIMULATOR, cuda, np
 from . import attention_mma as _split_v3
 from . import attention_split as _split_v2
-from .common import bf16_bits_to_f32, fwht_shared, int_as_float, split_block, value_code_location
+from .common import (bf16_bits_to_f32, device_pointer, fwht_shared, int_as_float, split_block,
+                     value_code_location)
+
+if SIMULATOR:
+    from .ptx_sim import f16x2_hi, f16x2_lo, global_address, ldg4, uint_as_float
+else:
+    from .ptx import f16x2_hi, f16x2_lo, global_address, ldg4, uint_as_float
 
 #: Which split kernel to build. 3 (default) = tensor cores through inline PTX (attention_mma.py;
 #: in the CUDA simulator through ptx_sim.py), for the configurations it supports
@@ -100,6 +106,9 @@ TARGET_BLOCKS_PER_SM = 4
 #: Fan-in of the shared-memory reductions: 2 barriers and 16 + 8 serial steps instead of a
 #: 7-barrier tree (barriers dominate, on the GPU and even more in the simulator).
 REDUCE_FAN = 16
+#: 16-byte residual chunks a merge-kernel lane keeps in flight per round (registers: 4 words
+#: each for keys and for values). Tests lower it to run the several-rounds path on tiny shapes.
+MERGE_LANE_CHUNKS = 16
 #: Static shared memory per block that needs no opt-in on any architecture.
 SHARED_MEMORY_LIMIT = 48 * 1024
 #: float32 2**23: OR-ing a code < 2**23 into its mantissa gives 2**23 + code exactly.
@@ -493,20 +502,100 @@ def _merge_signature(q_dtype, res_dtype):
             "float32[:, :, :, ::1], float32[:, :, ::1], float32, int32, int32, int32)")
 
 
+def _merge_geometry(head_dim, residual_length, res_dtype):
+    """Compile-time split of the residual tokens over the merge kernel's lanes.
+
+    A residual row of ``head_dim`` elements is ``nck`` 16-byte chunks; ``lpr = min(nck, 32)``
+    lanes share a row (``cpl`` chunks each), so one warp-wide 16-byte load covers ``tpw``
+    tokens; a warp streams ``ni`` such token groups per round (at most ``MERGE_LANE_CHUNKS``
+    chunks per lane in flight), ``rounds`` rounds cover ``residual_length``.
+    """
+    es = 2 if res_dtype in ("float16", "bfloat16") else 4
+    vpl = 16 // es
+    nck = head_dim // vpl
+    lpr = min(nck, WARP_SIZE)
+    cpl = nck // lpr
+    tpw = WARP_SIZE // lpr
+    ni = max(1, min(MERGE_LANE_CHUNKS // cpl, -(-residual_length // (NUM_WARPS * tpw))))
+    rounds = -(-residual_length // (NUM_WARPS * tpw * ni))
+    return dict(es=es, vpl=vpl, nck=nck, lpr=lpr, cpl=cpl, tpw=tpw, ni=ni, rounds=rounds)
+
+
 def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
-    """Python function and signature of kernel 2 for one compile-time configuration."""
+    """Python function and signature of kernel 2 for one compile-time configuration.
+
+    One block (4 warps) per (batch, query head, row). Latency is what matters here (at batch 1
+    the whole decode step is a few microseconds of dependent round trips), so every global load
+    that does not depend on another is issued first: the query row, the split maxima and sums,
+    and the residual keys and values of the first round, as 16-byte read-only loads
+    (``_merge_geometry``: lane ``l`` reads chunk ``l % lpr`` of token ``l // lpr`` of each token
+    group, so a warp's load is 512 contiguous bytes). Residual scores are partial dot products
+    reduced over the ``lpr`` lanes of a row by ``shfl_xor``; the residual value sum is
+    accumulated in the same registers and reduced over the tokens of a warp by shuffles, then
+    over the warps through shared memory. The quantized value sum takes one 16-byte row chunk
+    (4 channels) per lane and the splits round-robin over the warps, 8 loads in flight per lane.
+    """
     D, R = head_dim, residual_length
-    NT = NUM_THREADS
+    NT, NW = NUM_THREADS, NUM_WARPS
     NRED2 = NUM_THREADS // REDUCE_FAN
     ROTATE = bool(rotate_values)
     HS = _hadamard_scale(D)
     load_q = _loader(q_dtype)
-    load_r = _loader(res_dtype)
+    geo = _merge_geometry(D, R, res_dtype)
+    ES, VPL, LPR, CPL, TPW, NI, ROUNDS = (geo[k] for k in ("es", "vpl", "lpr", "cpl", "tpw", "ni",
+                                                           "rounds"))
+    NL = NI * CPL  # 16-byte chunks per lane and round
+    NLW = 4 * NL  # their uint32 words
+    NVAL = CPL * VPL  # residual channels per lane
+    TR = NI * TPW  # tokens per warp and round
+    ONE_ROUND = ROUNDS == 1  # the values of the only round stay in registers from the start
+    BF16, F16 = res_dtype == "bfloat16", res_dtype == "float16"
+    QC = D // 4  # 16-byte chunks of a float32 row of split_acc
+    NQC = -(-QC // WARP_SIZE)
+    NQA = 4 * NQC  # (array sizes must be closure constants)
     UNROLL = 8
+    ROW_B = D * ES  # bytes per residual row
+    HI16 = np.uint32(0xFFFF0000)
+    SH16 = np.uint32(16)
+    ZERO_F = np.float32(0.0)
+
+    @cuda.jit(device=True)
+    def element(w, j):
+        """Element j (0 .. 16 / ES - 1) of a 16-byte residual chunk given as its 4 words."""
+        if ES == 4:
+            return uint_as_float(w[j])
+        x = w[j >> 1]
+        if BF16:
+            if j & 1:
+                return uint_as_float(x & HI16)
+            return uint_as_float(x << SH16)
+        if j & 1:
+            return f16x2_hi(x)
+        return f16x2_lo(x)
+
+    @cuda.jit(device=True)
+    def load_round(base, t0, lane, nvalid, regs):
+        """The chunks of this lane for tokens t0 + i * TPW + lane // LPR (i < NI) of one
+        (batch, kv head) residual array at global address ``base``; zeros past ``nvalid``."""
+        for i in range(NI):
+            t = t0 + i * TPW + lane // LPR
+            for c in range(CPL):
+                k = c * LPR + lane % LPR
+                o = 4 * (i * CPL + c)
+                if t < nvalid:
+                    w0, w1, w2, w3 = ldg4(base + np.int64(t * ROW_B + 16 * k))
+                else:
+                    w0 = w1 = w2 = w3 = np.uint32(0)
+                regs[o] = w0
+                regs[o + 1] = w1
+                regs[o + 2] = w2
+                regs[o + 3] = w3
 
     def merge_kernel(q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale, quantized_len,
                      residual_len, num_splits):
         tid = cuda.threadIdx.x
+        lane = tid % WARP_SIZE
+        warp = tid // WARP_SIZE
         nq = q.shape[1]
         lq = q.shape[2]
         g_size = nq // k_res.shape[1]
@@ -517,85 +606,164 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
         kvh = hq // g_size
         neg_inf = np.float32(-math.inf)
         last = quantized_len + residual_len - lq + i  # last visible position
+        # residual tokens this row sees (causal rows of a multi-token query see fewer)
+        nres = min(residual_len, last - quantized_len + 1)
 
         qv = cuda.shared.array(D, np.float32)
         sr = cuda.shared.array(R, np.float32)  # residual scores, then p
         wsp = cuda.shared.array(MAX_SPLITS, np.float32)  # split weights exp(m_split - M)
         buf = cuda.shared.array((1, D), np.float32)
+        part = cuda.shared.array((NW, D), np.float32)  # per-warp residual value sums
+        qpart = cuda.shared.array((NW, D), np.float32)  # per-warp quantized value sums
         red = cuda.shared.array(NT, np.float32)
         red2 = cuda.shared.array(NRED2, np.float32)
 
+        # --- independent loads first: query, split statistics, first round of K and V ------
         for c in range(tid, D, NT):
             qv[c] = load_q(q[b, hq, i, c]) * scale
-        cuda.syncthreads()
+        mu0 = neg_inf
+        mu1 = neg_inf
+        su0 = ZERO_F
+        su1 = ZERO_F
+        if tid < num_splits:
+            mu0 = ws_max[b, hq, i, tid]
+            su0 = ws_sum[b, hq, i, tid]
+        if tid + NT < num_splits:
+            mu1 = ws_max[b, hq, i, tid + NT]
+            su1 = ws_sum[b, hq, i, tid + NT]
+        kbase = global_address(k_res, (b, kvh, 0, 0))
+        vbase = global_address(v_res, (b, kvh, 0, 0))
+        kr = cuda.local.array(NLW, np.uint32)
+        vr = cuda.local.array(NLW, np.uint32)
+        wv = cuda.local.array(4, np.uint32)
+        qr = cuda.local.array(NVAL, np.float32)
+        acc = cuda.local.array(NVAL, np.float32)
+        for j in range(NVAL):
+            acc[j] = ZERO_F
+        if ONE_ROUND:
+            load_round(kbase, warp * TR, lane, nres, kr)
+            load_round(vbase, warp * TR, lane, nres, vr)
+        cuda.syncthreads()  # qv
+        for c in range(CPL):
+            k = c * LPR + lane % LPR
+            for j in range(VPL):
+                qr[c * VPL + j] = qv[k * VPL + j]
 
-        m = neg_inf
-        for t in range(tid, residual_len, NT):
-            s = neg_inf
-            if quantized_len + t <= last:
-                s = np.float32(0.0)
-                for c in range(D):
-                    s += qv[c] * load_r(k_res[b, kvh, t, c])
-            sr[t] = s
-            m = max(m, s)
-        for u in range(tid, num_splits, NT):
-            m = max(m, ws_max[b, hq, i, u])
+        # --- residual scores: partial dot products, reduced over the LPR lanes of a row -------
+        m = max(mu0, mu1)
+        for t0 in range(warp * TR, nres, NW * TR):
+            if not ONE_ROUND:
+                load_round(kbase, t0, lane, nres, kr)
+            for ii in range(NI):
+                s = ZERO_F
+                for c in range(CPL):
+                    o = 4 * (ii * CPL + c)
+                    for u in range(4):
+                        wv[u] = kr[o + u]
+                    for j in range(VPL):
+                        s += qr[c * VPL + j] * element(wv, j)
+                off = LPR // 2
+                while off > 0:
+                    s += cuda.shfl_xor_sync(0xFFFFFFFF, s, off)
+                    off //= 2
+                t = t0 + ii * TPW + lane // LPR
+                if t < nres:
+                    m = max(m, s)
+                    if lane % LPR == 0:
+                        sr[t] = s
         m = _block_max(red, red2, m, tid)
         if m == neg_inf:  # cannot happen (token 0 is always visible); keeps exp() finite
             m = np.float32(0.0)
 
-        total = np.float32(0.0)
-        for u in range(tid, num_splits, NT):
-            mu = ws_max[b, hq, i, u]
-            w = np.float32(0.0)
-            if mu != neg_inf:
-                w = math.exp(mu - m)
-            wsp[u] = w
-            total += w * ws_sum[b, hq, i, u]
-        for t in range(tid, residual_len, NT):
-            s = sr[t]
-            p = np.float32(0.0)
-            if s != neg_inf:
-                p = math.exp(s - m)
+        # --- softmax weights: splits and residual tokens ---------------------------------------
+        total = ZERO_F
+        if tid < num_splits:
+            w = ZERO_F
+            if mu0 != neg_inf:
+                w = math.exp(mu0 - m)
+            wsp[tid] = w
+            total += w * su0
+        if tid + NT < num_splits:
+            w = ZERO_F
+            if mu1 != neg_inf:
+                w = math.exp(mu1 - m)
+            wsp[tid + NT] = w
+            total += w * su1
+        for t in range(tid, nres, NT):
+            p = math.exp(sr[t] - m)
             sr[t] = p
             total += p
         total = _block_sum(red, red2, total, tid)  # its barriers publish wsp and sr
 
-        # UNROLL independent partial sums: the loads of a group are in flight together (one
-        # dependent chain of num_splits L2 round trips took 16 us at 66 splits)
-        part = cuda.local.array(UNROLL, np.float32)
+        # --- residual value sum: this lane's channels over its tokens, then over the warp -----
+        for t0 in range(warp * TR, nres, NW * TR):
+            if not ONE_ROUND:
+                load_round(vbase, t0, lane, nres, vr)
+            for ii in range(NI):
+                t = t0 + ii * TPW + lane // LPR
+                p = ZERO_F
+                if t < nres:
+                    p = sr[t]
+                for c in range(CPL):
+                    o = 4 * (ii * CPL + c)
+                    for u in range(4):
+                        wv[u] = vr[o + u]
+                    for j in range(VPL):
+                        acc[c * VPL + j] += p * element(wv, j)
+        for j in range(NVAL):
+            a = acc[j]
+            off = LPR
+            while off < WARP_SIZE:
+                a += cuda.shfl_xor_sync(0xFFFFFFFF, a, off)
+                off *= 2
+            acc[j] = a
+        if lane < LPR:
+            for c in range(CPL):
+                k = c * LPR + lane
+                for j in range(VPL):
+                    part[warp, k * VPL + j] = acc[c * VPL + j]
+
+        # --- quantized value sum: 4 channels per lane, splits round-robin over the warps ------
+        qa = cuda.local.array(NQA, np.float32)
+        for j in range(NQA):
+            qa[j] = ZERO_F
+        abase = global_address(ws_acc, (b, hq, i, 0, 0))
+        for n in range(NQC):
+            k = lane + WARP_SIZE * n
+            if QC % WARP_SIZE == 0 or k < QC:
+                u0 = warp
+                while u0 < num_splits:
+                    # up to UNROLL loads in flight, then their FMAs
+                    for uu in range(UNROLL):
+                        u = u0 + NW * uu
+                        if u < num_splits:
+                            w0, w1, w2, w3 = ldg4(abase + np.int64((u * D + 4 * k) * 4))
+                            wt = wsp[u]
+                            qa[4 * n] += wt * uint_as_float(w0)
+                            qa[4 * n + 1] += wt * uint_as_float(w1)
+                            qa[4 * n + 2] += wt * uint_as_float(w2)
+                            qa[4 * n + 3] += wt * uint_as_float(w3)
+                    u0 += NW * UNROLL
+                for j in range(4):
+                    qpart[warp, 4 * k + j] = qa[4 * n + j]
+        cuda.syncthreads()
         for d in range(tid, D, NT):
-            for k in range(UNROLL):
-                part[k] = np.float32(0.0)
-            u0 = 0
-            while u0 + UNROLL <= num_splits:
-                for k in range(UNROLL):
-                    part[k] += wsp[u0 + k] * ws_acc[b, hq, i, u0 + k, d]
-                u0 += UNROLL
-            for u in range(u0, num_splits):
-                part[0] += wsp[u] * ws_acc[b, hq, i, u, d]
-            a = np.float32(0.0)
-            for k in range(UNROLL):
-                a += part[k]
+            a = ZERO_F
+            for w in range(NW):
+                a += qpart[w, d]
             buf[0, d] = a
         if ROTATE:
             fwht_shared(buf, 1, D, tid, NT)
+        else:
+            cuda.syncthreads()
         for d in range(tid, D, NT):
-            for k in range(UNROLL):
-                part[k] = np.float32(0.0)
-            t0 = 0
-            while t0 + UNROLL <= residual_len:
-                for k in range(UNROLL):
-                    part[k] += sr[t0 + k] * load_r(v_res[b, kvh, t0 + k, d])
-                t0 += UNROLL
-            for t in range(t0, residual_len):
-                part[0] += sr[t] * load_r(v_res[b, kvh, t, d])
             o = buf[0, d]
             if ROTATE:
                 o *= np.float32(HS)
-            for k in range(UNROLL):
-                o += part[k]
-            out[b, hq, i, d] = o / total
+            r = ZERO_F
+            for w in range(NW):
+                r += part[w, d]
+            out[b, hq, i, d] = (o + r) / total
         if tid == 0:
             lse[b, hq, i] = m + math.log(total)
 
@@ -866,3 +1034,9 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
             raise ValueError(f"workspace: expected an array named {name!r}, "
                              f"got {sorted(workspace)}")
         _expect(f"workspace[{name!r}]", workspace[name], shape, np.float32)
+    # the merge kernel reads rows of these as 16-byte vectors
+    for name, x in (("k_res", k_res), ("v_res", v_res),
+                    ("workspace['split_acc']", workspace["split_acc"])):
+        ptr = device_pointer(x)
+        if ptr % 16:
+            raise ValueError(f"{name}: expected a 16-byte aligned base address, got {ptr:#x}")

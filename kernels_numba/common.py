@@ -78,6 +78,15 @@ def fwht_shared(buf, rows, d, tid, nthreads):
     cuda.syncthreads()
 
 
+def device_pointer(arr) -> int:
+    """Address of element 0 of a device array (in the simulator: of the host buffer behind it),
+    for the 16-byte alignment checks of the kernels that read rows as 16-byte vectors."""
+    host = getattr(arr, "_ary", None)  # a simulator array wraps an ndarray
+    if SIMULATOR and host is not None:
+        return int(host.ctypes.data)
+    return int(arr.__cuda_array_interface__["data"][0])
+
+
 # --- added for the quantize / dequantize / hadamard kernels -----------------------------------
 
 

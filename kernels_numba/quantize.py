@@ -60,7 +60,8 @@ from ..reference.hadamard import hadamard_scale
 from ..reference.pack import TILE_TOKENS
 from ..reference.quantize import FLOAT16_MAX
 from ._compat import SIMULATOR, cuda, np
-from .common import INPUT_ELEMENT_TYPES, arithmetic_device, mul_rn, value_code_location
+from .common import (INPUT_ELEMENT_TYPES, arithmetic_device, device_pointer, mul_rn,
+                     value_code_location)
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
@@ -617,9 +618,7 @@ def _check_input_layout(name: str, arr) -> None:
     multiples of 16 bytes."""
     item = np.dtype(arr.dtype).itemsize
     strides = tuple(int(s) for s in arr.strides)
-    host = getattr(arr, "_ary", None)  # a simulator array wraps an ndarray
-    ptr = host.ctypes.data if SIMULATOR and host is not None \
-        else arr.__cuda_array_interface__["data"][0]
+    ptr = device_pointer(arr)
     if strides[3] != item or any(s % 16 for s in strides[:3]) or ptr % 16:
         raise ValueError(f"{name}: expected rows contiguous along head_dim with a 16-byte aligned "
                          f"base and strides (e.g. a .contiguous() tensor), got strides "

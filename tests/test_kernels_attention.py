@@ -465,6 +465,25 @@ def test_sim_llama_heads_two_tiles_per_warp():
 
 
 @pytest.mark.sim
+@pytest.mark.parametrize("res_dtype", ["float32", "bfloat16"])
+def test_sim_merge_residual_in_several_rounds(monkeypatch, res_dtype):
+    # one 16-byte chunk per lane and round: the 31 residual tokens take 2 (float32) or 4
+    # (bfloat16, head_dim 64) rounds of the merge kernel, keys and values reloaded per round;
+    # q_len 2 makes row 0 see one token less (causal)
+    monkeypatch.setattr(K, "MERGE_LANE_CHUNKS", 1)
+    K._merge_kernel.cache_clear()
+    geo = K._merge_geometry(32 if res_dtype == "float32" else 64, 32, res_dtype)
+    assert geo["rounds"] > 1
+    try:
+        case = make_case(1, 1, 2, 32 if res_dtype == "float32" else 64, 32, 31, 2,
+                         oscar.OScaRConfig(residual_length=32), q_dtype="float16",
+                         res_dtype=res_dtype, seed=11)
+        check_case(case, num_splits=1)
+    finally:
+        K._merge_kernel.cache_clear()
+
+
+@pytest.mark.sim
 def test_sim_head_dim_64_gqa4_group64():
     cfg = oscar.OScaRConfig(key_group_size=64, residual_length=64, value_group_size=16,
                             norm_scope="head")
@@ -548,6 +567,19 @@ def test_errors_at_the_boundary(change, error, match):
     args.update({k: v for k, v in change.items() if k != "workspace_splits"})
     with pytest.raises(error, match=match):
         K.decode_attention(*dev, out, lse, ws, **args)
+
+
+def test_misaligned_residual_is_a_clear_error():
+    # the merge kernel reads residual rows as 16-byte vectors: a base 4 bytes off is refused
+    case = make_case(1, 1, 2, 32, 32, 3, 1, oscar.OScaRConfig(residual_length=32))
+    dev, out, lse, ws = _host_args(case, 1)
+    shape = tuple(dev[6].shape)
+    flat = cuda.to_device(np.zeros(int(np.prod(shape)) + 1, np.float32))
+    dev[6] = flat[1:].reshape(shape)
+    with pytest.raises(ValueError, match="k_res: expected a 16-byte aligned base"):
+        K.decode_attention(*dev, out, lse, ws, config=case["config"], scale=case["scale"],
+                           quantized_len=32, residual_len=3, q_dtype="float32",
+                           res_dtype="float32", num_splits=1)
 
 
 def test_non_contiguous_array_is_a_clear_error():
