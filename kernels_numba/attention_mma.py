@@ -229,6 +229,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     NVPW = NGV * 4
     NVX = 2 * VWT
     NQP = (ROWS * D + NT - 1) // NT  # query values per thread in the permutation pass
+    CQ = D // 32  # query channels per lane in the prologue (consecutive)
+    LCQ = CQ.bit_length() - 1  # rotation stages inside a lane (h = 1 .. CQ / 2)
     ZERO_U = np.uint32(0)
     ZERO_F = np.float32(0.0)
     LOG2E, LN2 = np.float32(1.0 / math.log(2.0)), np.float32(math.log(2.0))
@@ -420,29 +422,43 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             prefetch(sl, lane, t_begin + warp * TPG, gb)
 
         # --- prologue (block): rotated, scaled queries, normalized per row by max |.| ---------
+        qx = cuda.local.array(CQ, np.float32)
         for idx in range(lane, (8 - ROWS) * BS, 32):  # padding rows of the fragment buffer
             bsh[warp, ROWS + idx // BS, idx % BS] = ZERO_U
-        for idx in range(tid, ROWS * D, NT):
-            r = idx // D
-            qs[r, idx % D] = load_q(q[b, kvh * G + r // LQ, r % LQ, idx % D])
-        if ROTATE:
-            fwht_shared(qs, ROWS, D, tid, NT)
-            qfac = scale * HS
-        else:
-            cuda.syncthreads()
-            qfac = scale
+        # a warp per row, CQ consecutive channels per lane: the rotation's stages below CQ run
+        # in registers, the others as shfl_xor butterflies (the same additions in the same order
+        # as reference.hadamard_transform, so bit for bit the fwht_shared result; that took
+        # about 2,300 cycles of barriers at B=1), then the scale and the row's max |.|
+        qfac = scale * HS if ROTATE else scale
         for r in range(warp, ROWS, NW):
+            for k in range(CQ):
+                qx[k] = load_q(q[b, kvh * G + r // LQ, r % LQ, lane * CQ + k])
+            if ROTATE:
+                for hi in range(LCQ):
+                    h = 1 << hi
+                    for k in range(CQ):
+                        if (k & h) == 0:
+                            x0 = qx[k]
+                            x1 = qx[k + h]
+                            qx[k] = x0 + x1
+                            qx[k + h] = x0 - x1
+                for mi in range(5):  # h = CQ << mi: lane xor (1 << mi)
+                    m = 1 << mi
+                    up = (lane & m) != 0
+                    for k in range(CQ):
+                        y = cuda.shfl_xor_sync(FULL, qx[k], m)
+                        qx[k] = y - qx[k] if up else qx[k] + y
             mx = ZERO_F
-            for c in range(lane, D, 32):
-                v = qs[r, c] * qfac
-                qs[r, c] = v
+            for k in range(CQ):
+                v = qx[k] * qfac
+                qx[k] = v
                 mx = max(mx, abs(v))
             for off in (16, 8, 4, 2, 1):
                 mx = max(mx, cuda.shfl_xor_sync(FULL, mx, off))
             if not mx > ZERO_F:  # zero query row (a NaN row stays NaN through qs)
                 mx = np.float32(1.0)
-            for c in range(lane, D, 32):
-                qs[r, c] = qs[r, c] / mx
+            for k in range(CQ):
+                qs[r, lane * CQ + k] = qx[k] / mx
             if lane == 0:
                 qmax[r] = mx
         cuda.syncthreads()
