@@ -38,9 +38,9 @@ Kernel 1, ``split`` (one block per (batch * kv head, split); 128 threads = 4 war
 Kernel 2, ``merge`` (one block per (batch, query head, row); 128 threads)
     Computes the residual scores itself (thread = residual token), merges the splits and the
     residual by log-sum-exp (two-level shared-memory reductions), sums the splits' ``acc``
-    (thread = channel),
-    un-rotates once with ``fwht_shared`` (rotate_values), adds the residual values and writes
-    ``out`` and ``lse`` (natural log).
+    (4 channels per lane, splits over the warps), un-rotates once in warp 0's registers
+    (``fwht_warp``, rotate_values), adds the residual values and writes ``out`` and ``lse``
+    (natural log). ``_build_merge`` has the details.
 
 Shared memory (static, float32 unless noted), kernel 1: queries and pre-scaled queries
 ``2 * rows * D``; scores ``rows * 32`` plus partials ``WSPLIT * rows * 32``; value words
@@ -72,8 +72,8 @@ import math
 from ._compat import SIMULATOR, cuda, np
 from . import attention_mma as _split_v3
 from . import attention_split as _split_v2
-from .common import (bf16_bits_to_f32, device_pointer, fwht_shared, int_as_float, split_block,
-                     value_code_location)
+from .common import (bf16_bits_to_f32, device_pointer, fwht_shared, fwht_warp, int_as_float,
+                     split_block, value_code_location)
 
 if SIMULATOR:
     from .ptx_sim import f16x2_hi, f16x2_lo, global_address, ldg4, uint_as_float
@@ -554,6 +554,8 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
     NQC = -(-QC // WARP_SIZE)
     NQA = 4 * NQC  # (array sizes must be closure constants)
     UNROLL = 8
+    CQ = D // WARP_SIZE  # output channels per lane of warp 0
+    fwht_row = fwht_warp(D)
     ROW_B = D * ES  # bytes per residual row
     HI16 = np.uint32(0xFFFF0000)
     SH16 = np.uint32(16)
@@ -612,7 +614,6 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
         qv = cuda.shared.array(D, np.float32)
         sr = cuda.shared.array(R, np.float32)  # residual scores, then p
         wsp = cuda.shared.array(MAX_SPLITS, np.float32)  # split weights exp(m_split - M)
-        buf = cuda.shared.array((1, D), np.float32)
         part = cuda.shared.array((NW, D), np.float32)  # per-warp residual value sums
         qpart = cuda.shared.array((NW, D), np.float32)  # per-warp quantized value sums
         red = cuda.shared.array(NT, np.float32)
@@ -638,6 +639,7 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
         wv = cuda.local.array(4, np.uint32)
         qr = cuda.local.array(NVAL, np.float32)
         acc = cuda.local.array(NVAL, np.float32)
+        xo = cuda.local.array(CQ, np.float32)
         for j in range(NVAL):
             acc[j] = ZERO_F
         if ONE_ROUND:
@@ -747,25 +749,28 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
                 for j in range(4):
                     qpart[warp, 4 * k + j] = qa[4 * n + j]
         cuda.syncthreads()
-        for d in range(tid, D, NT):
-            a = ZERO_F
-            for w in range(NW):
-                a += qpart[w, d]
-            buf[0, d] = a
-        if ROTATE:
-            fwht_shared(buf, 1, D, tid, NT)
-        else:
-            cuda.syncthreads()
-        for d in range(tid, D, NT):
-            o = buf[0, d]
+        # warp 0 finishes: sums the warps' parts of its CQ channels per lane, un-rotates the
+        # quantized sum in registers (fwht_warp: no barrier) and writes the row
+        if warp == 0:
+            for k in range(CQ):
+                c = lane * CQ + k
+                a = ZERO_F
+                for w in range(NW):
+                    a += qpart[w, c]
+                xo[k] = a
             if ROTATE:
-                o *= np.float32(HS)
-            r = ZERO_F
-            for w in range(NW):
-                r += part[w, d]
-            out[b, hq, i, d] = (o + r) / total
-        if tid == 0:
-            lse[b, hq, i] = m + math.log(total)
+                fwht_row(xo, lane)
+            for k in range(CQ):
+                c = lane * CQ + k
+                o = xo[k]
+                if ROTATE:
+                    o *= np.float32(HS)
+                r = ZERO_F
+                for w in range(NW):
+                    r += part[w, c]
+                out[b, hq, i, c] = (o + r) / total
+            if lane == 0:
+                lse[b, hq, i] = m + math.log(total)
 
     return merge_kernel, _merge_signature(q_dtype, res_dtype)
 

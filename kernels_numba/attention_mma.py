@@ -81,7 +81,7 @@ from __future__ import annotations
 import math
 
 from ._compat import SIMULATOR, cuda, np
-from .common import fwht_shared, split_block, write_empty_split
+from .common import fwht_warp, split_block, write_empty_split
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
@@ -138,8 +138,10 @@ def shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages)
     nch = head_dim // 16
     stage = max(stages * _stage_words(key_bits, value_bits, value_group_size, head_dim),
                 rows * head_dim)
+    # per warp: stage, score tile psh, fragment buffer bsh, esh (8 x 8), mw + lw, gbase (8
+    # int64), the epilogue weights wgt
     return 4 * (rows * (head_dim + 4) + rows + NUM_WARPS * (stage + 8 * 32 + 8 * (nch * 8 + 8)
-                                                          + 64 + 16))
+                                                          + 64 + 16 + 16 + 8))
 
 
 def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dtype):
@@ -230,7 +232,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     NVX = 2 * VWT
     NQP = (ROWS * D + NT - 1) // NT  # query values per thread in the permutation pass
     CQ = D // 32  # query channels per lane in the prologue (consecutive)
-    LCQ = CQ.bit_length() - 1  # rotation stages inside a lane (h = 1 .. CQ / 2)
+    fwht_row = fwht_warp(D)
     ZERO_U = np.uint32(0)
     ZERO_F = np.float32(0.0)
     LOG2E, LN2 = np.float32(1.0 / math.log(2.0)), np.float32(math.log(2.0))
@@ -398,6 +400,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         esh = cuda.shared.array((NW, 8, 8), np.float32)
         mw = cuda.shared.array((NW, 8), np.float32)
         lw = cuda.shared.array((NW, 8), np.float32)
+        wgt = cuda.shared.array((NW, 8), np.float32)  # the epilogue's per-warp row weights
         gbase = cuda.shared.array((NW, 8), np.int64)
         stg = stage[warp]  # this warp's stage: NSTAGE buffers of SW words
         sb = shared_address(stage, (warp, 0))  # its .shared byte address
@@ -425,29 +428,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         qx = cuda.local.array(CQ, np.float32)
         for idx in range(lane, (8 - ROWS) * BS, 32):  # padding rows of the fragment buffer
             bsh[warp, ROWS + idx // BS, idx % BS] = ZERO_U
-        # a warp per row, CQ consecutive channels per lane: the rotation's stages below CQ run
-        # in registers, the others as shfl_xor butterflies (the same additions in the same order
-        # as reference.hadamard_transform, so bit for bit the fwht_shared result; that took
-        # about 2,300 cycles of barriers at B=1), then the scale and the row's max |.|
+        # a warp per row, CQ consecutive channels per lane, rotated in registers and shuffles
+        # (fwht_warp: bit for bit the reference's transform; fwht_shared took about 2,300
+        # cycles of barriers at B=1), then the scale and the row's max |.|
         qfac = scale * HS if ROTATE else scale
         for r in range(warp, ROWS, NW):
             for k in range(CQ):
                 qx[k] = load_q(q[b, kvh * G + r // LQ, r % LQ, lane * CQ + k])
             if ROTATE:
-                for hi in range(LCQ):
-                    h = 1 << hi
-                    for k in range(CQ):
-                        if (k & h) == 0:
-                            x0 = qx[k]
-                            x1 = qx[k + h]
-                            qx[k] = x0 + x1
-                            qx[k + h] = x0 - x1
-                for mi in range(5):  # h = CQ << mi: lane xor (1 << mi)
-                    m = 1 << mi
-                    up = (lane & m) != 0
-                    for k in range(CQ):
-                        y = cuda.shfl_xor_sync(FULL, qx[k], m)
-                        qx[k] = y - qx[k] if up else qx[k] + y
+                fwht_row(qx, lane)
             mx = ZERO_F
             for k in range(CQ):
                 v = qx[k] * qfac
@@ -754,16 +743,24 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         cuda.syncthreads()
 
         # --- merge the 4 warps by log-sum-exp and write the split's partials --------------------
+        # one thread per (warp, row) computes the warp's weight exp2(m_w - max_w m_w) (0 for a
+        # warp that saw no token of the row; NaN when some warp's max is NaN)
+        if tid < NW * ROWS:
+            w = tid // ROWS
+            r = tid % ROWS
+            mm = neg_inf
+            for u in range(NW):
+                mm = nanmax(mm, mw[u, r])
+            wt = ZERO_F
+            if mm != neg_inf and mw[w, r] != neg_inf:
+                wt = ex2(mw[w, r] - mm)
+            wgt[w, r] = wt
+        cuda.syncthreads()
         for idx in range(tid, ROWS * D, NT):
             r = idx // D
-            mm = neg_inf
-            for w in range(NW):
-                mm = nanmax(mm, mw[w, r])
             a = ZERO_F
-            if mm != neg_inf:
-                for w in range(NW):
-                    if mw[w, r] != neg_inf:
-                        a += uint_as_float(stage[w, idx]) * ex2(mw[w, r] - mm)
+            for w in range(NW):
+                a += uint_as_float(stage[w, idx]) * wgt[w, r]
             ws_acc[b, kvh * G + r // LQ, r % LQ, split, idx % D] = a
         if tid < ROWS:
             mm = neg_inf

@@ -7,6 +7,7 @@ same semantics. Which one is used is fixed at import time by ``SIMULATOR``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from ._compat import SIMULATOR, cuda, np
@@ -83,6 +84,39 @@ def fwht_shared(buf, rows, d, tid, nthreads):
             p += np.int32(nthreads)
         lg += np.int32(1)
     cuda.syncthreads()
+
+
+@functools.lru_cache(maxsize=None)
+def fwht_warp(d):
+    """Device function ``fwht(x, lane)``: in-place unnormalized Walsh-Hadamard transform of one
+    length-``d`` row held by a warp, ``x`` = the ``d / 32`` consecutive channels ``lane * d / 32
+    ...`` of this lane (a local array). Stages below ``d / 32`` run inside the lane, the others
+    as ``shfl_xor`` butterflies: the lane holding the upper element of a pair computes
+    ``partner - own``. The same additions in the same stage order as
+    ``reference.hadamard_transform`` (and :func:`fwht_shared`), so the same float32 bits, with
+    no barrier. All 32 lanes of the warp must call it."""
+    cq = d // 32
+    lcq = cq.bit_length() - 1  # stages inside a lane: h = 1 .. cq / 2
+    lanes = 5  # then h = cq << i: lane xor (1 << i)
+
+    @cuda.jit(device=True)
+    def fwht(x, lane):
+        for hi in range(lcq):
+            h = 1 << hi
+            for k in range(cq):
+                if (k & h) == 0:
+                    x0 = x[k]
+                    x1 = x[k + h]
+                    x[k] = x0 + x1
+                    x[k + h] = x0 - x1
+        for mi in range(lanes):
+            m = 1 << mi
+            up = (lane & m) != 0
+            for k in range(cq):
+                y = cuda.shfl_xor_sync(0xFFFFFFFF, x[k], m)
+                x[k] = y - x[k] if up else x[k] + y
+
+    return fwht
 
 
 def device_pointer(arr) -> int:
