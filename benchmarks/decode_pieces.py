@@ -1,0 +1,69 @@
+"""Where does a decode step spend its time? Graph-replay device time (L2 flushed) of each piece
+of one step, each captured alone: the split kernel, the merge kernel (with the cache's residual
+tokens and with none), the bridge's output cast, both kernels, the whole call, and torch SDPA bf16
+on the same tokens; plus an empty kernel (the timing floor). Llama-3.1-8B shapes, 127 residual
+tokens. H200 results: benchmarks/RESULTS.md (2026-11-24, sixth session).
+
+    python benchmarks/decode_pieces.py
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import oscar
+from gpu_timing import time_graph, sdpa_bf16
+from oscar.kernels_numba import attention as A
+from numba import cuda
+
+def pieces(B, T, res=127):
+    torch.manual_seed(0)
+    k = torch.randn(B, 8, T + res, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(B, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    cache = oscar.quantize_kv(k, v)
+    st = cache._store
+    out_full = lambda: oscar.decode_attention(q, cache)
+    t_full = time_graph(out_full) * 1e3
+    t_sdpa = time_graph(lambda: sdpa_bf16(q, k, v)) * 1e3
+    d = 128
+    per_sm = A.split_blocks_per_sm(st.config, d, 4, 1, "bfloat16")
+    splits = A.choose_num_splits(B, 8, st.quantized_len, num_sms=st._num_sms, blocks_per_sm=per_sm)
+    bufs = st._decode_buffers(q, splits)
+    qn = st._q_view(q)
+    split = A._split_kernel(*A._split_key(st.config, d, 4, 1, "bfloat16"))
+    merge = A._merge_kernel(*A._merge_key(st.config, d, "bfloat16", st.dtype))
+    ws = bufs["ws_nb"]
+    sc = np.float32(128 ** -0.5)
+    ql, rl, ns = np.int32(st.quantized_len), np.int32(st.residual_len), np.int32(splits)
+    def run_split():
+        s = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+        split[(B * 8, splits), 128, s](qn, st.nb["k_codes"], st.nb["k_params"], st.nb["v_codes"],
+            st.nb["v_params"], st.nb["norms"], ws["split_max"], ws["split_sum"], ws["split_acc"],
+            sc, ql, rl, ns)
+    def run_merge(rl=rl):
+        s = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+        merge[B * 32, 128, s](qn, st.k_res_nb, st.v_res_nb, ws["split_max"], ws["split_sum"],
+            ws["split_acc"], bufs["out_nb"], bufs["lse_nb"], sc, ql, rl, ns)
+    t_split = time_graph(run_split) * 1e3
+    t_merge = time_graph(run_merge) * 1e3
+    t_merge0 = time_graph(lambda: run_merge(np.int32(0))) * 1e3
+    t_cast = time_graph(lambda: bufs["out"].to(torch.bfloat16)) * 1e3
+    t_both = time_graph(lambda: (run_split(), run_merge())) * 1e3
+    print(f"B={B} T={T} splits={splits} full={t_full:.1f} split={t_split:.1f} merge={t_merge:.1f} "
+          f"merge(res0)={t_merge0:.1f} cast={t_cast:.1f} split+merge={t_both:.1f} sdpa={t_sdpa:.1f} us",
+          flush=True)
+
+@cuda.jit
+def empty(x):
+    pass
+xx = cuda.device_array(1, np.float32)
+def run_empty():
+    s = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+    empty[1, 32, s](xx)
+print(f"empty kernel {time_graph(run_empty)*1e3:.1f} us; two empties "
+      f"{time_graph(lambda: (run_empty(), run_empty()))*1e3:.1f} us", flush=True)
+for B, T in ((1, 128), (1, 4096), (1, 32768), (1, 131072), (8, 4096), (8, 32768)):
+    pieces(B, T)
