@@ -1,6 +1,7 @@
 """Where does a decode step spend its time? Graph-replay device time (L2 flushed) of each piece
 of one step, each captured alone: the split kernel, the merge kernel (with the cache's residual
-tokens and with none), the bridge's output cast, both kernels, the whole call, and torch SDPA bf16
+tokens and with none; it writes the bfloat16 output itself), both kernels, the whole call, and
+torch SDPA bf16
 on the same tokens; plus an empty kernel (the timing floor). Llama-3.1-8B shapes, 127 residual
 tokens. H200 results: benchmarks/RESULTS.md (2026-11-24, sixth session).
 
@@ -34,7 +35,9 @@ def pieces(B, T, res=127):
     bufs = st._decode_buffers(q, splits)
     qn = st._q_view(q)
     split = A._split_kernel(*A._split_key(st.config, d, 4, 1, "bfloat16"))
-    merge = A._merge_kernel(*A._merge_key(st.config, d, "bfloat16", st.dtype))
+    merge = A._merge_kernel(*A._merge_key(st.config, d, "bfloat16", st.dtype, "bfloat16"))
+    out = torch.empty_like(q)
+    out_nb = cuda.as_cuda_array(out.view(torch.int16))
     ws = bufs["ws_nb"]
     sc = np.float32(128 ** -0.5)
     ql, rl, ns = np.int32(st.quantized_len), np.int32(st.residual_len), np.int32(splits)
@@ -46,14 +49,13 @@ def pieces(B, T, res=127):
     def run_merge(rl=rl):
         s = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
         merge[B * 32, 128, s](qn, st.k_res_nb, st.v_res_nb, ws["split_max"], ws["split_sum"],
-            ws["split_acc"], bufs["out_nb"], bufs["lse_nb"], sc, ql, rl, ns)
+            ws["split_acc"], out_nb, bufs["lse_nb"], sc, ql, rl, ns)
     t_split = time_graph(run_split) * 1e3
     t_merge = time_graph(run_merge) * 1e3
     t_merge0 = time_graph(lambda: run_merge(np.int32(0))) * 1e3
-    t_cast = time_graph(lambda: bufs["out"].to(torch.bfloat16)) * 1e3
     t_both = time_graph(lambda: (run_split(), run_merge())) * 1e3
     print(f"B={B} T={T} splits={splits} full={t_full:.1f} split={t_split:.1f} merge={t_merge:.1f} "
-          f"merge(res0)={t_merge0:.1f} cast={t_cast:.1f} split+merge={t_both:.1f} sdpa={t_sdpa:.1f} us",
+          f"merge(res0)={t_merge0:.1f} split+merge={t_both:.1f} sdpa={t_sdpa:.1f} us",
           flush=True)
 
 @cuda.jit

@@ -72,8 +72,8 @@ import math
 from ._compat import SIMULATOR, cuda, np
 from . import attention_mma as _split_v3
 from . import attention_split as _split_v2
-from .common import (bf16_bits_to_f32, device_pointer, fwht_shared, fwht_warp, int_as_float,
-                     split_block, value_code_location)
+from .common import (bf16_bits_to_f32, device_pointer, f32_to_bf16_bits, fwht_shared,
+                     fwht_warp, int_as_float, split_block, value_code_location)
 
 if SIMULATOR:
     from .ptx_sim import f16x2_hi, f16x2_lo, global_address, ldg4, uint_as_float
@@ -103,8 +103,8 @@ MIN_TILES_PER_SPLIT = 8
 #: Blocks per SM to aim for when splitting: enough resident blocks to cover load latency
 #: (a block uses ~10 KB of shared memory and 128 threads, so 4 fit easily).
 TARGET_BLOCKS_PER_SM = 4
-#: Fan-in of the shared-memory reductions: 2 barriers and 16 + 8 serial steps instead of a
-#: 7-barrier tree (barriers dominate, on the GPU and even more in the simulator).
+#: Threads per row of the v1 split kernel's key-group min fold (then one thread sums the
+#: partials): fewer barriers than a tree.
 REDUCE_FAN = 16
 #: 16-byte residual chunks a merge-kernel lane keeps in flight per round (registers: 4 words
 #: each for keys and for values). Tests lower it to run the several-rounds path on tiny shapes.
@@ -143,46 +143,55 @@ def _load_float(x):
     return np.float32(x)
 
 
+@cuda.jit(device=True)
+def _store_float(x):
+    """float32 value for a float16 / float32 array (the store converts: round to nearest even)."""
+    return x
+
+
 def _loader(dtype_name):
     """Device function turning one stored element of ``dtype_name`` into float32."""
     return bf16_bits_to_f32 if dtype_name == "bfloat16" else _load_float
 
 
-@cuda.jit(device=True)
-def _block_max(red, red2, val, tid):
-    """Max of ``val`` over the block, returned to every thread (two barriers).
+def _storer(dtype_name):
+    """Device function turning a float32 into the element stored in an array of
+    ``dtype_name`` (bfloat16: int16 bits; float16: the float32 -> float16 conversion, round to
+    nearest even; float32: itself)."""
+    return f32_to_bf16_bits if dtype_name == "bfloat16" else _store_float
 
-    Fan-in REDUCE_FAN: NUM_THREADS / REDUCE_FAN threads combine REDUCE_FAN values each, then every
-    thread combines those partials itself. Two arrays, so back-to-back calls need no extra barrier.
-    """
-    red[tid] = val
+
+@cuda.jit(device=True)
+def _block_max(red, val, tid):
+    """Max of ``val`` over the block, returned to every thread: ``shfl_xor`` inside each warp,
+    then the NUM_WARPS warp maxima through ``red[NUM_WARPS]`` (shared memory, one barrier).
+    Back-to-back calls need distinct ``red`` arrays."""
+    off = WARP_SIZE // 2
+    while off > 0:
+        val = max(val, cuda.shfl_xor_sync(0xFFFFFFFF, val, off))
+        off //= 2
+    if tid % WARP_SIZE == 0:
+        red[tid // WARP_SIZE] = val
     cuda.syncthreads()
-    if tid < NUM_THREADS // REDUCE_FAN:
-        m = red[tid * REDUCE_FAN]
-        for j in range(1, REDUCE_FAN):
-            m = max(m, red[tid * REDUCE_FAN + j])
-        red2[tid] = m
-    cuda.syncthreads()
-    m = red2[0]
-    for j in range(1, NUM_THREADS // REDUCE_FAN):
-        m = max(m, red2[j])
+    m = red[0]
+    for w in range(1, NUM_WARPS):
+        m = max(m, red[w])
     return m
 
 
 @cuda.jit(device=True)
-def _block_sum(red, red2, val, tid):
+def _block_sum(red, val, tid):
     """Sum of ``val`` over the block, returned to every thread (as :func:`_block_max`)."""
-    red[tid] = val
+    off = WARP_SIZE // 2
+    while off > 0:
+        val += cuda.shfl_xor_sync(0xFFFFFFFF, val, off)
+        off //= 2
+    if tid % WARP_SIZE == 0:
+        red[tid // WARP_SIZE] = val
     cuda.syncthreads()
-    if tid < NUM_THREADS // REDUCE_FAN:
-        s = red[tid * REDUCE_FAN]
-        for j in range(1, REDUCE_FAN):
-            s += red[tid * REDUCE_FAN + j]
-        red2[tid] = s
-    cuda.syncthreads()
-    s = red2[0]
-    for j in range(1, NUM_THREADS // REDUCE_FAN):
-        s += red2[j]
+    s = red[0]
+    for w in range(1, NUM_WARPS):
+        s += red[w]
     return s
 
 
@@ -495,11 +504,11 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
 # --- kernel 2: merge ------------------------------------------------------------------------
 
 
-def _merge_signature(q_dtype, res_dtype):
-    q, r = _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype]
+def _merge_signature(q_dtype, res_dtype, out_dtype):
+    q, r, o = _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype], _SIG_TYPE[out_dtype]
     return (f"void({q}[:, :, :, ::1], {r}[:, :, :, ::1], {r}[:, :, :, ::1], "
             "float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, :, ::1], "
-            "float32[:, :, :, ::1], float32[:, :, ::1], float32, int32, int32, int32)")
+            f"{o}[:, :, :, ::1], float32[:, :, ::1], float32, int32, int32, int32)")
 
 
 def _merge_geometry(head_dim, residual_length, res_dtype):
@@ -521,8 +530,12 @@ def _merge_geometry(head_dim, residual_length, res_dtype):
     return dict(es=es, vpl=vpl, nck=nck, lpr=lpr, cpl=cpl, tpw=tpw, ni=ni, rounds=rounds)
 
 
-def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
+def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
+                 out_dtype="float32"):
     """Python function and signature of kernel 2 for one compile-time configuration.
+
+    ``out_dtype`` is float32 or q's dtype: the kernel rounds the float32 result once on the
+    store (round to nearest even, as torch's ``.to``), so a caller needs no cast kernel.
 
     One block (4 warps) per (batch, query head, row). Latency is what matters here (at batch 1
     the whole decode step is a few microseconds of dependent round trips), so every global load
@@ -537,7 +550,6 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
     """
     D, R = head_dim, residual_length
     NT, NW = NUM_THREADS, NUM_WARPS
-    NRED2 = NUM_THREADS // REDUCE_FAN
     ROTATE = bool(rotate_values)
     HS = _hadamard_scale(D)
     load_q = _loader(q_dtype)
@@ -549,17 +561,19 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
     NVAL = CPL * VPL  # residual channels per lane
     TR = NI * TPW  # tokens per warp and round
     ONE_ROUND = ROUNDS == 1  # the values of the only round stay in registers from the start
-    BF16, F16 = res_dtype == "bfloat16", res_dtype == "float16"
+    BF16 = res_dtype == "bfloat16"
     QC = D // 4  # 16-byte chunks of a float32 row of split_acc
     NQC = -(-QC // WARP_SIZE)
     NQA = 4 * NQC  # (array sizes must be closure constants)
-    UNROLL = 8
+    UNROLL = 8 // NQC  # splits per batch of split_acc loads (8 chunks per lane in flight)
+    NAB = 4 * NQC * UNROLL
     CQ = D // WARP_SIZE  # output channels per lane of warp 0
     fwht_row = fwht_warp(D)
     ROW_B = D * ES  # bytes per residual row
     HI16 = np.uint32(0xFFFF0000)
     SH16 = np.uint32(16)
     ZERO_F = np.float32(0.0)
+    store = _storer(out_dtype)
 
     @cuda.jit(device=True)
     def element(w, j):
@@ -613,11 +627,11 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
 
         qv = cuda.shared.array(D, np.float32)
         sr = cuda.shared.array(R, np.float32)  # residual scores, then p
-        wsp = cuda.shared.array(MAX_SPLITS, np.float32)  # split weights exp(m_split - M)
         part = cuda.shared.array((NW, D), np.float32)  # per-warp residual value sums
         qpart = cuda.shared.array((NW, D), np.float32)  # per-warp quantized value sums
-        red = cuda.shared.array(NT, np.float32)
-        red2 = cuda.shared.array(NRED2, np.float32)
+        redm = cuda.shared.array(NW, np.float32)  # warp maxima (block max)
+        reds = cuda.shared.array(NW, np.float32)  # warp sums (block sum)
+        fac = cuda.shared.array(NW, np.float32)  # exp(warp's split max - row max)
 
         # --- independent loads first: query, split statistics, first round of K and V ------
         for c in range(tid, D, NT):
@@ -645,6 +659,56 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
         if ONE_ROUND:
             load_round(kbase, warp * TR, lane, nres, kr)
             load_round(vbase, warp * TR, lane, nres, vr)
+
+        # --- quantized value sum, started before anything waits: independent of the residual
+        # and of the row max. 4 channels per lane (one 16-byte chunk), the splits round-robin
+        # over the warps, UNROLL splits' loads in flight, each warp with its own running max mw
+        # (rescaled per batch); the warps' sums meet the row max through fac[warp] at the end.
+        qa = cuda.local.array(NQA, np.float32)
+        abuf = cuda.local.array(NAB, np.uint32)
+        mub = cuda.local.array(UNROLL, np.float32)
+        for j in range(NQA):
+            qa[j] = ZERO_F
+        abase = global_address(ws_acc, (b, hq, i, 0, 0))
+        mw = neg_inf
+        u0 = warp
+        while u0 < num_splits:
+            for uu in range(UNROLL):
+                u = u0 + NW * uu
+                mu = neg_inf
+                if u < num_splits:
+                    mu = ws_max[b, hq, i, u]
+                    for n in range(NQC):
+                        k = lane + WARP_SIZE * n
+                        if QC % WARP_SIZE == 0 or k < QC:
+                            o = 4 * (n * UNROLL + uu)
+                            (abuf[o], abuf[o + 1], abuf[o + 2],
+                             abuf[o + 3]) = ldg4(abase + np.int64((u * D + 4 * k) * 4))
+                mub[uu] = mu
+            mnew = mw
+            for uu in range(UNROLL):
+                mnew = max(mnew, mub[uu])
+            if mw != neg_inf and mnew != mw:
+                f = math.exp(mw - mnew)
+                for j in range(NQA):
+                    qa[j] *= f
+            mw = mnew
+            for uu in range(UNROLL):
+                if u0 + NW * uu < num_splits:
+                    wt = ZERO_F
+                    if mub[uu] != neg_inf:
+                        wt = math.exp(mub[uu] - mw)
+                    for n in range(NQC):
+                        o = 4 * (n * UNROLL + uu)
+                        for j in range(4):
+                            qa[4 * n + j] += wt * uint_as_float(abuf[o + j])
+            u0 += NW * UNROLL
+        for n in range(NQC):
+            k = lane + WARP_SIZE * n
+            if QC % WARP_SIZE == 0 or k < QC:
+                for j in range(4):
+                    qpart[warp, 4 * k + j] = qa[4 * n + j]
+
         cuda.syncthreads()  # qv
         for c in range(CPL):
             k = c * LPR + lane % LPR
@@ -673,29 +737,34 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
                     m = max(m, s)
                     if lane % LPR == 0:
                         sr[t] = s
-        m = _block_max(red, red2, m, tid)
+        m = _block_max(redm, m, tid)
         if m == neg_inf:  # cannot happen (token 0 is always visible); keeps exp() finite
             m = np.float32(0.0)
+        if lane == 0:  # this warp's quantized sum in units of the row max
+            f = ZERO_F
+            if mw != neg_inf:
+                f = math.exp(mw - m)
+            fac[warp] = f
 
         # --- softmax weights: splits and residual tokens ---------------------------------------
+        # an empty split (max -inf) weighs 0; 0 * its sum still carries a NaN sum (a split whose
+        # scores were all NaN reports max -inf or NaN, sum NaN) into the row's lse
         total = ZERO_F
         if tid < num_splits:
             w = ZERO_F
             if mu0 != neg_inf:
                 w = math.exp(mu0 - m)
-            wsp[tid] = w
             total += w * su0
         if tid + NT < num_splits:
             w = ZERO_F
             if mu1 != neg_inf:
                 w = math.exp(mu1 - m)
-            wsp[tid + NT] = w
             total += w * su1
         for t in range(tid, nres, NT):
             p = math.exp(sr[t] - m)
             sr[t] = p
             total += p
-        total = _block_sum(red, red2, total, tid)  # its barriers publish wsp and sr
+        total = _block_sum(reds, total, tid)  # its barrier publishes sr and fac
 
         # --- residual value sum: this lane's channels over its tokens, then over the warp -----
         for t0 in range(warp * TR, nres, NW * TR):
@@ -725,29 +794,6 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
                 for j in range(VPL):
                     part[warp, k * VPL + j] = acc[c * VPL + j]
 
-        # --- quantized value sum: 4 channels per lane, splits round-robin over the warps ------
-        qa = cuda.local.array(NQA, np.float32)
-        for j in range(NQA):
-            qa[j] = ZERO_F
-        abase = global_address(ws_acc, (b, hq, i, 0, 0))
-        for n in range(NQC):
-            k = lane + WARP_SIZE * n
-            if QC % WARP_SIZE == 0 or k < QC:
-                u0 = warp
-                while u0 < num_splits:
-                    # up to UNROLL loads in flight, then their FMAs
-                    for uu in range(UNROLL):
-                        u = u0 + NW * uu
-                        if u < num_splits:
-                            w0, w1, w2, w3 = ldg4(abase + np.int64((u * D + 4 * k) * 4))
-                            wt = wsp[u]
-                            qa[4 * n] += wt * uint_as_float(w0)
-                            qa[4 * n + 1] += wt * uint_as_float(w1)
-                            qa[4 * n + 2] += wt * uint_as_float(w2)
-                            qa[4 * n + 3] += wt * uint_as_float(w3)
-                    u0 += NW * UNROLL
-                for j in range(4):
-                    qpart[warp, 4 * k + j] = qa[4 * n + j]
         cuda.syncthreads()
         # warp 0 finishes: sums the warps' parts of its CQ channels per lane, un-rotates the
         # quantized sum in registers (fwht_warp: no barrier) and writes the row
@@ -756,7 +802,7 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
                 c = lane * CQ + k
                 a = ZERO_F
                 for w in range(NW):
-                    a += qpart[w, c]
+                    a += qpart[w, c] * fac[w]
                 xo[k] = a
             if ROTATE:
                 fwht_row(xo, lane)
@@ -768,11 +814,11 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values):
                 r = ZERO_F
                 for w in range(NW):
                     r += part[w, c]
-                out[b, hq, i, c] = (o + r) / total
+                out[b, hq, i, c] = store((o + r) / total)
             if lane == 0:
                 lse[b, hq, i] = m + math.log(total)
 
-    return merge_kernel, _merge_signature(q_dtype, res_dtype)
+    return merge_kernel, _merge_signature(q_dtype, res_dtype, out_dtype)
 
 
 # --- cached compiled kernels ----------------------------------------------------------------
@@ -828,8 +874,9 @@ def _split_key(config, head_dim, gqa, q_len, q_dtype):
             config.scale_tokens, config.norm_scope == "head")
 
 
-def _merge_key(config, head_dim, q_dtype, res_dtype):
-    return (head_dim, config.residual_length, q_dtype, res_dtype, config.rotate_values)
+def _merge_key(config, head_dim, q_dtype, res_dtype, out_dtype):
+    return (head_dim, config.residual_length, q_dtype, res_dtype, config.rotate_values,
+            out_dtype)
 
 
 def compile_signatures():
@@ -848,10 +895,11 @@ def compile_signatures():
         (2, 2, 32, 16, 128, 8, 4, "float16", "float32", True, True, False),  # 32 rows
     ]
     merges = [
-        (128, 128, "bfloat16", "bfloat16", True),
-        (64, 32, "float32", "float32", True),
-        (256, 256, "float16", "float16", False),
-        (32, 64, "float16", "float32", True),
+        (128, 128, "bfloat16", "bfloat16", True, "bfloat16"),  # Llama-3.1-8B, out in q's dtype
+        (128, 128, "bfloat16", "bfloat16", True, "float32"),
+        (64, 32, "float32", "float32", True, "float32"),
+        (256, 256, "float16", "float16", False, "float16"),
+        (32, 64, "float16", "float32", True, "float32"),
     ]
     global SPLIT_VERSION
     saved = SPLIT_VERSION
@@ -954,7 +1002,8 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         norms: float32 ``[batch, 1 or num_kv_heads, capacity]``; any ``[1, 1, 1]`` array when
             ``config.scale_tokens`` is False.
         k_res, v_res: ``[batch, num_kv_heads, residual_length, head_dim]`` in ``res_dtype``.
-        out: float32 ``[batch, num_q_heads, q_len, head_dim]``; lse: float32
+        out: ``[batch, num_q_heads, q_len, head_dim]``, float32 or q's dtype (bfloat16 as
+            int16 bits): the merge rounds its float32 result once on the store; lse: float32
             ``[batch, num_q_heads, q_len]`` (natural log).
         workspace: dict of float32 arrays with the shapes of :func:`workspace_shapes`.
         config: the cache's OScaRConfig. scale: logit scale.
@@ -973,7 +1022,8 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
     batch, nq, q_len, d = (int(s) for s in q.shape)
     nkv = int(k_codes.shape[1])
     split = _split_kernel(*_split_key(config, d, nq // nkv, q_len, q_dtype))
-    merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype))
+    out_dtype = "float32" if _dtype_name(out) == "float32" else q_dtype
+    merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype, out_dtype))
     scale32 = np.float32(scale)
     ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)
     ws_max, ws_sum, ws_acc = workspace["split_max"], workspace["split_sum"], workspace["split_acc"]
@@ -1032,7 +1082,8 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         _expect("norms", norms, tuple(int(x) for x in norms.shape), np.float32)
     _expect("k_res", k_res, (batch, nkv, r_len, d), Q_DTYPES[res_dtype])
     _expect("v_res", v_res, (batch, nkv, r_len, d), Q_DTYPES[res_dtype])
-    _expect("out", out, (batch, nq, q_len, d), np.float32)
+    out_dt = np.float32 if _dtype_name(out) == "float32" else Q_DTYPES[q_dtype]
+    _expect("out", out, (batch, nq, q_len, d), out_dt)
     _expect("lse", lse, (batch, nq, q_len), np.float32)
     for name, shape in workspace_shapes(batch, nq, q_len, d, num_splits).items():
         if name not in workspace:

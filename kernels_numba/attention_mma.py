@@ -545,8 +545,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 # division; a zero or subnormal S (all-constant groups) uses 1
                 ex = (float_as_uint(smax) >> np.uint32(23)) & np.uint32(0xFF)
                 inv_s = np.float32(1.0)
+                s_up = np.float32(1.0)  # S = 1 / inv_s, also a power of two (no division)
                 if ex > np.uint32(0) and ex < np.uint32(253):
                     inv_s = uint_as_float((np.uint32(253) - ex) << np.uint32(23))
+                    s_up = uint_as_float((ex + np.uint32(1)) << np.uint32(23))
                 for r in range(8):
                     kp[r] = ZERO_F
                 for jj in range(NCHI):
@@ -600,7 +602,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 ksum += cuda.shfl_xor_sync(FULL, ksum, 1)
                 qm = qmax[gq] * LOG2E  # scores in log2 units: the softmax uses ex2
                 kr = qm * ksum
-                fr = QK_UNIT * qm / inv_s
+                fr = QK_UNIT * qm * s_up  # = QK_UNIT * qm / inv_s exactly (powers of two)
                 k0 = cuda.shfl_sync(FULL, kr, 4 * r0)
                 k1 = cuda.shfl_sync(FULL, kr, 4 * r1)
                 f0 = cuda.shfl_sync(FULL, fr, 4 * r0)

@@ -38,6 +38,19 @@ def bf16_bits_to_f32(bits):
 
 
 @cuda.jit(device=True)
+def f32_to_bf16_bits(x):
+    """float32 to bfloat16 bits as int16, rounded to nearest even like torch's
+    ``.to(torch.bfloat16)`` (NaN -> the quiet NaN 0x7FC0). In int32 arithmetic: a finite or
+    infinite value plus the rounding bias cannot overflow, and the arithmetic shift leaves the
+    high half in int16 range."""
+    if x != x:
+        return np.int16(0x7FC0)
+    u = np.int32(float_as_int(x))
+    u = u + np.int32(0x7FFF) + ((u >> np.int32(16)) & np.int32(1))
+    return np.int16(u >> np.int32(16))
+
+
+@cuda.jit(device=True)
 def rint_half_even(y):
     """Round float32 ``y`` to the nearest integer, ties to even (= numpy.rint), as float32.
 
@@ -87,36 +100,48 @@ def fwht_shared(buf, rows, d, tid, nthreads):
 
 
 @functools.lru_cache(maxsize=None)
-def fwht_warp(d):
+def fwht_lanes(per_lane, lanes):
     """Device function ``fwht(x, lane)``: in-place unnormalized Walsh-Hadamard transform of one
-    length-``d`` row held by a warp, ``x`` = the ``d / 32`` consecutive channels ``lane * d / 32
-    ...`` of this lane (a local array). Stages below ``d / 32`` run inside the lane, the others
-    as ``shfl_xor`` butterflies: the lane holding the upper element of a pair computes
-    ``partner - own``. The same additions in the same stage order as
-    ``reference.hadamard_transform`` (and :func:`fwht_shared`), so the same float32 bits, with
-    no barrier. All 32 lanes of the warp must call it."""
-    cq = d // 32
-    lcq = cq.bit_length() - 1  # stages inside a lane: h = 1 .. cq / 2
-    lanes = 5  # then h = cq << i: lane xor (1 << i)
+    row of ``per_lane * lanes`` channels held by ``lanes`` adjacent lanes of a warp (a power of
+    two, 1..32), ``x`` = the ``per_lane`` consecutive channels ``(lane % lanes) * per_lane ...``
+    of this lane (a local array).
+
+    Stages h < per_lane run inside the lane; the others (h = per_lane << i) are ``shfl_xor``
+    butterflies with lane ``lane ^ (1 << i)``: the lower lane of a pair computes ``x + o`` and
+    the upper one ``-x + o`` (one FFMA, the product by -1 exact), i.e. ``(a + b, a - b)``. The
+    same additions in the same stage order as ``reference.hadamard_transform`` (and
+    :func:`fwht_shared`), so the same float32 bits, with no barrier. Every lane of the warp must
+    call it (the shuffles are warp-wide; ``lanes < 32`` holds 32 / lanes rows at once). Used by
+    the quantize kernel (runs of 32 channels, head_dim / 32 lanes per token) and, through
+    :func:`fwht_warp`, by the decode kernels (one row per warp)."""
+    lin = per_lane.bit_length() - 1  # stages inside a lane: h = 1 .. per_lane / 2
+    lcross = lanes.bit_length() - 1  # then h = per_lane << i: lane xor (1 << i)
+    half = per_lane // 2
 
     @cuda.jit(device=True)
     def fwht(x, lane):
-        for hi in range(lcq):
-            h = 1 << hi
-            for k in range(cq):
-                if (k & h) == 0:
-                    x0 = x[k]
-                    x1 = x[k + h]
-                    x[k] = x0 + x1
-                    x[k + h] = x0 - x1
-        for mi in range(lanes):
-            m = 1 << mi
-            up = (lane & m) != 0
-            for k in range(cq):
-                y = cuda.shfl_xor_sync(0xFFFFFFFF, x[k], m)
-                x[k] = y - x[k] if up else x[k] + y
+        for st in range(lin):
+            h = 1 << st
+            for p in range(half):
+                i = ((p >> st) << (st + 1)) | (p & (h - 1))
+                a = x[i]
+                c = x[i + h]
+                x[i] = a + c
+                x[i + h] = a - c
+        for st in range(lcross):
+            m = 1 << st
+            sg = np.float32(1.0) if (lane & m) == 0 else np.float32(-1.0)
+            for j in range(per_lane):
+                o = cuda.shfl_xor_sync(0xFFFFFFFF, x[j], m)
+                x[j] = sg * x[j] + o
 
     return fwht
+
+
+def fwht_warp(d):
+    """:func:`fwht_lanes` for one length-``d`` row per warp: ``x`` = the ``d / 32`` consecutive
+    channels ``lane * d / 32 ...`` of this lane."""
+    return fwht_lanes(d // 32, 32)
 
 
 def device_pointer(arr) -> int:

@@ -60,7 +60,7 @@ from ..reference.hadamard import hadamard_scale
 from ..reference.pack import TILE_TOKENS
 from ..reference.quantize import FLOAT16_MAX
 from ._compat import SIMULATOR, cuda, np
-from .common import (INPUT_ELEMENT_TYPES, arithmetic_device, device_pointer, mul_rn,
+from .common import (INPUT_ELEMENT_TYPES, arithmetic_device, device_pointer, fwht_lanes, mul_rn,
                      value_code_location)
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
@@ -270,25 +270,13 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                 x[2 * i] = f16x2_lo(w)
                 x[2 * i + 1] = f16x2_hi(w)
 
+    fwht_runs = fwht_lanes(RUN, LPT)
+
     @cuda.jit(device=True)
     def rotate(x, lane):
         """Normalized FWHT of the token's D channels, held as runs of 32 by LPT adjacent lanes:
         the reference's stages in its order (h = 1..16 in registers, then across lanes)."""
-        for st in range(5):
-            h = 1 << st
-            for p in range(16):
-                i = ((p >> st) << (st + 1)) | (p & (h - 1))
-                a = x[i]
-                c = x[i + h]
-                x[i] = a + c
-                x[i + h] = a - c
-        for st in range(LLPT):
-            m = 1 << st
-            # low lane (channel i): a + b; high lane (i + h): a - b = -x + o (exact product)
-            sg = np.float32(1.0) if (lane & m) == 0 else np.float32(-1.0)
-            for j in range(RUN):
-                o = cuda.shfl_xor_sync(FULL, x[j], m)
-                x[j] = sg * x[j] + o
+        fwht_runs(x, lane)
         for j in range(RUN):
             x[j] = mul_rn(x[j], HS)
 

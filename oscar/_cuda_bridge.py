@@ -252,21 +252,21 @@ class NumbaStore:
         return n + 2 * self.k_res[:, :, : self.residual_len].numel() * self.k_res.element_size()
 
     def _decode_buffers(self, q: torch.Tensor, splits: int) -> dict:
-        """Output and workspace tensors for this query shape, with their Numba views.
+        """Workspace tensors for this query shape, with their Numba views, and a scratch ``lse``
+        for calls that do not return it.
 
-        Reused across calls of the same shape (wrapping a tensor for Numba costs ~20 us); the
-        caller returns copies of ``out``/``lse``, so results of earlier calls stay valid.
+        Reused across calls of the same shape (wrapping a tensor for Numba costs ~20 us). The
+        output (and a returned ``lse``) is a fresh tensor per call, written by the merge kernel
+        in q's dtype: no cast or copy kernel after the merge.
         """
         b, hq, q_len, d = q.shape
         key = (b, hq, q_len, d, splits)
         bufs = self._dec_cache.get(key)
         if bufs is None:
-            out = torch.empty((b, hq, q_len, d), dtype=torch.float32, device=self.device)
             lse = torch.empty((b, hq, q_len), dtype=torch.float32, device=self.device)
             ws = {n: torch.empty(sh, dtype=torch.float32, device=self.device)
                   for n, sh in _attn.workspace_shapes(b, hq, q_len, d, splits).items()}
-            bufs = dict(out=out, lse=lse, out_nb=cuda.as_cuda_array(out),
-                        lse_nb=cuda.as_cuda_array(lse),
+            bufs = dict(lse=lse, lse_nb=cuda.as_cuda_array(lse),
                         ws_nb={n: cuda.as_cuda_array(t) for n, t in ws.items()}, ws=ws)
             self._dec_cache[key] = bufs
         return bufs
@@ -285,15 +285,20 @@ class NumbaStore:
         splits = _attn.choose_num_splits(q.shape[0], self.num_kv_heads, self.quantized_len,
                                          num_sms=self._num_sms, blocks_per_sm=per_sm)
         bufs = self._decode_buffers(q, splits)
+        out = torch.empty(q.shape, dtype=q.dtype, device=self.device)
+        if return_lse:
+            lse = torch.empty(q.shape[:3], dtype=torch.float32, device=self.device)
+            lse_nb = cuda.as_cuda_array(lse)
+        else:
+            lse_nb = bufs["lse_nb"]
         with _Launch(self.device) as stream:
             _attn.decode_attention(
                 self._q_view(q), self.nb["k_codes"], self.nb["k_params"], self.nb["v_codes"],
                 self.nb["v_params"], self.nb["norms"], self.k_res_nb, self.v_res_nb,
-                bufs["out_nb"], bufs["lse_nb"], bufs["ws_nb"], self.config, scale,
+                _nb(out), lse_nb, bufs["ws_nb"], self.config, scale,
                 self.quantized_len, self.residual_len, _dtype_name(q), self.dtype, splits,
                 stream=stream, check=False)
-        out = bufs["out"].to(q.dtype) if q.dtype != torch.float32 else bufs["out"].clone()
-        return (out, bufs["lse"].clone()) if return_lse else out
+        return (out, lse) if return_lse else out
 
     def dequantize(self):
         b, h, d, t = self.batch, self.num_kv_heads, self.head_dim, self.quantized_len

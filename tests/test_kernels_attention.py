@@ -51,6 +51,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oscar
+import torch
 from oscar.kernels_numba import attention as K
 from oscar.kernels_numba._compat import SIMULATOR, cuda
 from oscar.reference.attention import decode_attention as reference_decode_attention
@@ -156,12 +157,17 @@ def make_case(batch, num_kv_heads, gqa, head_dim, quantized_len, residual_len, q
     )
 
 
-def run_kernel(case, num_splits):
-    """Launch the two kernels on device copies; returns host ``(out, lse)``."""
+def run_kernel(case, num_splits, out_in_q_dtype=False):
+    """Launch the two kernels on device copies; returns host ``(out, lse)``. ``out`` is float32,
+    or with ``out_in_q_dtype`` q's storage dtype (bfloat16 as int16 bits)."""
     q = case["kernel_args"][0]
     b, hq, lq, d = q.shape
     dev = [cuda.to_device(np.ascontiguousarray(a)) for a in case["kernel_args"]]
-    out = cuda.to_device(np.full((b, hq, lq, d), np.nan, np.float32))
+    if out_in_q_dtype and q.dtype == np.int16:  # bfloat16 bits, poisoned with NaN (0x7FC0)
+        out = cuda.to_device(np.full((b, hq, lq, d), 0x7FC0, np.int16))
+    else:
+        out = cuda.to_device(np.full((b, hq, lq, d), np.nan, q.dtype if out_in_q_dtype
+                                     else np.float32))
     lse = cuda.to_device(np.full((b, hq, lq), np.nan, np.float32))
     ws = {name: cuda.to_device(np.full(shape, np.nan, np.float32))
           for name, shape in K.workspace_shapes(b, hq, lq, d, num_splits).items()}
@@ -170,6 +176,31 @@ def run_kernel(case, num_splits):
     if not SIMULATOR:
         cuda.synchronize()
     return out.copy_to_host(), lse.copy_to_host()
+
+
+def round_to_q_dtype(out, q_dtype):
+    """float32 ``out`` rounded to q's storage dtype by torch (CPU), the cast the merge kernel
+    replaces: bfloat16 as int16 bits."""
+    t = torch.from_numpy(np.ascontiguousarray(out, np.float32))
+    if q_dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy()
+    return t.to(getattr(torch, q_dtype)).numpy()
+
+
+def check_out_in_q_dtype(case, num_splits, out32):
+    """The kernel's output written in q's dtype equals its float32 output rounded by torch,
+    bit for bit (NaN where NaN)."""
+    got, _ = run_kernel(case, num_splits, out_in_q_dtype=True)
+    want = round_to_q_dtype(out32, case["q_dtype"])
+    assert got.dtype == want.dtype
+    if case["q_dtype"] == "bfloat16":
+        nan_got = (got & 0x7FFF) > 0x7F80
+        nan_want = (want & 0x7FFF) > 0x7F80
+    else:
+        nan_got, nan_want = np.isnan(got), np.isnan(want)
+    assert np.array_equal(nan_got, nan_want)
+    assert np.array_equal(got[~nan_got], want[~nan_want]), (
+        f"{(got != want).sum()} elements differ from the rounded float32 output")
 
 
 def _block_row(block, i):
@@ -484,6 +515,23 @@ def test_sim_merge_residual_in_several_rounds(monkeypatch, res_dtype):
 
 
 @pytest.mark.sim
+@pytest.mark.parametrize("q_dtype", ["float16", "bfloat16"])
+def test_sim_out_in_q_dtype_is_the_rounded_float32_output(q_dtype):
+    # the merge writes out in q's dtype (what the torch bridge uses): one rounding of the same
+    # float32 value, so it must equal torch's cast of the float32 output bit for bit; a NaN key
+    # parameter of KV head 0 makes its heads' outputs NaN (the bfloat16 NaN path)
+    cfg = oscar.OScaRConfig(residual_length=32)
+    case = make_case(1, 2, 2, 32, 64, 9, 1, cfg, q_dtype=q_dtype, res_dtype="float32", seed=3)
+    args = list(case["kernel_args"])
+    args[2] = args[2].copy()
+    args[2][0, 0, 1, 5, 0] = np.nan
+    case = dict(case, kernel_args=tuple(args))
+    out, _ = run_kernel(case, num_splits=2)
+    assert np.isnan(out[0, :2]).all() and np.isfinite(out[0, 2:]).all()
+    check_out_in_q_dtype(case, 2, out)
+
+
+@pytest.mark.sim
 def test_sim_head_dim_64_gqa4_group64():
     cfg = oscar.OScaRConfig(key_group_size=64, residual_length=64, value_group_size=16,
                             norm_scope="head")
@@ -669,6 +717,8 @@ def test_gpu_matches_reference(name, shape, qlen, rlen, q_len, changes, q_dtype,
     out, lse = check_case(case, num_splits)
     again = run_kernel(case, num_splits)  # no atomics: bit-identical on a second launch
     assert np.array_equal(out, again[0]) and np.array_equal(lse, again[1])
+    if q_dtype != "float32":
+        check_out_in_q_dtype(case, num_splits, out)
     check_zero_query(case, num_splits)
 
 
