@@ -565,8 +565,7 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
     QC = D // 4  # 16-byte chunks of a float32 row of split_acc
     NQC = -(-QC // WARP_SIZE)
     NQA = 4 * NQC  # (array sizes must be closure constants)
-    UNROLL = 8 // NQC  # splits per batch of split_acc loads (8 chunks per lane in flight)
-    NAB = 4 * NQC * UNROLL
+    UNROLL = 8  # split_acc loads in flight per lane
     CQ = D // WARP_SIZE  # output channels per lane of warp 0
     fwht_row = fwht_warp(D)
     ROW_B = D * ES  # bytes per residual row
@@ -631,7 +630,7 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
         qpart = cuda.shared.array((NW, D), np.float32)  # per-warp quantized value sums
         redm = cuda.shared.array(NW, np.float32)  # warp maxima (block max)
         reds = cuda.shared.array(NW, np.float32)  # warp sums (block sum)
-        fac = cuda.shared.array(NW, np.float32)  # exp(warp's split max - row max)
+        wsp = cuda.shared.array(MAX_SPLITS, np.float32)  # split weights exp(m_split - M)
 
         # --- independent loads first: query, split statistics, first round of K and V ------
         for c in range(tid, D, NT):
@@ -659,55 +658,6 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
         if ONE_ROUND:
             load_round(kbase, warp * TR, lane, nres, kr)
             load_round(vbase, warp * TR, lane, nres, vr)
-
-        # --- quantized value sum, started before anything waits: independent of the residual
-        # and of the row max. 4 channels per lane (one 16-byte chunk), the splits round-robin
-        # over the warps, UNROLL splits' loads in flight, each warp with its own running max mw
-        # (rescaled per batch); the warps' sums meet the row max through fac[warp] at the end.
-        qa = cuda.local.array(NQA, np.float32)
-        abuf = cuda.local.array(NAB, np.uint32)
-        mub = cuda.local.array(UNROLL, np.float32)
-        for j in range(NQA):
-            qa[j] = ZERO_F
-        abase = global_address(ws_acc, (b, hq, i, 0, 0))
-        mw = neg_inf
-        u0 = warp
-        while u0 < num_splits:
-            for uu in range(UNROLL):
-                u = u0 + NW * uu
-                mu = neg_inf
-                if u < num_splits:
-                    mu = ws_max[b, hq, i, u]
-                    for n in range(NQC):
-                        k = lane + WARP_SIZE * n
-                        if QC % WARP_SIZE == 0 or k < QC:
-                            o = 4 * (n * UNROLL + uu)
-                            (abuf[o], abuf[o + 1], abuf[o + 2],
-                             abuf[o + 3]) = ldg4(abase + np.int64((u * D + 4 * k) * 4))
-                mub[uu] = mu
-            mnew = mw
-            for uu in range(UNROLL):
-                mnew = max(mnew, mub[uu])
-            if mw != neg_inf and mnew != mw:
-                f = math.exp(mw - mnew)
-                for j in range(NQA):
-                    qa[j] *= f
-            mw = mnew
-            for uu in range(UNROLL):
-                if u0 + NW * uu < num_splits:
-                    wt = ZERO_F
-                    if mub[uu] != neg_inf:
-                        wt = math.exp(mub[uu] - mw)
-                    for n in range(NQC):
-                        o = 4 * (n * UNROLL + uu)
-                        for j in range(4):
-                            qa[4 * n + j] += wt * uint_as_float(abuf[o + j])
-            u0 += NW * UNROLL
-        for n in range(NQC):
-            k = lane + WARP_SIZE * n
-            if QC % WARP_SIZE == 0 or k < QC:
-                for j in range(4):
-                    qpart[warp, 4 * k + j] = qa[4 * n + j]
 
         cuda.syncthreads()  # qv
         for c in range(CPL):
@@ -740,31 +690,28 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
         m = _block_max(redm, m, tid)
         if m == neg_inf:  # cannot happen (token 0 is always visible); keeps exp() finite
             m = np.float32(0.0)
-        if lane == 0:  # this warp's quantized sum in units of the row max
-            f = ZERO_F
-            if mw != neg_inf:
-                f = math.exp(mw - m)
-            fac[warp] = f
 
         # --- softmax weights: splits and residual tokens ---------------------------------------
-        # an empty split (max -inf) weighs 0; 0 * its sum still carries a NaN sum (a split whose
-        # scores were all NaN reports max -inf or NaN, sum NaN) into the row's lse
+        # an empty split (max -inf) weighs 0; 0 * its sum and 0 * its value sum still carry a
+        # NaN (a split whose scores were all NaN reports max -inf or NaN, sum NaN)
         total = ZERO_F
         if tid < num_splits:
             w = ZERO_F
             if mu0 != neg_inf:
                 w = math.exp(mu0 - m)
+            wsp[tid] = w
             total += w * su0
         if tid + NT < num_splits:
             w = ZERO_F
             if mu1 != neg_inf:
                 w = math.exp(mu1 - m)
+            wsp[tid + NT] = w
             total += w * su1
         for t in range(tid, nres, NT):
             p = math.exp(sr[t] - m)
             sr[t] = p
             total += p
-        total = _block_sum(reds, total, tid)  # its barrier publishes sr and fac
+        total = _block_sum(reds, total, tid)  # its barrier publishes wsp and sr
 
         # --- residual value sum: this lane's channels over its tokens, then over the warp -----
         for t0 in range(warp * TR, nres, NW * TR):
@@ -794,6 +741,29 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
                 for j in range(VPL):
                     part[warp, k * VPL + j] = acc[c * VPL + j]
 
+        # --- quantized value sum: 4 channels per lane, splits round-robin over the warps ------
+        qa = cuda.local.array(NQA, np.float32)
+        for j in range(NQA):
+            qa[j] = ZERO_F
+        abase = global_address(ws_acc, (b, hq, i, 0, 0))
+        for n in range(NQC):
+            k = lane + WARP_SIZE * n
+            if QC % WARP_SIZE == 0 or k < QC:
+                u0 = warp
+                while u0 < num_splits:
+                    # up to UNROLL loads in flight, then their FMAs
+                    for uu in range(UNROLL):
+                        u = u0 + NW * uu
+                        if u < num_splits:
+                            w0, w1, w2, w3 = ldg4(abase + np.int64((u * D + 4 * k) * 4))
+                            wt = wsp[u]
+                            qa[4 * n] += wt * uint_as_float(w0)
+                            qa[4 * n + 1] += wt * uint_as_float(w1)
+                            qa[4 * n + 2] += wt * uint_as_float(w2)
+                            qa[4 * n + 3] += wt * uint_as_float(w3)
+                    u0 += NW * UNROLL
+                for j in range(4):
+                    qpart[warp, 4 * k + j] = qa[4 * n + j]
         cuda.syncthreads()
         # warp 0 finishes: sums the warps' parts of its CQ channels per lane, un-rotates the
         # quantized sum in registers (fwht_warp: no barrier) and writes the row
@@ -802,7 +772,7 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
                 c = lane * CQ + k
                 a = ZERO_F
                 for w in range(NW):
-                    a += qpart[w, c] * fac[w]
+                    a += qpart[w, c]
                 xo[k] = a
             if ROTATE:
                 fwht_row(xo, lane)
