@@ -36,18 +36,19 @@ Kernel 1, ``split`` (one block per (batch * kv head, split); 128 threads = 4 war
     Writes per (b, hq, i, split): the running max, the sum of exps and the unnormalized rotated
     value sum ``acc[D]`` (float32 workspace). Splits with no visible token write (-inf, 0, 0).
 Kernel 2, ``merge`` (one block per (batch, query head, row); 128 threads)
-    Computes the residual scores itself (thread = residual token), merges the splits and the
-    residual by log-sum-exp (two-level shared-memory reductions), sums the splits' ``acc``
-    (4 channels per lane, splits over the warps), un-rotates once in warp 0's registers
-    (``fwht_warp``, rotate_values), adds the residual values and writes ``out`` and ``lse``
-    (natural log). ``_build_merge`` has the details.
+    Computes the residual scores itself (16-byte residual rows shared by the lanes of a row),
+    merges the splits and the residual by log-sum-exp (warp-shuffle block reductions), sums the
+    splits' ``acc`` (4 channels per lane, splits over the warps), un-rotates once in warp 0's
+    registers (``fwht_warp``, rotate_values), adds the residual values and writes ``out``
+    (float32 or q's dtype, rounded once) and ``lse`` (natural log). ``_build_merge`` has the
+    details.
 
 Shared memory (static, float32 unless noted), kernel 1: queries and pre-scaled queries
 ``2 * rows * D``; scores ``rows * 32`` plus partials ``WSPLIT * rows * 32``; value words
 ``32 * D * value_bits / 32`` (uint32); value params ``2 * 32 * D / gv``;
 ``ps = rows * 32 * D / gv`` (replaced by p * scale on the fly when it does not fit) and ``pmin``;
-9.6 KB for Llama-3.1-8B decode (rows 4, D 128). Kernel 2: ``2 D + residual_length + MAX_SPLITS +
-136`` floats. Kernel 1 takes 7 barriers per tile (8 on a key group's first tile).
+9.6 KB for Llama-3.1-8B decode (rows 4, D 128). Kernel 2: ``D (1 + 2 * NUM_WARPS) +
+residual_length + MAX_SPLITS + 2 * NUM_WARPS`` floats. Kernel 1 takes 7 barriers per tile (8 on a key group's first tile).
 
 Limits: head_dim a power of two in 32..256; key/value bits 2, 4, 8; key groups 32/64/128; any
 value group of the configuration; rows = G * q_len at most 128 and small enough that kernel 1
