@@ -50,8 +50,8 @@ def decode_row(batch, seq_len, bits, copy_tbps, host=False):
     nbytes = cache_bytes(cache) + 2 * q.numel() * 2
     tbps = nbytes / (ms * 1e-3) / 1e12
     sdpa_tbps = (2 * k.numel() * 2 + 2 * q.numel() * 2) / (sdpa_ms * 1e-3) / 1e12
-    row = dict(batch=batch, seq_len=seq_len, residual=cache.residual_len, bits=bits, oscar_ms=ms, eager_ms=eager_ms,
-               sdpa_ms=sdpa_ms,
+    row = dict(batch=batch, seq_len=seq_len, residual=cache.residual_len, bits=bits, oscar_ms=ms,
+               eager_ms=eager_ms, sdpa_ms=sdpa_ms,
                speedup=sdpa_ms / ms, bytes=nbytes, tbps=tbps, share=tbps / copy_tbps,
                sdpa_tbps=sdpa_tbps)
     if host:

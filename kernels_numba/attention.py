@@ -48,7 +48,8 @@ Shared memory (static, float32 unless noted), kernel 1: queries and pre-scaled q
 ``32 * D * value_bits / 32`` (uint32); value params ``2 * 32 * D / gv``;
 ``ps = rows * 32 * D / gv`` (replaced by p * scale on the fly when it does not fit) and ``pmin``;
 9.6 KB for Llama-3.1-8B decode (rows 4, D 128). Kernel 2: ``D (1 + 2 * NUM_WARPS) +
-residual_length + MAX_SPLITS + 2 * NUM_WARPS`` floats. Kernel 1 takes 7 barriers per tile (8 on a key group's first tile).
+residual_length + MAX_SPLITS + 2 * NUM_WARPS`` floats. Kernel 1 takes 7 barriers per tile (8 on
+a key group's first tile).
 
 Limits: head_dim a power of two in 32..256; key/value bits 2, 4, 8; key groups 32/64/128; any
 value group of the configuration; rows = G * q_len at most 128 and small enough that kernel 1
@@ -1053,8 +1054,11 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         _expect("norms", norms, tuple(int(x) for x in norms.shape), np.float32)
     _expect("k_res", k_res, (batch, nkv, r_len, d), Q_DTYPES[res_dtype])
     _expect("v_res", v_res, (batch, nkv, r_len, d), Q_DTYPES[res_dtype])
-    out_dt = np.float32 if _dtype_name(out) == "float32" else Q_DTYPES[q_dtype]
-    _expect("out", out, (batch, nq, q_len, d), out_dt)
+    out_ok = ("float32", np.dtype(Q_DTYPES[q_dtype]).name)
+    if _dtype_name(out) not in out_ok:
+        raise TypeError(f"out: expected dtype float32 or q's dtype ({q_dtype}, stored as "
+                        f"{out_ok[1]}), got {_dtype_name(out)}")
+    _expect("out", out, (batch, nq, q_len, d), _dtype_name(out))
     _expect("lse", lse, (batch, nq, q_len), np.float32)
     for name, shape in workspace_shapes(batch, nq, q_len, d, num_splits).items():
         if name not in workspace:

@@ -630,6 +630,18 @@ def test_misaligned_residual_is_a_clear_error():
                            res_dtype="float32", num_splits=1)
 
 
+def test_out_of_another_dtype_is_a_clear_error():
+    # out is float32 or q's dtype (the merge rounds once on the store); float16 with a float32 q
+    # is neither
+    case = make_case(1, 1, 2, 32, 32, 3, 1, oscar.OScaRConfig(residual_length=32))
+    dev, out, lse, ws = _host_args(case, 1)
+    out16 = cuda.to_device(np.zeros(tuple(out.shape), np.float16))
+    with pytest.raises(TypeError, match=r"out: expected dtype float32 or q's dtype \(float32"):
+        K.decode_attention(*dev, out16, lse, ws, config=case["config"], scale=case["scale"],
+                           quantized_len=32, residual_len=3, q_dtype="float32",
+                           res_dtype="float32", num_splits=1)
+
+
 def test_non_contiguous_array_is_a_clear_error():
     # the kernels address tiles with fixed strides: a strided view must not reach them
     case = make_case(1, 1, 2, 32, 32, 3, 1, oscar.OScaRConfig(residual_length=32))
