@@ -87,15 +87,15 @@ if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
     from .ptx_sim import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
                           f16x2_hi, f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f,
-                          lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt, shared_address, sts2,
-                          sts1f, uint_as_float)
+                          lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt, redux_max_u32,
+                          shared_address, sts2, sts1f, uint_as_float)
 
     _sim.install()  # warp shuffles, votes and syncwarp for the simulator's cuda module
 else:
     from .ptx import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
                       f16x2_hi, f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f, lds2,
-                      lds4, lds4f, mma_f16, pack_f16x2, prmt, shared_address, sts1f, sts2,
-                      uint_as_float)
+                      lds4, lds4f, mma_f16, pack_f16x2, prmt, redux_max_u32, shared_address,
+                      sts1f, sts2, uint_as_float)
 
 #: alignment of the shared arrays read with vector loads (the simulator rejects the argument;
 #: its NumPy arrays are aligned anyway)
@@ -216,8 +216,12 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     fields = _code_fields(KB, KHP)
     KSH = tuple(np.uint32(f[0]) for f in fields)  # shift of key code pair j
     KMK = tuple(np.uint32(((1 << KB) - 1 << f[1]) * 0x10001) for f in fields)  # its mask after
-    # B' = b * 2**(10 - position): every product A B' is code * b * 2**-14 (A = code * 2**(p-24))
-    KFAC = tuple(_pow2(_MANT - f[1]) for f in fields)
+    # B' = b * 2**(10 - p_j), p_j the position of pair j: every product A B' is code * b * 2**-14
+    # (A = code * 2**(p_j - 24)). The factor's exponent field is 127 + 10 - p_j; the positions
+    # (< 16) are packed 4 bits each, since a lane's pair index depends on g (indexing a tuple of
+    # the factors compiled to a branch tree)
+    KPOS = np.uint32(sum(f[1] << (4 * j) for j, f in enumerate(fields)))
+    KEXP = np.uint32(127 + _MANT)
     QK_UNIT = _pow2(24 - _MANT)  # 2**14
     vfields = _code_fields(VB, VHC)
     VSH = tuple(np.uint32(f[0]) for f in vfields)  # shift of value code pair j (both halves)
@@ -234,6 +238,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     CQ = D // 32  # query channels per lane in the prologue (consecutive)
     fwht_row = fwht_warp(D)
     ZERO_U = np.uint32(0)
+    ABS16 = np.uint32(0x7FFF)
     ZERO_F = np.float32(0.0)
     LOG2E, LN2 = np.float32(1.0 / math.log(2.0)), np.float32(math.log(2.0))
 
@@ -525,7 +530,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             if (step & (TPG - 1)) == 0:
                 # this lane's 4 channels of each of its chunks: (scale, min) words, loaded once
                 pw = cuda.local.array(NPW, np.uint32)
-                smax = ZERO_F
+                smx = ZERO_U
                 for jj in range(NCHI):
                     ch = g + 8 * jj
                     if NCH % 8 == 0 or ch < NCH:
@@ -537,10 +542,12 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         pw[4 * jj + 1] = w1
                         pw[4 * jj + 2] = w2
                         pw[4 * jj + 3] = w3
-                        smax = max(smax, max(max(f16x2_lo(w0), f16x2_lo(w1)),
-                                             max(f16x2_lo(w2), f16x2_lo(w3))))
-                for off in (16, 8, 4, 2, 1):
-                    smax = max(smax, cuda.shfl_xor_sync(FULL, smax, off))
+                        smx = max(smx, max(max(w0 & ABS16, w1 & ABS16),
+                                           max(w2 & ABS16, w3 & ABS16)))
+                # max |s| of the key group over the warp, as float16 bits (ordered like the
+                # values: one redux.sync instead of 5 shuffles and maxima; a NaN scale is the
+                # largest and gives S = 1 below, and its channel's b' stays NaN)
+                smax = f16x2_lo(redux_max_u32(smx))
                 # 1 / S rounded down to a power of two (S * inv_s in [0.5, 1)): exact, no
                 # division; a zero or subnormal S (all-constant groups) uses 1
                 ex = (float_as_uint(smax) >> np.uint32(23)) & np.uint32(0xFF)
@@ -549,8 +556,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 if ex > np.uint32(0) and ex < np.uint32(253):
                     inv_s = uint_as_float((np.uint32(253) - ex) << np.uint32(23))
                     s_up = uint_as_float((ex + np.uint32(1)) << np.uint32(23))
-                for r in range(8):
-                    kp[r] = ZERO_F
+                for r in range(8):  # rows < ROWS are set by the first chunk below
+                    if NCH % 8 != 0 or r >= ROWS:
+                        kp[r] = ZERO_F
                 for jj in range(NCHI):
                     ch = g + 8 * jj
                     if NCH % 8 == 0 or ch < NCH:
@@ -571,8 +579,12 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         d1 = f16x2_hi(w1)
                         d2 = f16x2_hi(w2)
                         d3 = f16x2_hi(w3)
-                        fa = inv_s * KFAC[jp]  # (not e0/e1: those are the E accumulators)
-                        fb = inv_s * KFAC[jp + 1]
+                        # inv_s * KFAC[jp], KFAC[jp + 1] from their exponent fields (jp
+                        # depends on g: a tuple lookup was a branch tree of 25 instructions)
+                        pa = (KPOS >> np.uint32(4 * jp)) & np.uint32(15)
+                        pb = (KPOS >> np.uint32(4 * jp + 4)) & np.uint32(15)
+                        fa = inv_s * uint_as_float((KEXP - pa) << np.uint32(23))
+                        fb = inv_s * uint_as_float((KEXP - pb) << np.uint32(23))
                         s0 *= fa
                         s1 *= fb
                         s2 *= fa
@@ -583,7 +595,11 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                             qa, qb, qc, qd = lds4f(qs_b, 4 * r * DP + qo)
                             sts2(bsh_b, 4 * r * BS + fo, pack_f16x2(qa * s0, qc * s2),
                                  pack_f16x2(qb * s1, qd * s3))
-                            kp[r] += qa * d0 + qb * d1 + qc * d2 + qd * d3
+                            t = qa * d0 + qb * d1 + qc * d2 + qd * d3
+                            if NCH % 8 == 0 and jj == 0:
+                                kp[r] = t
+                            else:
+                                kp[r] += t
                 # transpose-reduce the 8 row partials over the warp: lanes (g, *) get row g
                 up = (lane & 16) != 0
                 for i in range(4):

@@ -30,6 +30,8 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
   reciprocals).
 * ``ldg4(addr)``: a 16-byte global load (4 uint32) through the read-only path (the quantize
   kernel's input rows).
+* ``redux_max_u32(x)``: ``redux.sync.max.u32`` over the full warp (one instruction instead of
+  five shuffles and maxima). Warp-collective.
 * ``cp_async16_bo(base, off, src)``, ``cp_async_commit()``, ``cp_async_wait0/1()``: 16-byte
   asynchronous global -> shared copies (``cp.async.cg``) and their group waits; a
   ``syncwarp``/``syncthreads`` after the wait makes the other lanes' copies visible.
@@ -327,3 +329,17 @@ def cp_async16_bo(typingctx, base, off, src):
         return context.get_dummy_value()
 
     return types.void(base, off, src), codegen
+
+
+@intrinsic
+def redux_max_u32(typingctx, x):
+    """``redux.sync.max.u32`` over all 32 lanes: the largest ``x`` of the warp, in every lane.
+    Every lane must call it (warp-collective, like a shuffle)."""
+
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.uint32)
+        asm = ir.InlineAsm(ir.FunctionType(_I32, [_I32]),
+                           "redux.sync.max.u32 $0, $1, 0xffffffff;", "=r,r", side_effect=True)
+        return builder.call(asm, [v])
+
+    return types.uint32(x), codegen

@@ -188,6 +188,12 @@ def cp_async16_bo(base, off, src):
     _bytes(int(base) + int(off), 16)[:] = _bytes(src, 16)
 
 
+def redux_max_u32(x):
+    """``redux.sync.max.u32``: the warp's largest value (a warp collective)."""
+    _, values = _warp_exchange(int(x) & _M32)
+    return np.uint32(max(values))
+
+
 def cp_async_commit():
     pass
 
