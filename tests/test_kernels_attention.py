@@ -307,7 +307,7 @@ def f16_key_terms(qt, block, cfg):
 
     It multiplies codes, exact as float16 subnormals ``c 2**(p - 24)`` (p = the code's bit in
     its half, ``p + kb <= 10``), by ``b'_c = f16(qn_c s_c / S' 2**(10 - p))`` (qn = q~ / max|q~|,
-    S' = max_c s_c of the key group rounded up to a power of two, < 2 max s, so |b'| < 2**10):
+    S' = max_c |s_c| of the key group rounded up to a power of two, < 2 max |s|, so |b'| < 2**10):
     relative error U16, or U16_ABS absolute below the normal range, which is a logit error of
     ``max|q~| S' c 2**(p - 10) U16_ABS < 2 max|q~| max s U16_ABS`` per channel. Products are
     exact; the float32 sums (mma and the group constant ``sum q~ min``) see terms up to
@@ -321,7 +321,7 @@ def f16_key_terms(qt, block, cfg):
     mag = mn + s * codes
     aq = np.abs(qt)
     rel = (2 * U16 + 2 * _gamma(qt.shape[-1] + 4)) * np.einsum("bhrd,bhtd->bhrt", aq, mag)
-    smax = np.repeat(kp[..., 0].max(axis=-1), gk, axis=2)  # [B, H, T]
+    smax = np.repeat(np.abs(kp[..., 0]).max(axis=-1), gk, axis=2)  # [B, H, T]
     absolute = (2 * U16_ABS * qt.shape[-1] * aq.max(axis=-1)[..., None]
                 * smax[:, :, None, :])
     return rel + absolute
