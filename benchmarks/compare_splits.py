@@ -3,7 +3,11 @@
     python benchmarks/compare_splits.py [--versions 1,2,3,3@128] [--shapes 1x4096,8x131072] \
         [--bits 2]
 
-``3@128`` is split kernel v3 compiled with a register cap of 128 (``V3_MAX_REGISTERS``).
+``3@128`` is split kernel v3 compiled with a register cap of 128 (``V3_MAX_REGISTERS``); a
+trailing ``m`` (``3m``, ``3@128m``) has the merge kernel score the residual tokens
+(``RESIDUAL_BLOCKS = "off"``), a trailing ``r`` the v3 kernel's residual blocks (``"on"``);
+neither: ``"auto"``. A shape ``BxT`` quantizes
+``T // 128 * 128`` tokens and keeps ``T % 128`` residual ones (``1x4223``: 127 residual tokens).
 
 Llama-3.1-8B heads (32 query, 8 KV, head_dim 128), one query token, bfloat16 inputs. Prints one
 line per (shape, version): device ms of a CUDA-graph replay of one decode call (CUDA events, L2
@@ -48,11 +52,10 @@ def main(argv=None):
         nbytes = cache_bytes(cache)
         ref = None
         for ver in versions:
-            num, _, cap = ver.partition("@")
+            K.RESIDUAL_BLOCKS = {"m": "off", "r": "on"}.get(ver[-1], "auto")
+            num, _, cap = ver.rstrip("mr").partition("@")
             K.SPLIT_VERSION = int(num)
             K.V3_MAX_REGISTERS = int(cap) if cap else None
-            K._split_kernel.cache_clear()
-            K.split_blocks_per_sm.cache_clear()
             out = oscar.decode_attention(q, cache).float()
             err = 0.0 if ref is None else float((out - ref).abs().max())
             ref = out if ref is None else ref

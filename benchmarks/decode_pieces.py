@@ -30,31 +30,37 @@ def pieces(B, T, res=127):
     t_full = time_graph(out_full) * 1e3
     t_sdpa = time_graph(lambda: sdpa_bf16(q, k, v)) * 1e3
     d = 128
-    per_sm = A.split_blocks_per_sm(st.config, d, 4, 1, "bfloat16")
-    splits = A.choose_num_splits(B, 8, st.quantized_len, num_sms=st._num_sms, blocks_per_sm=per_sm)
+    splits = A.plan_splits(st.config, B, 8, d, 4, 1, "bfloat16", st.dtype, st.quantized_len,
+                           st.residual_len, st._num_sms)
     bufs = st._decode_buffers(q, splits)
     qn = st._q_view(q)
-    split = A._split_kernel(*A._split_key(st.config, d, 4, 1, "bfloat16"))
+    skey = A._split_key(st.config, d, 4, 1, "bfloat16", st.dtype)
+    split = A._split_kernel(*skey)
     merge = A._merge_kernel(*A._merge_key(st.config, d, "bfloat16", st.dtype, "bfloat16"))
     out = torch.empty_like(q)
     out_nb = cuda.as_cuda_array(out.view(torch.int16))
     ws = bufs["ws_nb"]
     sc = np.float32(128 ** -0.5)
     ql, rl, ns = np.int32(st.quantized_len), np.int32(st.residual_len), np.int32(splits)
-    def run_split():
+    rows = A.residual_block_rows(skey, B, 8, int(rl), splits)  # residual blocks' rows of the grid
+    def run_split(rl=rl, rows=rows):
         s = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-        split[(B * 8, splits), 128, s](qn, st.nb["k_codes"], st.nb["k_params"], st.nb["v_codes"],
-            st.nb["v_params"], st.nb["norms"], ws["split_max"], ws["split_sum"], ws["split_acc"],
-            sc, ql, rl, ns)
+        split[(B * 8, rows + splits), 128, s](qn, st.nb["k_codes"], st.nb["k_params"],
+            st.nb["v_codes"], st.nb["v_params"], st.nb["norms"], st.k_res_nb, st.v_res_nb,
+            ws["split_max"], ws["split_sum"], ws["split_acc"], sc, ql, rl, ns, np.int32(rows))
     def run_merge(rl=rl):
         s = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+        slot = np.int32(1 if rows and rl > 0 else 0)  # the residual blocks' partial
         merge[B * 32, 128, s](qn, st.k_res_nb, st.v_res_nb, ws["split_max"], ws["split_sum"],
-            ws["split_acc"], out_nb, bufs["lse_nb"], sc, ql, rl, ns)
+            ws["split_acc"], out_nb, bufs["lse_nb"], sc, ql, rl, ns, slot)
     t_split = time_graph(run_split) * 1e3
+    t_split0 = time_graph(lambda: run_split(np.int32(0), 0)) * 1e3
     t_merge = time_graph(run_merge) * 1e3
     t_merge0 = time_graph(lambda: run_merge(np.int32(0))) * 1e3
     t_both = time_graph(lambda: (run_split(), run_merge())) * 1e3
-    print(f"B={B} T={T} splits={splits} full={t_full:.1f} split={t_split:.1f} merge={t_merge:.1f} "
+    print(f"B={B} T={T} splits={splits} residual block rows={rows} full={t_full:.1f} "
+          f"split={t_split:.1f} "
+          f"split(res0)={t_split0:.1f} merge={t_merge:.1f} "
           f"merge(res0)={t_merge0:.1f} split+merge={t_both:.1f} sdpa={t_sdpa:.1f} us",
           flush=True)
 

@@ -35,8 +35,13 @@ Kernel 1, ``split`` (one block per (batch * kv head, split); 128 threads = 4 war
            ``t // min(D, 128) + (128 // min(D, 128)) * k``; its accumulators live in registers.
     Writes per (b, hq, i, split): the running max, the sum of exps and the unnormalized rotated
     value sum ``acc[D]`` (float32 workspace). Splits with no visible token write (-inf, 0, 0).
+    The v3 kernel (the default) can also run *residual blocks* (attention_residual.py): block
+    rows before the splits, one per query row, that score the residual tokens beside the split
+    blocks and write their partial (value sum unrotated) at workspace slot ``num_splits``
+    (:func:`residual_block_rows` decides per launch).
 Kernel 2, ``merge`` (one block per (batch, query head, row); 128 threads)
-    Computes the residual scores itself (16-byte residual rows shared by the lanes of a row),
+    Takes the residual blocks' partial when there is one (``res_slot``), else computes the
+    residual scores itself (16-byte residual rows shared by the lanes of a row),
     merges the splits and the residual by log-sum-exp (warp-shuffle block reductions), sums the
     splits' ``acc`` (4 channels per lane, splits over the warps), un-rotates once in warp 0's
     registers (``fwht_warp``, rotate_values), adds the residual values and writes ``out``
@@ -73,14 +78,15 @@ import math
 
 from ._compat import SIMULATOR, cuda, np
 from . import attention_mma as _split_v3
+from . import attention_residual as _res
 from . import attention_split as _split_v2
 from .common import (bf16_bits_to_f32, device_pointer, f32_to_bf16_bits, fwht_shared,
                      fwht_warp, int_as_float, split_block, value_code_location)
 
 if SIMULATOR:
-    from .ptx_sim import f16x2_hi, f16x2_lo, global_address, ldg4, uint_as_float
+    from .ptx_sim import global_address, ldg4, uint_as_float
 else:
-    from .ptx import f16x2_hi, f16x2_lo, global_address, ldg4, uint_as_float
+    from .ptx import global_address, ldg4, uint_as_float
 
 #: Which split kernel to build. 3 (default) = tensor cores through inline PTX (attention_mma.py;
 #: in the CUDA simulator through ptx_sim.py), for the configurations it supports
@@ -88,6 +94,15 @@ else:
 #: (float32; verified on an H200 with compute-sanitizer memcheck/racecheck). 2 = one tile per
 #: warp (attention_split.py), float32, kept for comparison. Environment: OSCAR_SPLIT_KERNEL.
 SPLIT_VERSION = int(__import__("os").environ.get("OSCAR_SPLIT_KERNEL", "3"))
+#: Who scores the residual tokens where the split kernel supports residual blocks
+#: (:func:`residual_in_split`): ``"auto"`` (default) extra blocks of the split grid when they
+#: fit beside the split blocks in one wave of resident blocks, else every merge block (in a
+#: full grid they would push split blocks into a second wave: measured slower, ninth session
+#: in benchmarks/RESULTS.md); ``"on"`` / ``"off"`` force one or the other (benchmarks compare
+#: them). Environment: OSCAR_RESIDUAL_BLOCKS.
+RESIDUAL_BLOCKS = __import__("os").environ.get("OSCAR_RESIDUAL_BLOCKS", "auto")
+#: Residual blocks up to this share of one wave get slots of their own (:func:`residual_reserve`).
+RESIDUAL_RESERVE = 0.125
 
 #: Threads per block of both kernels: 4 warps, enough to overlap the phases of neighbouring
 #: blocks on one SM while keeping the per-tile work per thread large.
@@ -246,36 +261,65 @@ def _check_split_fits(lay, rows, head_dim):
         )
 
 
-def _split_signature(param_dtype, q_dtype):
-    p, q = param_dtype, _SIG_TYPE[q_dtype]
+def _split_signature(param_dtype, q_dtype, res_dtype):
+    p, q, r = param_dtype, _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype]
     return (f"void({q}[:, :, :, ::1], uint32[:, :, :, :, ::1], {p}[:, :, :, :, ::1], "
             f"uint32[:, :, :, ::1], {p}[:, :, :, :, ::1], float32[:, :, ::1], "
+            f"{r}[:, :, :, ::1], {r}[:, :, :, ::1], "
             "float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, :, ::1], "
-            "float32, int32, int32, int32)")
+            "float32, int32, int32, int32, int32)")
+
+
+def residual_in_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa,
+                      q_len, param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head,
+                      res_dtype, residual_length):
+    """True when the split kernel of this key can compute the residual partial in extra blocks
+    (the v3 kernel, where ``attention_residual.unsupported`` allows it; their scores use the v3
+    kernel's staging buffers as scratch). A launch then chooses (:func:`residual_block_rows`):
+    with residual blocks the grid has ``attention_residual.blocks_per_head`` more block rows
+    and the merge kernel reads the residual's partial from workspace slot ``num_splits``;
+    without, the merge kernel scores the residual itself."""
+    rows = gqa * q_len
+    if not (SPLIT_VERSION == 3 and _split_v3.unsupported(
+            key_bits, value_bits, value_group_size, head_dim, rows, param_dtype) is None):
+        return False
+    words = _split_v3.scratch_words(key_bits, value_bits, value_group_size, head_dim, rows)
+    return _res.unsupported(head_dim, residual_length, rows, res_dtype, words) is None
 
 
 def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
-                 param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head):
+                 param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head, res_dtype,
+                 residual_length):
     """Python function and signature of kernel 1 for one compile-time configuration.
 
     ``SPLIT_VERSION == 3``: the tensor-core kernel (``attention_mma``) where it supports the
-    configuration; ``== 2``: the v2 kernel (``attention_split``: one tile per warp) where its
-    shared memory fits; the v1 kernel below otherwise (docs/kernels.md compares them).
+    configuration, with the residual blocks of ``attention_residual`` where
+    :func:`residual_in_split`; ``== 2``: the v2 kernel (``attention_split``: one tile per warp)
+    where its shared memory fits; the v1 kernel below otherwise (docs/kernels.md compares them).
+    All take the residual arrays (only v3 reads them) so that one launch fits all.
     """
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
+    sig = _split_signature(param_dtype, q_dtype, res_dtype)
     if SPLIT_VERSION == 3 and _split_v3.unsupported(
             key_bits, value_bits, value_group_size, D, ROWS, param_dtype) is None:
+        residual = None
+        if residual_in_split(key_bits, value_bits, key_group_size, value_group_size, head_dim,
+                             gqa, q_len, param_dtype, q_dtype, rotate_keys, scale_tokens,
+                             norm_per_head, res_dtype, residual_length):
+            residual = _res.build_residual(D, residual_length, G, LQ, res_dtype,
+                                           _loader(q_dtype), D + 4)
         fn = _split_v3.build_split_v3(
             key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
-            rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _hadamard_scale(D))
-        return fn, _split_signature(param_dtype, q_dtype)
+            rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _hadamard_scale(D),
+            residual)
+        return fn, sig
     if SPLIT_VERSION == 2 and _split_v2.fits(ROWS, D):
         fn = _split_v2.build_split_v2(
             key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
             rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _code_to_f32,
             _hadamard_scale(D))
-        return fn, _split_signature(param_dtype, q_dtype)
+        return fn, sig
     lay = _split_layout(key_bits, value_bits, key_group_size, value_group_size, head_dim, ROWS)
     _check_split_fits(lay, ROWS, head_dim)
     VW, NGV = lay["vw"], lay["ngv"]
@@ -307,13 +351,13 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
             ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = m_s[tid]
             ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = l_s[tid]
 
-    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc,
-                     scale, quantized_len, residual_len, num_splits):
+    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
+                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks):
         tid = cuda.threadIdx.x
         lane = tid % TILE_TOKENS
         slot = tid // TILE_TOKENS
         b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
-                                                    TPG)
+                                                    TPG, 0)
         nh = kvh if NORM_PER_HEAD else 0
         neg_inf = np.float32(-math.inf)
         seq_len = quantized_len + residual_len
@@ -500,7 +544,7 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
 
         write_partials(ws_max, ws_sum, ws_acc, acc, m_s, l_s, b, kvh, split, tid, d0, r0)
 
-    return split_kernel, _split_signature(param_dtype, q_dtype)
+    return split_kernel, sig
 
 
 # --- kernel 2: merge ------------------------------------------------------------------------
@@ -510,7 +554,7 @@ def _merge_signature(q_dtype, res_dtype, out_dtype):
     q, r, o = _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype], _SIG_TYPE[out_dtype]
     return (f"void({q}[:, :, :, ::1], {r}[:, :, :, ::1], {r}[:, :, :, ::1], "
             "float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, :, ::1], "
-            f"{o}[:, :, :, ::1], float32[:, :, ::1], float32, int32, int32, int32)")
+            f"{o}[:, :, :, ::1], float32[:, :, ::1], float32, int32, int32, int32, int32)")
 
 
 def _merge_geometry(head_dim, residual_length, res_dtype):
@@ -539,6 +583,11 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
     ``out_dtype`` is float32 or q's dtype: the kernel rounds the float32 result once on the
     store (round to nearest even, as torch's ``.to``), so a caller needs no cast kernel.
 
+    ``res_slot`` (a kernel argument) = 1: the split kernel's residual blocks have computed the
+    residual tokens' partial (max, sum, unrotated value sum) at workspace slot ``num_splits``;
+    the merge weighs it like a split and adds its value sum after the inverse rotation, and does
+    not read the residual arrays. 0: the merge scores the residual itself, as follows.
+
     One block (4 warps) per (batch, query head, row). Latency is what matters here (at batch 1
     the whole decode step is a few microseconds of dependent round trips), so every global load
     that does not depend on another is issued first: the query row, the split maxima and sums,
@@ -563,7 +612,6 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
     NVAL = CPL * VPL  # residual channels per lane
     TR = NI * TPW  # tokens per warp and round
     ONE_ROUND = ROUNDS == 1  # the values of the only round stay in registers from the start
-    BF16 = res_dtype == "bfloat16"
     QC = D // 4  # 16-byte chunks of a float32 row of split_acc
     NQC = -(-QC // WARP_SIZE)
     NQA = 4 * NQC  # (array sizes must be closure constants)
@@ -571,24 +619,9 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
     CQ = D // WARP_SIZE  # output channels per lane of warp 0
     fwht_row = fwht_warp(D)
     ROW_B = D * ES  # bytes per residual row
-    HI16 = np.uint32(0xFFFF0000)
-    SH16 = np.uint32(16)
     ZERO_F = np.float32(0.0)
     store = _storer(out_dtype)
-
-    @cuda.jit(device=True)
-    def element(w, j):
-        """Element j (0 .. 16 / ES - 1) of a 16-byte residual chunk given as its 4 words."""
-        if ES == 4:
-            return uint_as_float(w[j])
-        x = w[j >> 1]
-        if BF16:
-            if j & 1:
-                return uint_as_float(x & HI16)
-            return uint_as_float(x << SH16)
-        if j & 1:
-            return f16x2_hi(x)
-        return f16x2_lo(x)
+    element = _res.chunk_element(res_dtype)
 
     @cuda.jit(device=True)
     def load_round(base, t0, lane, nvalid, regs):
@@ -609,7 +642,7 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
                 regs[o + 3] = w3
 
     def merge_kernel(q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale, quantized_len,
-                     residual_len, num_splits):
+                     residual_len, num_splits, res_slot):
         tid = cuda.threadIdx.x
         lane = tid % WARP_SIZE
         warp = tid // WARP_SIZE
@@ -623,8 +656,10 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
         kvh = hq // g_size
         neg_inf = np.float32(-math.inf)
         last = quantized_len + residual_len - lq + i  # last visible position
-        # residual tokens this row sees (causal rows of a multi-token query see fewer)
-        nres = min(residual_len, last - quantized_len + 1)
+        # residual tokens this row scores (causal rows of a multi-token query see fewer): none
+        # when the split kernel's residual blocks have computed their partial (block-uniform)
+        has_slot = res_slot != 0
+        nres = 0 if has_slot else min(residual_len, last - quantized_len + 1)
 
         qv = cuda.shared.array(D, np.float32)
         sr = cuda.shared.array(R, np.float32)  # residual scores, then p
@@ -633,10 +668,12 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
         redm = cuda.shared.array(NW, np.float32)  # warp maxima (block max)
         reds = cuda.shared.array(NW, np.float32)  # warp sums (block sum)
         wsp = cuda.shared.array(MAX_SPLITS, np.float32)  # split weights exp(m_split - M)
+        wres = cuda.shared.array(1, np.float32)  # the residual partial's weight
 
         # --- independent loads first: query, split statistics, first round of K and V ------
-        for c in range(tid, D, NT):
-            qv[c] = load_q(q[b, hq, i, c]) * scale
+        if nres > 0:
+            for c in range(tid, D, NT):
+                qv[c] = load_q(q[b, hq, i, c]) * scale
         mu0 = neg_inf
         mu1 = neg_inf
         su0 = ZERO_F
@@ -647,17 +684,26 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
         if tid + NT < num_splits:
             mu1 = ws_max[b, hq, i, tid + NT]
             su1 = ws_sum[b, hq, i, tid + NT]
+        mur = neg_inf
+        sur = ZERO_F
+        rv = cuda.local.array(CQ, np.float32)  # warp 0: the residual partial's value sum
+        if has_slot:
+            if tid == NT - 1:
+                mur = ws_max[b, hq, i, num_splits]
+                sur = ws_sum[b, hq, i, num_splits]
+            if warp == 0:
+                for k in range(CQ):
+                    rv[k] = ws_acc[b, hq, i, num_splits, lane * CQ + k]
         kbase = global_address(k_res, (b, kvh, 0, 0))
         vbase = global_address(v_res, (b, kvh, 0, 0))
         kr = cuda.local.array(NLW, np.uint32)
         vr = cuda.local.array(NLW, np.uint32)
-        wv = cuda.local.array(4, np.uint32)
         qr = cuda.local.array(NVAL, np.float32)
         acc = cuda.local.array(NVAL, np.float32)
         xo = cuda.local.array(CQ, np.float32)
         for j in range(NVAL):
             acc[j] = ZERO_F
-        if ONE_ROUND:
+        if ONE_ROUND and nres > 0:
             load_round(kbase, warp * TR, lane, nres, kr)
             load_round(vbase, warp * TR, lane, nres, vr)
 
@@ -668,7 +714,7 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
                 qr[c * VPL + j] = qv[k * VPL + j]
 
         # --- residual scores: partial dot products, reduced over the LPR lanes of a row -------
-        m = max(mu0, mu1)
+        m = max(max(mu0, mu1), mur)
         for t0 in range(warp * TR, nres, NW * TR):
             if not ONE_ROUND:
                 load_round(kbase, t0, lane, nres, kr)
@@ -676,10 +722,8 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
                 s = ZERO_F
                 for c in range(CPL):
                     o = 4 * (ii * CPL + c)
-                    for u in range(4):
-                        wv[u] = kr[o + u]
                     for j in range(VPL):
-                        s += qr[c * VPL + j] * element(wv, j)
+                        s += qr[c * VPL + j] * element(kr, o, j)
                 off = LPR // 2
                 while off > 0:
                     s += cuda.shfl_xor_sync(0xFFFFFFFF, s, off)
@@ -709,6 +753,12 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
                 w = math.exp(mu1 - m)
             wsp[tid + NT] = w
             total += w * su1
+        if has_slot and tid == NT - 1:
+            w = ZERO_F
+            if mur != neg_inf:
+                w = math.exp(mur - m)
+            wres[0] = w
+            total += w * sur
         for t in range(tid, nres, NT):
             p = math.exp(sr[t] - m)
             sr[t] = p
@@ -726,10 +776,8 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
                     p = sr[t]
                 for c in range(CPL):
                     o = 4 * (ii * CPL + c)
-                    for u in range(4):
-                        wv[u] = vr[o + u]
                     for j in range(VPL):
-                        acc[c * VPL + j] += p * element(wv, j)
+                        acc[c * VPL + j] += p * element(vr, o, j)
         for j in range(NVAL):
             a = acc[j]
             off = LPR
@@ -737,7 +785,7 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
                 a += cuda.shfl_xor_sync(0xFFFFFFFF, a, off)
                 off *= 2
             acc[j] = a
-        if lane < LPR:
+        if not has_slot and lane < LPR:
             for c in range(CPL):
                 k = c * LPR + lane
                 for j in range(VPL):
@@ -784,8 +832,11 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
                 if ROTATE:
                     o *= np.float32(HS)
                 r = ZERO_F
-                for w in range(NW):
-                    r += part[w, c]
+                if has_slot:
+                    r = wres[0] * rv[k]
+                else:
+                    for w in range(NW):
+                        r += part[w, c]
                 out[b, hq, i, c] = store((o + r) / total)
             if lane == 0:
                 lse[b, hq, i] = m + math.log(total)
@@ -807,19 +858,29 @@ def _uses_v3(key):
     return SPLIT_VERSION == 3 and _split_v3.unsupported(kb, vb, gv, d, g * lq, pdt) is None
 
 
-@functools.lru_cache(maxsize=None)
 def _split_kernel(*key):
-    fn, sig = _build_split(*key)
-    if _uses_v3(key) and V3_MAX_REGISTERS and not SIMULATOR:
-        return cuda.jit(sig, max_registers=V3_MAX_REGISTERS)(fn)
+    """The compiled split kernel of ``key`` under the current module switches (SPLIT_VERSION,
+    V3_MAX_REGISTERS: a benchmark may flip them between calls)."""
+    return _compiled_split(key, SPLIT_VERSION, V3_MAX_REGISTERS)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_split(key, version, max_registers):
+    fn, sig = _build_split(*key)  # reads the same switches
+    if _uses_v3(key) and max_registers and not SIMULATOR:
+        return cuda.jit(sig, max_registers=max_registers)(fn)
     return cuda.jit(sig)(fn)
 
 
-@functools.lru_cache(maxsize=None)
-def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype):
+def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype):
     """Resident blocks per SM of the split kernel for this configuration (from its compiled
     register and shared-memory use; compiles it if needed), for :func:`choose_num_splits`."""
-    key = _split_key(config, head_dim, gqa, q_len, q_dtype)
+    key = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype)
+    return _blocks_per_sm(key, SPLIT_VERSION, V3_MAX_REGISTERS)
+
+
+@functools.lru_cache(maxsize=None)
+def _blocks_per_sm(key, version, max_registers):
     if SIMULATOR or not _uses_v3(key):
         return TARGET_BLOCKS_PER_SM
     kern = _split_kernel(*key)
@@ -840,10 +901,54 @@ def _merge_kernel(*key):
     return cuda.jit(sig)(fn)
 
 
-def _split_key(config, head_dim, gqa, q_len, q_dtype):
+def _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype):
     return (config.key_bits, config.value_bits, config.key_group_size, config.value_group_size,
             head_dim, gqa, q_len, config.param_dtype, q_dtype, config.rotate_keys,
-            config.scale_tokens, config.norm_scope == "head")
+            config.scale_tokens, config.norm_scope == "head", res_dtype, config.residual_length)
+
+
+@functools.lru_cache(maxsize=None)
+def _residual_in_split(split_key, version):
+    """:func:`residual_in_split` of a split key, cached (``version``: SPLIT_VERSION)."""
+    return residual_in_split(*split_key)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms():
+    if SIMULATOR:
+        return 132
+    return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+
+
+def residual_block_rows(split_key, batch, num_kv_heads, residual_len, num_splits):
+    """Block rows of residual blocks in a launch of the split kernel of ``split_key`` (0: the
+    merge kernel scores the residual), by RESIDUAL_BLOCKS."""
+    if RESIDUAL_BLOCKS not in ("auto", "on", "off"):
+        raise ValueError("RESIDUAL_BLOCKS (environment OSCAR_RESIDUAL_BLOCKS): expected 'auto', "
+                         f"'on' or 'off', got {RESIDUAL_BLOCKS!r}")
+    if residual_len <= 0 or RESIDUAL_BLOCKS == "off":
+        return 0
+    if not _residual_in_split(split_key, SPLIT_VERSION):
+        return 0
+    rows = _res.blocks_per_head(split_key[5], split_key[6])
+    if RESIDUAL_BLOCKS == "auto":
+        slots = _blocks_per_sm(split_key, SPLIT_VERSION, V3_MAX_REGISTERS) * _num_sms()
+        if batch * num_kv_heads * (num_splits + rows) > slots:
+            return 0
+    return rows
+
+
+def residual_reserve(split_key, batch, num_kv_heads, residual_len, num_sms, blocks_per_sm):
+    """Slots :func:`choose_num_splits` should leave for residual blocks: all of them when they
+    are at most ``RESIDUAL_RESERVE`` of one wave (a few splits fewer, each a little longer,
+    costs less than the merge kernel's residual pass: batch 1 at 32K tokens), else 0 (then
+    they run only where the splits leave room, :func:`residual_block_rows`)."""
+    if residual_len <= 0 or RESIDUAL_BLOCKS == "off":
+        return 0
+    if not _residual_in_split(split_key, SPLIT_VERSION):
+        return 0
+    n = batch * num_kv_heads * _res.blocks_per_head(split_key[5], split_key[6])
+    return n if n <= RESIDUAL_RESERVE * blocks_per_sm * num_sms else 0
 
 
 def _merge_key(config, head_dim, q_dtype, res_dtype, out_dtype):
@@ -855,16 +960,18 @@ def compile_signatures():
     """Yield ``(name, pyfunc, signature)`` for representative configurations (PTX compile test).
 
     Split keys: (key_bits, value_bits, key_group_size, value_group_size, head_dim, G, q_len,
-    param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head); merge keys: (head_dim,
-    residual_length, q_dtype, res_dtype, rotate_values).
+    param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head, res_dtype,
+    residual_length); merge keys: (head_dim, residual_length, q_dtype, res_dtype, rotate_values,
+    out_dtype).
     """
-    splits = [
-        (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False),  # Llama-3.1-8B
-        (4, 4, 64, 32, 64, 1, 1, "float32", "float32", True, True, True),
-        (2, 4, 128, 64, 256, 8, 2, "float16", "float16", True, True, False),
-        (8, 8, 32, 8, 32, 2, 3, "float16", "float16", False, False, False),
-        (8, 8, 32, 4, 256, 4, 1, "float16", "float16", True, True, False),  # ps on the fly
-        (2, 2, 32, 16, 128, 8, 4, "float16", "float32", True, True, False),  # 32 rows
+    splits = [  # Llama-3.1-8B first (v3 with its residual blocks)
+        (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False, "bfloat16", 128),
+        (4, 4, 64, 32, 64, 1, 1, "float32", "float32", True, True, True, "float32", 64),
+        (2, 4, 128, 64, 256, 8, 2, "float16", "float16", True, True, False, "float16", 256),
+        (8, 8, 32, 8, 32, 2, 3, "float16", "float16", False, False, False, "float32", 32),
+        (8, 8, 32, 4, 256, 4, 1, "float16", "float16", True, True, False, "float16", 32),
+        (2, 2, 32, 16, 128, 8, 4, "float16", "float32", True, True, False, "bfloat16", 128),
+        (2, 2, 32, 32, 128, 4, 2, "float16", "float16", True, True, False, "float32", 64),
     ]
     merges = [
         (128, 128, "bfloat16", "bfloat16", True, "bfloat16"),  # Llama-3.1-8B, out in q's dtype
@@ -891,12 +998,14 @@ def compile_signatures():
 # --- host side ------------------------------------------------------------------------------
 
 
-def choose_num_splits(batch, num_kv_heads, quantized_len, num_sms=132, blocks_per_sm=None):
+def choose_num_splits(batch, num_kv_heads, quantized_len, num_sms=132, blocks_per_sm=None,
+                      reserve_blocks=0):
     """Splits of the token axis per (batch, kv head): enough blocks to fill the GPU.
 
     About ``blocks_per_sm * num_sms`` blocks in all (default ``TARGET_BLOCKS_PER_SM``; the v3
     kernel passes its resident blocks per SM from :func:`split_blocks_per_sm`, so that one wave
-    covers the work), each streaming at least ``MIN_TILES_PER_SPLIT`` tiles, at most
+    covers the work, less ``reserve_blocks`` slots for residual blocks, from
+    :func:`residual_reserve`), each streaming at least ``MIN_TILES_PER_SPLIT`` tiles, at most
     ``MAX_SPLITS`` splits; 1 for an empty cache.
     """
     tiles = int(quantized_len) // TILE_TOKENS
@@ -907,19 +1016,31 @@ def choose_num_splits(batch, num_kv_heads, quantized_len, num_sms=132, blocks_pe
     if blocks_per_sm is None:
         want = -(-per_sm * int(num_sms) // heads)
     else:  # whole waves: never a second, mostly idle wave
-        want = max(1, per_sm * int(num_sms) // heads)
+        want = max(1, (per_sm * int(num_sms) - int(reserve_blocks)) // heads)
     cap = -(-tiles // MIN_TILES_PER_SPLIT)
     return max(1, min(want, cap, MAX_SPLITS))
+
+
+def plan_splits(config, batch, num_kv_heads, head_dim, gqa, q_len, q_dtype, res_dtype,
+                quantized_len, residual_len, num_sms):
+    """num_splits for one decode call: :func:`choose_num_splits` with the split kernel's
+    resident blocks per SM and the slots its residual blocks get (:func:`residual_reserve`)."""
+    per_sm = split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype)
+    skey = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype)
+    reserve = residual_reserve(skey, batch, num_kv_heads, residual_len, num_sms, per_sm)
+    return choose_num_splits(batch, num_kv_heads, quantized_len, num_sms=num_sms,
+                             blocks_per_sm=per_sm, reserve_blocks=reserve)
 
 
 def workspace_shapes(batch, num_q_heads, q_len, head_dim, num_splits):
     """Shapes of the float32 workspace arrays of :func:`decode_attention`, by name.
 
-    ``split_max``/``split_sum`` ``[batch, num_q_heads, q_len, num_splits]``: each split's running
-    max and sum of exps; ``split_acc`` ``[..., num_splits, head_dim]``: its unnormalized rotated
-    value sum.
+    ``split_max``/``split_sum`` ``[batch, num_q_heads, q_len, num_splits + 1]``: each split's
+    running max and sum of exps; ``split_acc`` ``[..., num_splits + 1, head_dim]``: its
+    unnormalized rotated value sum. Slot ``num_splits`` holds the residual tokens' partial
+    (unrotated value sum) when the split kernel computes it (:func:`residual_in_split`).
     """
-    base = (int(batch), int(num_q_heads), int(q_len), int(num_splits))
+    base = (int(batch), int(num_q_heads), int(q_len), int(num_splits) + 1)
     return {"split_max": base, "split_sum": base, "split_acc": base + (int(head_dim),)}
 
 
@@ -993,17 +1114,21 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
                          num_splits)
     batch, nq, q_len, d = (int(s) for s in q.shape)
     nkv = int(k_codes.shape[1])
-    split = _split_kernel(*_split_key(config, d, nq // nkv, q_len, q_dtype))
+    skey = _split_key(config, d, nq // nkv, q_len, q_dtype, res_dtype)
+    split = _split_kernel(*skey)
     out_dtype = "float32" if _dtype_name(out) == "float32" else q_dtype
     merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype, out_dtype))
+    # block rows of residual blocks before the splits (0: the merge scores the residual)
+    rows = residual_block_rows(skey, batch, nkv, int(residual_len), int(num_splits))
     scale32 = np.float32(scale)
     ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)
     ws_max, ws_sum, ws_acc = workspace["split_max"], workspace["split_sum"], workspace["split_acc"]
-    split[(batch * nkv, int(num_splits)), NUM_THREADS, stream](
-        q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc, scale32, ql, rl,
-        ns)
+    split[(batch * nkv, rows + int(num_splits)), NUM_THREADS, stream](
+        q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum, ws_acc,
+        scale32, ql, rl, ns, np.int32(rows))
     merge[batch * nq * q_len, NUM_THREADS, stream](
-        q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns)
+        q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns,
+        np.int32(1 if rows else 0))
 
 
 def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,

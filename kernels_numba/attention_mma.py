@@ -180,9 +180,24 @@ def _pow2(e):
     return np.float32(2.0 ** e)
 
 
+def scratch_words(key_bits, value_bits, value_group_size, head_dim, rows):
+    """32-bit words of the staging buffers (all warps): the residual block's score scratch."""
+    stages = _num_stages(key_bits, value_bits, value_group_size, head_dim, rows)
+    return NUM_WARPS * max(stages * _stage_words(key_bits, value_bits, value_group_size,
+                                                 head_dim), rows * head_dim)
+
+
 def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
-                   rotate_keys, scale_tokens, norm_per_head, load_q, hadamard_scale):
-    """Python function of the v3 split kernel for one compile-time configuration."""
+                   rotate_keys, scale_tokens, norm_per_head, load_q, hadamard_scale,
+                   residual=None):
+    """Python function of the v3 split kernel for one compile-time configuration.
+
+    ``residual``: None, or the device function of ``attention_residual.build_residual`` (built
+    with ``qs_stride = head_dim + 4``): then a launch with ``res_blocks > 0`` has that many more
+    block rows ``blockIdx.y < res_blocks`` whose blocks compute the residual partial (row group
+    ``blockIdx.y``) at workspace slot ``num_splits`` (dispatched first, they run beside the
+    split blocks), and split ``s`` is ``blockIdx.y == res_blocks + s``. Without it the kernel
+    ignores ``k_res``, ``v_res`` and ``res_blocks``."""
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
     NCH = D // 16
@@ -241,6 +256,13 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     ABS16 = np.uint32(0x7FFF)
     ZERO_F = np.float32(0.0)
     LOG2E, LN2 = np.float32(1.0 / math.log(2.0)), np.float32(math.log(2.0))
+    RESIDUAL = residual is not None
+    if not RESIDUAL:  # never called (split >= 0); keeps the kernel's typing independent of it
+
+        @cuda.jit(device=True)
+        def residual(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale, quantized_len,
+                     residual_len, b, kvh, rb, slot, qs, pb):
+            pass
 
     @cuda.jit(device=True)
     def nanmax(a, b):
@@ -381,22 +403,19 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3])
         return e0, e1
 
-    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc,
-                     scale, quantized_len, residual_len, num_splits):
+    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
+                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks):
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
         g = lane >> 2
         t4 = lane & 3
+        # block rows 0 .. res_blocks - 1: the residual blocks (none without RESIDUAL)
         b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
-                                                    TPG)
+                                                    TPG, res_blocks if RESIDUAL else 0)
         nh = kvh if NORM_PER_HEAD else 0
         neg_inf = np.float32(-math.inf)
         seq_len = quantized_len + residual_len
-        if t_begin >= t_end:  # block-uniform
-            write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, NT, ROWS, D, G, LQ)
-            return
-
         stage = cuda.shared.array((NW, NSW), np.uint32, alignment=ALIGN16)
         qs = cuda.shared.array((ROWS, DP), np.float32, alignment=ALIGN16)
         qmax = cuda.shared.array(ROWS, np.float32)
@@ -407,6 +426,13 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         lw = cuda.shared.array((NW, 8), np.float32)
         wgt = cuda.shared.array((NW, 8), np.float32)  # the epilogue's per-warp row weights
         gbase = cuda.shared.array((NW, 8), np.int64)
+        if RESIDUAL and split < 0:  # block-uniform
+            residual(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale, quantized_len, residual_len,
+                     b, kvh, cuda.blockIdx.y, num_splits, qs, shared_address(stage, (0, 0)))
+            return
+        if t_begin >= t_end:  # block-uniform
+            write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, NT, ROWS, D, G, LQ)
+            return
         stg = stage[warp]  # this warp's stage: NSTAGE buffers of SW words
         sb = shared_address(stage, (warp, 0))  # its .shared byte address
         qs_b = shared_address(qs, (0, 0))

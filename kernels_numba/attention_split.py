@@ -73,13 +73,13 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
     ROTATE, SCALE_TOKENS, NORM_PER_HEAD = bool(rotate_keys), bool(scale_tokens), bool(norm_per_head)
     HS = hadamard_scale
 
-    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, ws_max, ws_sum, ws_acc,
-                     scale, quantized_len, residual_len, num_splits):
+    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
+                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks):
         tid = cuda.threadIdx.x
         lane = tid % TILE
         warp = tid // TILE
         b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
-                                                    TPG)
+                                                    TPG, 0)
         nh = kvh if NORM_PER_HEAD else 0
         neg_inf = np.float32(-math.inf)
         seq_len = quantized_len + residual_len

@@ -215,9 +215,11 @@ def check_threads(threads) -> None:
 
 
 @cuda.jit(device=True)
-def split_block(num_kv_heads, quantized_len, num_splits, tiles_per_group):
+def split_block(num_kv_heads, quantized_len, num_splits, tiles_per_group, first):
     """``(batch, kv_head, split, begin, end)`` of this block of a decode split kernel (grid
-    ``(batch * num_kv_heads, num_splits)``): the split's 32-token tiles are ``[begin, end)``.
+    ``(batch * num_kv_heads, first + num_splits)``): the split's 32-token tiles are
+    ``[begin, end)``; split ``blockIdx.y - first`` (negative for the ``first`` block rows that
+    do other work: the v3 kernel's residual blocks).
 
     Each split takes ``ceil(tiles / num_splits)`` tiles rounded up to whole key groups
     (``tiles_per_group`` tiles), so a split always starts a key group; trailing splits may be
@@ -225,7 +227,7 @@ def split_block(num_kv_heads, quantized_len, num_splits, tiles_per_group):
     """
     b = cuda.blockIdx.x // num_kv_heads
     kvh = cuda.blockIdx.x % num_kv_heads
-    split = cuda.blockIdx.y
+    split = cuda.blockIdx.y - first
     ntiles = quantized_len // 32
     per = (ntiles + num_splits - 1) // num_splits
     per = (per + tiles_per_group - 1) // tiles_per_group * tiles_per_group

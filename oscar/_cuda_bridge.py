@@ -280,10 +280,10 @@ class NumbaStore:
 
     def decode_attention(self, q: torch.Tensor, scale: float, return_lse: bool):
         d, q_len = int(q.shape[3]), int(q.shape[2])
-        per_sm = _attn.split_blocks_per_sm(self.config, d, int(q.shape[1]) // self.num_kv_heads,
-                                           q_len, _dtype_name(q))
-        splits = _attn.choose_num_splits(q.shape[0], self.num_kv_heads, self.quantized_len,
-                                         num_sms=self._num_sms, blocks_per_sm=per_sm)
+        splits = _attn.plan_splits(self.config, int(q.shape[0]), self.num_kv_heads, d,
+                                   int(q.shape[1]) // self.num_kv_heads, q_len, _dtype_name(q),
+                                   self.dtype, self.quantized_len, self.residual_len,
+                                   self._num_sms)
         bufs = self._decode_buffers(q, splits)
         out = torch.empty(q.shape, dtype=q.dtype, device=self.device)
         if return_lse:

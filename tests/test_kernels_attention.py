@@ -412,10 +412,10 @@ def split_version(request):
     """
     old = K.SPLIT_VERSION
     K.SPLIT_VERSION = request.param
-    K._split_kernel.cache_clear()
+    K._compiled_split.cache_clear()
     yield request.param
     K.SPLIT_VERSION = old
-    K._split_kernel.cache_clear()
+    K._compiled_split.cache_clear()
 
 
 #: (batch, num_kv_heads, gqa, q_len) with at most 6 merge blocks (batch * num_q_heads * q_len):
@@ -514,6 +514,102 @@ def test_sim_merge_residual_in_several_rounds(monkeypatch, res_dtype):
         K._merge_kernel.cache_clear()
 
 
+def _residual_blocks_used(case):
+    q = case["kernel_args"][0]
+    nkv = case["block"].v_codes.shape[1]
+    key = K._split_key(case["config"], q.shape[3], q.shape[1] // nkv, q.shape[2],
+                       case["q_dtype"], case["res_dtype"])
+    return K.residual_block_rows(key, q.shape[0], nkv, case["residual_len"], 1) > 0
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("res_dtype, head_dim, residual_length, residual_len, q_len, rpb", [
+    ("bfloat16", 64, 64, 63, 2, 1),  # 4 key rounds of 2 chunks, value rounds of 1 chunk
+    ("float32", 64, 160, 150, 1, 2),  # 2 score rounds per thread (tokens 128..149)
+    ("float16", 64, 32, 1, 3, 4),  # causal rows: rows 0, 1 (of 6, 4 a block) see no residual
+])
+def test_sim_residual_blocks_in_several_rounds(monkeypatch, res_dtype, head_dim,
+                                               residual_length, residual_len, q_len, rpb):
+    # the residual partial of the v3 split kernel's extra blocks (attention_residual.py):
+    # fewer chunks in flight than the row needs, so its loops run several load rounds; rpb
+    # query rows per block (the last block of the third case has 2 of its 4)
+    monkeypatch.setattr(K._res, "KEY_CHUNKS", 2)
+    monkeypatch.setattr(K._res, "VALUE_CHUNKS", 1)
+    monkeypatch.setattr(K._res, "ROWS_PER_BLOCK", rpb)
+    monkeypatch.setattr(K, "RESIDUAL_BLOCKS", "on")
+    K._compiled_split.cache_clear()
+    try:
+        cfg = oscar.OScaRConfig(residual_length=residual_length)
+        case = make_case(1, 1, 2, head_dim, 32, residual_len, q_len, cfg, q_dtype="bfloat16",
+                         res_dtype=res_dtype, seed=5)
+        assert _residual_blocks_used(case) == (K.SPLIT_VERSION == 3)
+        check_case(case, num_splits=2)
+        check_zero_query(case, num_splits=2)
+    finally:
+        K._compiled_split.cache_clear()
+
+
+@pytest.mark.sim
+def test_sim_merge_scores_the_residual_when_residual_blocks_are_off(monkeypatch):
+    # the v3 kernel with RESIDUAL_BLOCKS "off" (what "auto" picks for full grids): the merge
+    # kernel's own residual pass, with a causal row that sees one residual token less
+    monkeypatch.setattr(K, "RESIDUAL_BLOCKS", "off")
+    case = make_case(1, 1, 2, 64, 64, 30, 2, oscar.OScaRConfig(), q_dtype="float16",
+                     res_dtype="bfloat16", seed=9)
+    assert not _residual_blocks_used(case)
+    check_case(case, num_splits=2)
+
+
+def test_residual_block_rows_auto_on_off(monkeypatch):
+    key = (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False, "bfloat16", 128)
+    monkeypatch.setattr(K, "SPLIT_VERSION", 3)
+    monkeypatch.setattr(K._res, "ROWS_PER_BLOCK", 1)
+    monkeypatch.setattr(K, "_num_sms", lambda: 132)
+    monkeypatch.setattr(K, "_blocks_per_sm", lambda *a: 4)  # 528 resident blocks
+    assert K.residual_block_rows(key, 1, 8, 5, 16) == 4  # 128 + 32 blocks: one wave
+    assert K.residual_block_rows(key, 1, 8, 0, 16) == 0  # no residual token
+    assert K.residual_block_rows(key, 1, 8, 5, 66) == 0  # 528 + 32: the merge scores them
+    assert K.residual_block_rows(key, 8, 8, 5, 8) == 0  # 512 + 256: full grid
+    assert K.residual_block_rows(key, 8, 8, 5, 2) == 4  # 128 + 256 fit
+    monkeypatch.setattr(K, "RESIDUAL_BLOCKS", "on")
+    assert K.residual_block_rows(key, 1, 8, 5, 66) == 4
+    monkeypatch.setattr(K, "RESIDUAL_BLOCKS", "off")
+    assert K.residual_block_rows(key, 1, 8, 5, 16) == 0
+    monkeypatch.setattr(K, "RESIDUAL_BLOCKS", "sometimes")
+    with pytest.raises(ValueError, match="expected 'auto', 'on' or 'off'"):
+        K.residual_block_rows(key, 1, 8, 5, 16)
+
+
+def test_residual_reserve(monkeypatch):
+    key = (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False, "bfloat16", 128)
+    monkeypatch.setattr(K, "SPLIT_VERSION", 3)
+    monkeypatch.setattr(K._res, "ROWS_PER_BLOCK", 1)
+    assert K.residual_reserve(key, 1, 8, 127, 132, 4) == 32  # <= 528 / 8
+    assert K.residual_reserve(key, 1, 8, 0, 132, 4) == 0
+    assert K.residual_reserve(key, 4, 8, 127, 132, 4) == 0  # 128 blocks: too many to reserve
+    monkeypatch.setattr(K, "RESIDUAL_BLOCKS", "off")
+    assert K.residual_reserve(key, 1, 8, 127, 132, 4) == 0
+
+
+def test_residual_in_split_where_supported():
+    from oscar.kernels_numba import attention_residual as R
+    assert R.unsupported(128, 128, 4, "bfloat16", 8192) is None
+    assert "power-of-two" in R.unsupported(96, 128, 4, "bfloat16", 8192)
+    assert "power-of-two" in R.unsupported(16, 32, 4, "float16", 8192)  # 32-byte rows
+    assert "rows" in R.unsupported(128, 128, 16, "float16", 1 << 20)
+    assert "scratch" in R.unsupported(128, 8192, 8, "float16", 4096)
+    llama = (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False, "bfloat16", 128)
+    old = K.SPLIT_VERSION
+    try:
+        K.SPLIT_VERSION = 3
+        assert K.residual_in_split(*llama)
+        assert not K.residual_in_split(*llama[:7], "float32", *llama[8:])  # v1: float32 params
+        K.SPLIT_VERSION = 1
+        assert not K.residual_in_split(*llama)
+    finally:
+        K.SPLIT_VERSION = old
+
+
 @pytest.mark.sim
 @pytest.mark.parametrize("q_dtype", ["float16", "bfloat16"])
 def test_sim_out_in_q_dtype_is_the_rounded_float32_output(q_dtype):
@@ -577,13 +673,17 @@ def test_choose_num_splits_whole_waves():
     assert K.choose_num_splits(8, 8, 131072, num_sms=132, blocks_per_sm=3) == 6  # 384 of 396
     assert K.choose_num_splits(1, 8, 32768, num_sms=132, blocks_per_sm=4) == 66
     assert K.choose_num_splits(1, 8, 4096, num_sms=132, blocks_per_sm=4) == 16  # tile floor
+    # 32 residual blocks get their slots: (528 - 32) // 8
+    assert K.choose_num_splits(1, 8, 32768, num_sms=132, blocks_per_sm=4,
+                               reserve_blocks=32) == 62
     assert K.choose_num_splits(64, 8, 8192, num_sms=132, blocks_per_sm=4) == 1  # > 1 wave anyway
 
 
 def test_workspace_shapes():
+    # 7 splits and the residual's slot
     ws = K.workspace_shapes(2, 32, 3, 128, 7)
-    assert ws == {"split_max": (2, 32, 3, 7), "split_sum": (2, 32, 3, 7),
-                  "split_acc": (2, 32, 3, 7, 128)}
+    assert ws == {"split_max": (2, 32, 3, 8), "split_sum": (2, 32, 3, 8),
+                  "split_acc": (2, 32, 3, 8, 128)}
 
 
 def _host_args(case, num_splits):
@@ -658,7 +758,8 @@ def test_non_contiguous_array_is_a_clear_error():
 
 def test_too_many_rows_is_a_clear_error():
     with pytest.raises(ValueError, match="query rows per KV head"):
-        K._build_split(2, 2, 32, 32, 256, 8, 4, "float16", "float16", True, True, False)
+        K._build_split(2, 2, 32, 32, 256, 8, 4, "float16", "float16", True, True, False,
+                       "float16", 32)
 
 
 def test_compile_signatures_cover_both_kernels():
@@ -688,6 +789,9 @@ GPU_CASES = [
      "bfloat16", "float16", None),
     ("llama-qlen2-causal-no-residual", dict(LLAMA, batch=2), 2048, 0, 2, {}, "bfloat16",
      "bfloat16", None),  # 8 rows: the largest split-v3 case; causal mask inside packed tokens
+    ("llama-qlen2-residual-256", dict(LLAMA, batch=2), 2048, 201, 2,
+     dict(residual_length=256), "bfloat16", "float16", None),  # v3 residual blocks: 8 rows,
+    # 2 score rounds per thread
     ("kivi-k8v2", dict(LLAMA, batch=2), 3200, 100, 1,
      dict(key_bits=8, rotate_keys=False, scale_tokens=False, rotate_values=False),
      "float32", "float16", None),
