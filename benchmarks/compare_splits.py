@@ -6,7 +6,8 @@
 ``3@128`` is split kernel v3 compiled with a register cap of 128 (``V3_MAX_REGISTERS``); a
 trailing ``m`` (``3m``, ``3@128m``) has the merge kernel score the residual tokens
 (``RESIDUAL_BLOCKS = "off"``), a trailing ``r`` the v3 kernel's residual blocks (``"on"``);
-neither: ``"auto"``. A shape ``BxT`` quantizes
+neither: ``"auto"``; a ``u`` a separate merge launch instead of the fused merge
+(``FUSED_MERGE = False``). A shape ``BxT`` quantizes
 ``T // 128 * 128`` tokens and keeps ``T % 128`` residual ones (``1x4223``: 127 residual tokens).
 
 Llama-3.1-8B heads (32 query, 8 KV, head_dim 128), one query token, bfloat16 inputs. Prints one
@@ -52,8 +53,10 @@ def main(argv=None):
         nbytes = cache_bytes(cache)
         ref = None
         for ver in versions:
-            K.RESIDUAL_BLOCKS = {"m": "off", "r": "on"}.get(ver[-1], "auto")
-            num, _, cap = ver.rstrip("mr").partition("@")
+            flags = ver.lstrip("0123456789@")
+            K.RESIDUAL_BLOCKS = "off" if "m" in flags else "on" if "r" in flags else "auto"
+            K.FUSED_MERGE = "u" not in flags
+            num, _, cap = ver.rstrip("mru").partition("@")
             K.SPLIT_VERSION = int(num)
             K.V3_MAX_REGISTERS = int(cap) if cap else None
             out = oscar.decode_attention(q, cache).float()

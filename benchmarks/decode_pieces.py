@@ -47,7 +47,8 @@ def pieces(B, T, res=127):
         s = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
         split[(B * 8, rows + splits), 128, s](qn, st.nb["k_codes"], st.nb["k_params"],
             st.nb["v_codes"], st.nb["v_params"], st.nb["norms"], st.k_res_nb, st.v_res_nb,
-            ws["split_max"], ws["split_sum"], ws["split_acc"], sc, ql, rl, ns, np.int32(rows))
+            ws["split_max"], ws["split_sum"], ws["split_acc"], sc, ql, rl, ns, np.int32(rows),
+            out_nb, bufs["lse_nb"], bufs["ws_nb"]["split_count"], np.int32(0))  # not fused
     def run_merge(rl=rl):
         s = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
         slot = np.int32(1 if rows and rl > 0 else 0)  # the residual blocks' partial

@@ -78,6 +78,7 @@ import math
 
 from ._compat import SIMULATOR, cuda, np
 from . import attention_mma as _split_v3
+from . import attention_fused as _fused
 from . import attention_residual as _res
 from . import attention_split as _split_v2
 from .common import (bf16_bits_to_f32, device_pointer, f32_to_bf16_bits, fwht_shared,
@@ -101,6 +102,18 @@ SPLIT_VERSION = int(__import__("os").environ.get("OSCAR_SPLIT_KERNEL", "3"))
 #: in benchmarks/RESULTS.md); ``"on"`` / ``"off"`` force one or the other (benchmarks compare
 #: them). Environment: OSCAR_RESIDUAL_BLOCKS.
 RESIDUAL_BLOCKS = __import__("os").environ.get("OSCAR_RESIDUAL_BLOCKS", "auto")
+#: The v3 split kernel's last block of each (batch, KV head) merges (attention_fused.py; one
+#: launch per step) where the merge kernel is not needed for the residual tokens. Environment:
+#: OSCAR_FUSED_MERGE=0 turns it off (two launches, as before).
+FUSED_MERGE = __import__("os").environ.get("OSCAR_FUSED_MERGE", "1") != "0"
+#: Fuse only when at most this many blocks feed each (batch, KV head)'s merge: one warp per row
+#: reads every partial, and at 62 splits + 4 residual blocks (B=1 32K) that serial chain cost
+#: more than the separate merge launch (29.6 vs 27.0 us; ninth session).
+FUSED_MAX_ARRIVALS = 32
+#: ... and only when the splits are short (at most this many 32-token tiles each): the fused
+#: variant's merge code costs the tile loop registers (32 bytes of spills), 8% at B=8 128K
+#: (0.338 vs 0.313 ms), while a merge launch saved is about 1 us.
+FUSED_MAX_TILES_PER_SPLIT = 8
 #: Residual blocks up to this share of one wave get slots of their own (:func:`residual_reserve`).
 RESIDUAL_RESERVE = 0.125
 
@@ -261,18 +274,20 @@ def _check_split_fits(lay, rows, head_dim):
         )
 
 
-def _split_signature(param_dtype, q_dtype, res_dtype):
-    p, q, r = param_dtype, _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype]
+def _split_signature(param_dtype, q_dtype, res_dtype, out_dtype):
+    p, q, r, o = param_dtype, _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype], _SIG_TYPE[out_dtype]
     return (f"void({q}[:, :, :, ::1], uint32[:, :, :, :, ::1], {p}[:, :, :, :, ::1], "
             f"uint32[:, :, :, ::1], {p}[:, :, :, :, ::1], float32[:, :, ::1], "
             f"{r}[:, :, :, ::1], {r}[:, :, :, ::1], "
             "float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, :, ::1], "
-            "float32, int32, int32, int32, int32)")
+            f"float32, int32, int32, int32, int32, {o}[:, :, :, ::1], float32[:, :, ::1], "
+            "int32[:, ::1], int32)")
 
 
 def residual_in_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa,
                       q_len, param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head,
-                      res_dtype, residual_length):
+                      res_dtype, residual_length, out_dtype=None, rotate_values=True,
+                      fused=False):
     """True when the split kernel of this key can compute the residual partial in extra blocks
     (the v3 kernel, where ``attention_residual.unsupported`` allows it; their scores use the v3
     kernel's staging buffers as scratch). A launch then chooses (:func:`residual_block_rows`):
@@ -289,18 +304,22 @@ def residual_in_split(key_bits, value_bits, key_group_size, value_group_size, he
 
 def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
                  param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head, res_dtype,
-                 residual_length):
+                 residual_length, out_dtype="float32", rotate_values=True, fused=False):
     """Python function and signature of kernel 1 for one compile-time configuration.
 
     ``SPLIT_VERSION == 3``: the tensor-core kernel (``attention_mma``) where it supports the
     configuration, with the residual blocks of ``attention_residual`` where
     :func:`residual_in_split`; ``== 2``: the v2 kernel (``attention_split``: one tile per warp)
     where its shared memory fits; the v1 kernel below otherwise (docs/kernels.md compares them).
-    All take the residual arrays (only v3 reads them) so that one launch fits all.
+    All take the residual arrays and the fused merge's arguments (only v3 uses them; with
+    ``fused``, ``attention_fused``: the last block of each (batch, KV head) merges into ``out``
+    and ``lse`` when the launch passes ``fuse = 1``) so that one launch fits all. The fused
+    variant is a separate compile: its merge code costs the tile loop registers (B=8 128K 2%
+    slower with it), so launches that do not fuse use the plain kernel.
     """
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
-    sig = _split_signature(param_dtype, q_dtype, res_dtype)
+    sig = _split_signature(param_dtype, q_dtype, res_dtype, out_dtype)
     if SPLIT_VERSION == 3 and _split_v3.unsupported(
             key_bits, value_bits, value_group_size, D, ROWS, param_dtype) is None:
         residual = None
@@ -309,10 +328,14 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
                              norm_per_head, res_dtype, residual_length):
             residual = _res.build_residual(D, residual_length, G, LQ, res_dtype,
                                            _loader(q_dtype), D + 4)
+        finish = None
+        if fused:
+            finish = _fused.build_finish(D, G, LQ, rotate_values, _hadamard_scale(D),
+                                         _storer(out_dtype), MAX_SPLITS + 1)
         fn = _split_v3.build_split_v3(
             key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
             rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _hadamard_scale(D),
-            residual)
+            residual, finish)
         return fn, sig
     if SPLIT_VERSION == 2 and _split_v2.fits(ROWS, D):
         fn = _split_v2.build_split_v2(
@@ -352,7 +375,8 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
             ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = l_s[tid]
 
     def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
-                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks):
+                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
+                     out, lse, counter, fuse):
         tid = cuda.threadIdx.x
         lane = tid % TILE_TOKENS
         slot = tid // TILE_TOKENS
@@ -901,10 +925,11 @@ def _merge_kernel(*key):
     return cuda.jit(sig)(fn)
 
 
-def _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype):
+def _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=None, fused=False):
     return (config.key_bits, config.value_bits, config.key_group_size, config.value_group_size,
             head_dim, gqa, q_len, config.param_dtype, q_dtype, config.rotate_keys,
-            config.scale_tokens, config.norm_scope == "head", res_dtype, config.residual_length)
+            config.scale_tokens, config.norm_scope == "head", res_dtype, config.residual_length,
+            q_dtype if out_dtype is None else out_dtype, config.rotate_values, bool(fused))
 
 
 @functools.lru_cache(maxsize=None)
@@ -961,7 +986,8 @@ def compile_signatures():
 
     Split keys: (key_bits, value_bits, key_group_size, value_group_size, head_dim, G, q_len,
     param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head, res_dtype,
-    residual_length); merge keys: (head_dim, residual_length, q_dtype, res_dtype, rotate_values,
+    residual_length[, out_dtype, rotate_values, fused]); merge keys: (head_dim, residual_length,
+    q_dtype, res_dtype, rotate_values,
     out_dtype).
     """
     splits = [  # Llama-3.1-8B first (v3 with its residual blocks)
@@ -972,6 +998,10 @@ def compile_signatures():
         (8, 8, 32, 4, 256, 4, 1, "float16", "float16", True, True, False, "float16", 32),
         (2, 2, 32, 16, 128, 8, 4, "float16", "float32", True, True, False, "bfloat16", 128),
         (2, 2, 32, 32, 128, 4, 2, "float16", "float16", True, True, False, "float32", 64),
+        (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False, "bfloat16", 128,
+         "bfloat16", True, True),  # with the fused merge, out in q's dtype
+        (2, 2, 32, 16, 64, 2, 3, "float16", "float32", True, True, True, "float16", 32,
+         "float32", False, True),
     ]
     merges = [
         (128, 128, "bfloat16", "bfloat16", True, "bfloat16"),  # Llama-3.1-8B, out in q's dtype
@@ -1039,9 +1069,18 @@ def workspace_shapes(batch, num_q_heads, q_len, head_dim, num_splits):
     running max and sum of exps; ``split_acc`` ``[..., num_splits + 1, head_dim]``: its
     unnormalized rotated value sum. Slot ``num_splits`` holds the residual tokens' partial
     (unrotated value sum) when the split kernel computes it (:func:`residual_in_split`).
+    ``split_count`` (int32, ``WORKSPACE_DTYPES``) ``[batch, num_q_heads]``: the fused merge's
+    arrival counters (entry ``[b, kv_head]``); zero before the first call, and every call
+    leaves them zero.
     """
     base = (int(batch), int(num_q_heads), int(q_len), int(num_splits) + 1)
-    return {"split_max": base, "split_sum": base, "split_acc": base + (int(head_dim),)}
+    return {"split_max": base, "split_sum": base, "split_acc": base + (int(head_dim),),
+            "split_count": (int(batch), int(num_q_heads))}
+
+
+#: dtype of each workspace array (:func:`workspace_shapes`); ``split_count`` must start at zero.
+WORKSPACE_DTYPES = {"split_max": np.float32, "split_sum": np.float32, "split_acc": np.float32,
+                    "split_count": np.int32}
 
 
 def _dtype_name(x):
@@ -1114,21 +1153,29 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
                          num_splits)
     batch, nq, q_len, d = (int(s) for s in q.shape)
     nkv = int(k_codes.shape[1])
-    skey = _split_key(config, d, nq // nkv, q_len, q_dtype, res_dtype)
-    split = _split_kernel(*skey)
     out_dtype = "float32" if _dtype_name(out) == "float32" else q_dtype
-    merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype, out_dtype))
+    skey = _split_key(config, d, nq // nkv, q_len, q_dtype, res_dtype, out_dtype)
     # block rows of residual blocks before the splits (0: the merge scores the residual)
     rows = residual_block_rows(skey, batch, nkv, int(residual_len), int(num_splits))
+    # the split kernel's last blocks merge (no merge launch) when few blocks feed each merge
+    # and the merge kernel need not score the residual tokens
+    tiles = -(-int(quantized_len) // TILE_TOKENS)
+    fuse = (FUSED_MERGE and _uses_v3(skey) and (rows > 0 or int(residual_len) == 0)
+            and int(num_splits) + rows <= FUSED_MAX_ARRIVALS
+            and tiles <= FUSED_MAX_TILES_PER_SPLIT * int(num_splits))
+    split = _split_kernel(*skey[:-1], fuse)
     scale32 = np.float32(scale)
     ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)
     ws_max, ws_sum, ws_acc = workspace["split_max"], workspace["split_sum"], workspace["split_acc"]
     split[(batch * nkv, rows + int(num_splits)), NUM_THREADS, stream](
         q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum, ws_acc,
-        scale32, ql, rl, ns, np.int32(rows))
-    merge[batch * nq * q_len, NUM_THREADS, stream](
-        q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns,
-        np.int32(1 if rows else 0))
+        scale32, ql, rl, ns, np.int32(rows), out, lse, workspace["split_count"],
+        np.int32(1 if fuse else 0))
+    if not fuse:
+        merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype, out_dtype))
+        merge[batch * nq * q_len, NUM_THREADS, stream](
+            q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns,
+            np.int32(1 if rows else 0))
 
 
 def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
@@ -1189,7 +1236,7 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         if name not in workspace:
             raise ValueError(f"workspace: expected an array named {name!r}, "
                              f"got {sorted(workspace)}")
-        _expect(f"workspace[{name!r}]", workspace[name], shape, np.float32)
+        _expect(f"workspace[{name!r}]", workspace[name], shape, WORKSPACE_DTYPES[name])
     # the merge kernel reads rows of these as 16-byte vectors
     for name, x in (("k_res", k_res), ("v_res", v_res),
                     ("workspace['split_acc']", workspace["split_acc"])):

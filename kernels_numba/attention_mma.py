@@ -189,7 +189,7 @@ def scratch_words(key_bits, value_bits, value_group_size, head_dim, rows):
 
 def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
                    rotate_keys, scale_tokens, norm_per_head, load_q, hadamard_scale,
-                   residual=None):
+                   residual=None, finish=None):
     """Python function of the v3 split kernel for one compile-time configuration.
 
     ``residual``: None, or the device function of ``attention_residual.build_residual`` (built
@@ -197,7 +197,12 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     block rows ``blockIdx.y < res_blocks`` whose blocks compute the residual partial (row group
     ``blockIdx.y``) at workspace slot ``num_splits`` (dispatched first, they run beside the
     split blocks), and split ``s`` is ``blockIdx.y == res_blocks + s``. Without it the kernel
-    ignores ``k_res``, ``v_res`` and ``res_blocks``."""
+    ignores ``k_res``, ``v_res`` and ``res_blocks``.
+
+    ``finish``: None, or the device function of ``attention_fused.build_finish``: then a launch
+    with ``fuse != 0`` ends every block with it, and the last block of each (batch, KV head)
+    merges the partials into ``out`` and ``lse`` (no merge launch); ``counter`` (int32, zero
+    before the launch) counts the arrivals and is left zero."""
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
     NCH = D // 16
@@ -262,6 +267,14 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         @cuda.jit(device=True)
         def residual(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale, quantized_len,
                      residual_len, b, kvh, rb, slot, qs, pb):
+            pass
+
+    FUSED = finish is not None
+    if not FUSED:
+
+        @cuda.jit(device=True)
+        def finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
+                   arrivals, flag, wb):
             pass
 
     @cuda.jit(device=True)
@@ -404,7 +417,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         return e0, e1
 
     def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
-                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks):
+                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
+                     out, lse, counter, fuse):
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -426,12 +440,22 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         lw = cuda.shared.array((NW, 8), np.float32)
         wgt = cuda.shared.array((NW, 8), np.float32)  # the epilogue's per-warp row weights
         gbase = cuda.shared.array((NW, 8), np.int64)
+        flag = cuda.shared.array(1, np.int32)  # the fused merge: this block arrived last
+        nres_blocks = res_blocks if RESIDUAL else 0
+        arrivals = num_splits + nres_blocks
+        res_slot = 1 if nres_blocks > 0 else 0
         if RESIDUAL and split < 0:  # block-uniform
             residual(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale, quantized_len, residual_len,
                      b, kvh, cuda.blockIdx.y, num_splits, qs, shared_address(stage, (0, 0)))
+            if FUSED and fuse != 0:
+                finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
+                       arrivals, flag, shared_address(stage, (0, 0)))
             return
         if t_begin >= t_end:  # block-uniform
             write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, NT, ROWS, D, G, LQ)
+            if FUSED and fuse != 0:
+                finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
+                       arrivals, flag, shared_address(stage, (0, 0)))
             return
         stg = stage[warp]  # this warp's stage: NSTAGE buffers of SW words
         sb = shared_address(stage, (warp, 0))  # its .shared byte address
@@ -817,5 +841,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         s += lw[w, tid] * ex2(mw[w, tid] - mm)
             ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = mm * LN2  # natural log units
             ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = s
+        if FUSED and fuse != 0:  # (its first barrier also ends this block's use of the stage)
+            finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
+                   arrivals, flag, shared_address(stage, (0, 0)))
 
     return split_kernel

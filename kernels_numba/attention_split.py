@@ -74,7 +74,8 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
     HS = hadamard_scale
 
     def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
-                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks):
+                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
+                     out, lse, counter, fuse):
         tid = cuda.threadIdx.x
         lane = tid % TILE
         warp = tid // TILE

@@ -30,6 +30,8 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
   reciprocals).
 * ``ldg4(addr)``: a 16-byte global load (4 uint32) through the read-only path (the quantize
   kernel's input rows).
+* ``ldcg4(addr)``, ``ldcg1f(addr)``: 16-byte / float32 global loads cached in L2 only
+  (``ld.global.cg``): the fused merge reads partials other blocks of the same launch wrote.
 * ``redux_max_u32(x)``: ``redux.sync.max.u32`` over the full warp (one instruction instead of
   five shuffles and maxima). Warp-collective.
 * ``cp_async16_bo(base, off, src)``, ``cp_async_commit()``, ``cp_async_wait0/1()``: 16-byte
@@ -312,6 +314,38 @@ def ldg4(typingctx, addr):
                                   [builder.extract_value(res, i) for i in range(4)])
 
     return types.UniTuple(types.uint32, 4)(addr), codegen
+
+
+@intrinsic
+def ldcg4(typingctx, addr):
+    """``ld.global.cg.v4.u32``: 16 bytes from the 16-byte aligned global address ``addr``,
+    cached in L2 only: data other blocks of the same kernel wrote (after their fence) is seen,
+    never a stale L1 line."""
+
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], types.uint64)
+        rty = ir.LiteralStructType([_I32] * 4)
+        asm = ir.InlineAsm(ir.FunctionType(rty, [_U64]),
+                           "ld.global.cg.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                           side_effect=True)
+        res = builder.call(asm, [a])
+        return context.make_tuple(builder, sig.return_type,
+                                  [builder.extract_value(res, i) for i in range(4)])
+
+    return types.UniTuple(types.uint32, 4)(addr), codegen
+
+
+@intrinsic
+def ldcg1f(typingctx, addr):
+    """``ld.global.cg.f32``: one float32 from global address ``addr``, L2 only (as ``ldcg4``)."""
+
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], types.uint64)
+        asm = ir.InlineAsm(ir.FunctionType(_F32, [_U64]), "ld.global.cg.f32 $0, [$1];", "=f,l",
+                           side_effect=True)
+        return builder.call(asm, [a])
+
+    return types.float32(addr), codegen
 
 
 @intrinsic

@@ -165,6 +165,13 @@ def ldg4(addr):
     return lds4(addr, 0)
 
 
+ldcg4 = ldg4
+
+
+def ldcg1f(addr):
+    return lds1f(addr, 0)
+
+
 def sts2(base, off, v0, v1):
     _bytes(int(base) + int(off), 8)[:] = np.array([int(v0) & _M32, int(v1) & _M32],
                                                   np.uint32).view(np.uint8)

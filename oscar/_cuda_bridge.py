@@ -264,8 +264,10 @@ class NumbaStore:
         bufs = self._dec_cache.get(key)
         if bufs is None:
             lse = torch.empty((b, hq, q_len), dtype=torch.float32, device=self.device)
-            ws = {n: torch.empty(sh, dtype=torch.float32, device=self.device)
-                  for n, sh in _attn.workspace_shapes(b, hq, q_len, d, splits).items()}
+            ws = {}  # zeros: the split kernel's arrival counters must start at 0
+            for n, sh in _attn.workspace_shapes(b, hq, q_len, d, splits).items():
+                tdt = getattr(torch, np.dtype(_attn.WORKSPACE_DTYPES[n]).name)
+                ws[n] = torch.zeros(sh, dtype=tdt, device=self.device)
             bufs = dict(lse=lse, lse_nb=cuda.as_cuda_array(lse),
                         ws_nb={n: cuda.as_cuda_array(t) for n, t in ws.items()}, ws=ws)
             self._dec_cache[key] = bufs

@@ -169,12 +169,17 @@ def run_kernel(case, num_splits, out_in_q_dtype=False):
         out = cuda.to_device(np.full((b, hq, lq, d), np.nan, q.dtype if out_in_q_dtype
                                      else np.float32))
     lse = cuda.to_device(np.full((b, hq, lq), np.nan, np.float32))
-    ws = {name: cuda.to_device(np.full(shape, np.nan, np.float32))
+    # float32 arrays poisoned, the fused merge's arrival counters zero (their contract)
+    ws = {name: cuda.to_device(np.full(shape, np.nan, np.float32) if name != "split_count"
+                               else np.zeros(shape, np.int32))
           for name, shape in K.workspace_shapes(b, hq, lq, d, num_splits).items()}
-    K.decode_attention(*dev, out, lse, ws, case["config"], case["scale"], case["quantized_len"],
-                       case["residual_len"], case["q_dtype"], case["res_dtype"], num_splits)
-    if not SIMULATOR:
-        cuda.synchronize()
+    for _ in range(2):  # the second call checks that the first left the counters at zero
+        K.decode_attention(*dev, out, lse, ws, case["config"], case["scale"],
+                           case["quantized_len"], case["residual_len"], case["q_dtype"],
+                           case["res_dtype"], num_splits)
+        if not SIMULATOR:
+            cuda.synchronize()
+        assert not ws["split_count"].copy_to_host().any()
     return out.copy_to_host(), lse.copy_to_host()
 
 
@@ -560,6 +565,18 @@ def test_sim_merge_scores_the_residual_when_residual_blocks_are_off(monkeypatch)
     check_case(case, num_splits=2)
 
 
+@pytest.mark.sim
+def test_sim_merge_kernel_reads_the_residual_blocks_partial(monkeypatch):
+    # residual blocks with a separate merge launch (what large split counts get): the merge
+    # kernel weighs the residual partial at slot num_splits and adds it after un-rotating
+    monkeypatch.setattr(K, "FUSED_MERGE", False)
+    monkeypatch.setattr(K, "RESIDUAL_BLOCKS", "on")
+    case = make_case(1, 1, 2, 64, 64, 21, 2, oscar.OScaRConfig(), q_dtype="bfloat16",
+                     res_dtype="float16", seed=13)
+    assert _residual_blocks_used(case) == (K.SPLIT_VERSION == 3)
+    check_case(case, num_splits=2)
+
+
 def test_residual_block_rows_auto_on_off(monkeypatch):
     key = (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False, "bfloat16", 128)
     monkeypatch.setattr(K, "SPLIT_VERSION", 3)
@@ -683,7 +700,7 @@ def test_workspace_shapes():
     # 7 splits and the residual's slot
     ws = K.workspace_shapes(2, 32, 3, 128, 7)
     assert ws == {"split_max": (2, 32, 3, 8), "split_sum": (2, 32, 3, 8),
-                  "split_acc": (2, 32, 3, 8, 128)}
+                  "split_acc": (2, 32, 3, 8, 128), "split_count": (2, 32)}
 
 
 def _host_args(case, num_splits):
@@ -692,7 +709,7 @@ def _host_args(case, num_splits):
     dev = [cuda.to_device(np.ascontiguousarray(a)) for a in case["kernel_args"]]
     out = cuda.to_device(np.zeros((b, hq, lq, d), np.float32))
     lse = cuda.to_device(np.zeros((b, hq, lq), np.float32))
-    ws = {n: cuda.to_device(np.zeros(s, np.float32))
+    ws = {n: cuda.to_device(np.zeros(s, K.WORKSPACE_DTYPES[n]))
           for n, s in K.workspace_shapes(b, hq, lq, d, num_splits).items()}
     return dev, out, lse, ws
 
