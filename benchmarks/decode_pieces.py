@@ -1,9 +1,10 @@
 """Where does a decode step spend its time? Graph-replay device time (L2 flushed) of each piece
-of one step, each captured alone: the split kernel, the merge kernel (with the cache's residual
-tokens and with none; it writes the bfloat16 output itself), both kernels, the whole call, and
-torch SDPA bf16
-on the same tokens; plus an empty kernel (the timing floor). Llama-3.1-8B shapes, 127 residual
-tokens. H200 results: benchmarks/RESULTS.md (2026-11-24, sixth session).
+of one step, each captured alone: the split kernel (its unfused variant, with the residual blocks
+where ``residual_block_rows`` puts them; ``split(res0)``: with no residual token), the merge
+kernel (reading the residual blocks' partial or scoring the residual; ``merge(res0)``: no
+residual), both kernels, the whole call (``full``: what ``oscar.decode_attention`` runs, fused
+where it fuses), and torch SDPA bf16 on the same tokens; plus an empty kernel (the timing floor).
+Llama-3.1-8B shapes, 127 residual tokens. H200 results: benchmarks/RESULTS.md.
 
     python benchmarks/decode_pieces.py
 """

@@ -1,4 +1,5 @@
-"""Decode attention straight from the packed cache: flash-decoding in two launches.
+"""Decode attention straight from the packed cache: flash-decoding in two launches (one for
+short steps: the v3 split kernel's last blocks merge, attention_fused.py).
 
 Computes exactly :func:`oscar.reference.attention.decode_attention` (SPEC section 5) in float32:
 
@@ -1123,7 +1124,8 @@ def _expect(name, x, shape, dtype):
 def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                      workspace, config, scale, quantized_len, residual_len, q_dtype, res_dtype,
                      num_splits, stream=0, check=True):
-    """Decode attention over packed + residual tokens; writes ``out`` and ``lse``. Two launches.
+    """Decode attention over packed + residual tokens; writes ``out`` and ``lse``. Two launches,
+    or one where the split kernel merges (``FUSED_MERGE``; short steps).
 
     Args:
         q: ``[batch, num_q_heads, q_len, head_dim]`` float16/float32, or int16 bfloat16 bits.
@@ -1137,7 +1139,8 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         out: ``[batch, num_q_heads, q_len, head_dim]``, float32 or q's dtype (bfloat16 as
             int16 bits): the merge rounds its float32 result once on the store; lse: float32
             ``[batch, num_q_heads, q_len]`` (natural log).
-        workspace: dict of float32 arrays with the shapes of :func:`workspace_shapes`.
+        workspace: dict of the arrays of :func:`workspace_shapes` (dtypes ``WORKSPACE_DTYPES``;
+            ``split_count`` zero before the first call, left zero by every call).
         config: the cache's OScaRConfig. scale: logit scale.
         quantized_len: valid packed tokens (a multiple of key_group_size, <= capacity).
         residual_len: valid residual tokens, ``0 <= residual_len < residual_length``.

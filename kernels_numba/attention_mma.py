@@ -139,9 +139,9 @@ def shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages)
     stage = max(stages * _stage_words(key_bits, value_bits, value_group_size, head_dim),
                 rows * head_dim)
     # per warp: stage, score tile psh, fragment buffer bsh, esh (8 x 8), mw + lw, gbase (8
-    # int64), the epilogue weights wgt
+    # int64), the epilogue weights wgt; then the fused merge's flag (an int32, padded to 16)
     return 4 * (rows * (head_dim + 4) + rows + NUM_WARPS * (stage + 8 * 32 + 8 * (nch * 8 + 8)
-                                                          + 64 + 16 + 16 + 8))
+                                                          + 64 + 16 + 16 + 8)) + 16
 
 
 def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dtype):

@@ -298,41 +298,33 @@ def rcp_approx(typingctx, x):
     return types.float32(x), codegen
 
 
-@intrinsic
-def ldg4(typingctx, addr):
-    """``ld.global.nc.v4.u32``: 16 bytes (4 uint32) from the 16-byte aligned global address
-    ``addr`` (int64, from :func:`global_address`), through the read-only data path."""
+def _ld_global_v4(qualifier, doc):
+    """A 16-byte global load ``ld.global.<qualifier>.v4.u32`` of the 16-byte aligned address
+    ``addr`` (int64, from :func:`global_address`), as an intrinsic returning 4 uint32."""
 
-    def codegen(context, builder, sig, args):
-        a = context.cast(builder, args[0], sig.args[0], types.uint64)
-        rty = ir.LiteralStructType([_I32] * 4)
-        asm = ir.InlineAsm(ir.FunctionType(rty, [_U64]),
-                           "ld.global.nc.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
-                           side_effect=True)
-        res = builder.call(asm, [a])
-        return context.make_tuple(builder, sig.return_type,
-                                  [builder.extract_value(res, i) for i in range(4)])
+    def ld(typingctx, addr):
+        def codegen(context, builder, sig, args):
+            a = context.cast(builder, args[0], sig.args[0], types.uint64)
+            rty = ir.LiteralStructType([_I32] * 4)
+            asm = ir.InlineAsm(ir.FunctionType(rty, [_U64]),
+                               f"ld.global.{qualifier}.v4.u32 {{$0, $1, $2, $3}}, [$4];",
+                               "=r,=r,=r,=r,l", side_effect=True)
+            res = builder.call(asm, [a])
+            return context.make_tuple(builder, sig.return_type,
+                                      [builder.extract_value(res, i) for i in range(4)])
 
-    return types.UniTuple(types.uint32, 4)(addr), codegen
+        return types.UniTuple(types.uint32, 4)(addr), codegen
+
+    ld.__doc__ = doc
+    ld.__name__ = ld.__qualname__ = f"ld_global_{qualifier}_v4"
+    return intrinsic(ld)
 
 
-@intrinsic
-def ldcg4(typingctx, addr):
-    """``ld.global.cg.v4.u32``: 16 bytes from the 16-byte aligned global address ``addr``,
-    cached in L2 only: data other blocks of the same kernel wrote (after their fence) is seen,
-    never a stale L1 line."""
-
-    def codegen(context, builder, sig, args):
-        a = context.cast(builder, args[0], sig.args[0], types.uint64)
-        rty = ir.LiteralStructType([_I32] * 4)
-        asm = ir.InlineAsm(ir.FunctionType(rty, [_U64]),
-                           "ld.global.cg.v4.u32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
-                           side_effect=True)
-        res = builder.call(asm, [a])
-        return context.make_tuple(builder, sig.return_type,
-                                  [builder.extract_value(res, i) for i in range(4)])
-
-    return types.UniTuple(types.uint32, 4)(addr), codegen
+#: ``ld.global.nc.v4.u32``: through the read-only data path (data no block of the kernel writes).
+ldg4 = _ld_global_v4("nc", "16 bytes through the read-only data path.")
+#: ``ld.global.cg.v4.u32``: cached in L2 only, so data that other blocks of the same kernel wrote
+#: (after their fence) is seen, never a stale L1 line.
+ldcg4 = _ld_global_v4("cg", "16 bytes cached in L2 only.")
 
 
 @intrinsic

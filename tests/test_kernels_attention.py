@@ -173,7 +173,9 @@ def run_kernel(case, num_splits, out_in_q_dtype=False):
     ws = {name: cuda.to_device(np.full(shape, np.nan, np.float32) if name != "split_count"
                                else np.zeros(shape, np.int32))
           for name, shape in K.workspace_shapes(b, hq, lq, d, num_splits).items()}
-    for _ in range(2):  # the second call checks that the first left the counters at zero
+    # on the GPU a second call checks that the first left the counters at zero (the simulator
+    # runs the same code paths; test_sim_fused_merge_leaves_the_counters_at_zero checks it there)
+    for _ in range(1 if SIMULATOR else 2):
         K.decode_attention(*dev, out, lse, ws, case["config"], case["scale"],
                            case["quantized_len"], case["residual_len"], case["q_dtype"],
                            case["res_dtype"], num_splits)
@@ -566,6 +568,23 @@ def test_sim_merge_scores_the_residual_when_residual_blocks_are_off(monkeypatch)
 
 
 @pytest.mark.sim
+def test_sim_fused_merge_leaves_the_counters_at_zero():
+    # two calls on one workspace: the fused merge's arrival counters must be back at zero after
+    # each (else the second call's last block would never see its count) and the results equal
+    case = make_case(1, 2, 2, 64, 64, 5, 1, oscar.OScaRConfig(), q_dtype="bfloat16",
+                     res_dtype="bfloat16", seed=17)
+    dev, out, lse, ws = _host_args(case, 2)
+    args = (case["config"], case["scale"], case["quantized_len"], case["residual_len"],
+            case["q_dtype"], case["res_dtype"], 2)
+    K.decode_attention(*dev, out, lse, ws, *args)
+    first = out.copy_to_host()
+    assert not ws["split_count"].copy_to_host().any()
+    K.decode_attention(*dev, out, lse, ws, *args)
+    assert not ws["split_count"].copy_to_host().any()
+    assert np.array_equal(out.copy_to_host(), first)
+
+
+@pytest.mark.sim
 def test_sim_merge_kernel_reads_the_residual_blocks_partial(monkeypatch):
     # residual blocks with a separate merge launch (what large split counts get): the merge
     # kernel weighs the residual partial at slot num_splits and adds it after un-rotating
@@ -732,6 +751,17 @@ def test_errors_at_the_boundary(change, error, match):
     args.update({k: v for k, v in change.items() if k != "workspace_splits"})
     with pytest.raises(error, match=match):
         K.decode_attention(*dev, out, lse, ws, **args)
+
+
+def test_float32_arrival_counters_are_a_clear_error():
+    # split_count is int32 (the fused merge's atomics): a workspace built all-float32 is refused
+    case = make_case(1, 1, 2, 32, 32, 3, 1, oscar.OScaRConfig(residual_length=32))
+    dev, out, lse, ws = _host_args(case, 1)
+    ws["split_count"] = cuda.to_device(np.zeros(tuple(ws["split_count"].shape), np.float32))
+    with pytest.raises(TypeError, match=r"workspace\['split_count'\]: expected dtype int32"):
+        K.decode_attention(*dev, out, lse, ws, config=case["config"], scale=case["scale"],
+                           quantized_len=32, residual_len=3, q_dtype="float32",
+                           res_dtype="float32", num_splits=1)
 
 
 def test_misaligned_residual_is_a_clear_error():
