@@ -331,6 +331,12 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
                                            _loader(q_dtype), D + 4)
         finish = None
         if fused:
+            # the merge's weights use the staging buffers as scratch (ample at every supported
+            # shape: at least 2,944 words against 1,028; a launch with fuse = 1 must merge)
+            need = _fused.scratch_words(MAX_SPLITS + 1)
+            have = _split_v3.scratch_words(key_bits, value_bits, value_group_size, D, ROWS)
+            if need > have:
+                raise ValueError(f"fused merge: {need} words of scratch needed, {have} staged")
             finish = _fused.build_finish(D, G, LQ, rotate_values, _hadamard_scale(D),
                                          _storer(out_dtype), MAX_SPLITS + 1)
         fn = _split_v3.build_split_v3(

@@ -54,7 +54,7 @@ def build_finish(head_dim, gqa, q_len, rotate_values, hadamard_scale, store, max
     VEC = CQ % 4 == 0
     NV = CQ // 4 if VEC else CQ
     UN = max(1, SLOTS_IN_FLIGHT // max(1, NV))
-    NREG = 4 * NV * UN if VEC else NV * UN
+    NREG = 4 * NV * UN if VEC else 1  # (without VEC the FMA loop loads its scalars itself)
     ROTATE = bool(rotate_values)
     HS = np.float32(hadamard_scale)
     MS = max_slots
@@ -112,19 +112,17 @@ def build_finish(head_dim, gqa, q_len, rotate_values, hadamard_scale, store, max
             for k in range(CQ):
                 acc[k] = ZERO_F
             for u0 in range(0, num_splits, UN):
-                # UN slots' loads first (slots past the last are clamped to it, weight 0)
-                for uu in range(UN):
-                    u = min(u0 + uu, num_splits - 1)
-                    for v in range(NV):
-                        if VEC:
+                # UN slots' 16-byte loads first (slots past the last are clamped to it, weight 0)
+                if VEC:
+                    for uu in range(UN):
+                        u = min(u0 + uu, num_splits - 1)
+                        for v in range(NV):
                             w0, w1, w2, w3 = ldcg4(ab + np.int64(4 * (u * D + 4 * v)))
                             o = 4 * (uu * NV + v)
                             regs[o] = w0
                             regs[o + 1] = w1
                             regs[o + 2] = w2
                             regs[o + 3] = w3
-                        else:
-                            regs[uu * NV + v] = np.uint32(0)
                 for uu in range(UN):
                     u = u0 + uu
                     if u < num_splits:
