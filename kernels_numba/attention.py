@@ -983,6 +983,19 @@ def residual_reserve(split_key, batch, num_kv_heads, residual_len, num_sms, bloc
     return n if n <= RESIDUAL_RESERVE * blocks_per_sm * num_sms else 0
 
 
+def merge_in_split(split_key, res_rows, quantized_len, residual_len, num_splits):
+    """Whether the split kernel's last blocks merge (``attention_fused``; no merge launch):
+    FUSED_MERGE, the v3 kernel, the merge kernel need not score the residual (``res_rows``
+    block rows of residual blocks from :func:`residual_block_rows` or no residual tokens), at
+    most FUSED_MAX_ARRIVALS blocks feed each merge, and at most FUSED_MAX_TILES_PER_SPLIT
+    tiles per split."""
+    tiles = -(-int(quantized_len) // TILE_TOKENS)
+    return bool(FUSED_MERGE and _uses_v3(split_key)
+                and (res_rows > 0 or int(residual_len) == 0)
+                and int(num_splits) + res_rows <= FUSED_MAX_ARRIVALS
+                and tiles <= FUSED_MAX_TILES_PER_SPLIT * int(num_splits))
+
+
 def _merge_key(config, head_dim, q_dtype, res_dtype, out_dtype):
     return (head_dim, config.residual_length, q_dtype, res_dtype, config.rotate_values,
             out_dtype)
@@ -1168,10 +1181,7 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
     rows = residual_block_rows(skey, batch, nkv, int(residual_len), int(num_splits))
     # the split kernel's last blocks merge (no merge launch) when few blocks feed each merge
     # and the merge kernel need not score the residual tokens
-    tiles = -(-int(quantized_len) // TILE_TOKENS)
-    fuse = (FUSED_MERGE and _uses_v3(skey) and (rows > 0 or int(residual_len) == 0)
-            and int(num_splits) + rows <= FUSED_MAX_ARRIVALS
-            and tiles <= FUSED_MAX_TILES_PER_SPLIT * int(num_splits))
+    fuse = merge_in_split(skey, rows, quantized_len, residual_len, num_splits)
     split = _split_kernel(*skey[:-1], fuse)
     scale32 = np.float32(scale)
     ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)

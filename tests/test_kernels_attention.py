@@ -839,6 +839,8 @@ GPU_CASES = [
     ("llama-qlen2-residual-256", dict(LLAMA, batch=2), 2048, 201, 2,
      dict(residual_length=256), "bfloat16", "float16", None),  # v3 residual blocks: 8 rows,
     # 2 score rounds per thread
+    ("d64-gqa4-fused", dict(batch=1, num_kv_heads=8, gqa=4, head_dim=64), 4064, 37, 1, {},
+     "float16", "float16", None),  # v3's fused merge with 8-byte rows (no 16-byte loads)
     ("kivi-k8v2", dict(LLAMA, batch=2), 3200, 100, 1,
      dict(key_bits=8, rotate_keys=False, scale_tokens=False, rotate_values=False),
      "float32", "float16", None),
@@ -853,6 +855,20 @@ GPU_CASES = [
     ("more-splits-than-tiles", dict(LLAMA, num_kv_heads=1), 640, 5, 1, {}, "float16",
      "float16", K.MAX_SPLITS),
 ]
+
+
+#: GPU cases whose launches fuse the merge into the v3 split kernel (16- and 8-byte rows)
+FUSED_GPU_CASES = ("llama-qlen2-causal-no-residual", "llama-qlen2-residual-256", "d64-gqa4-fused",
+                   "empty-cache")
+
+
+def _merged_in_split(case, num_splits):
+    q = case["kernel_args"][0]
+    nkv = case["block"].v_codes.shape[1]
+    key = K._split_key(case["config"], q.shape[3], q.shape[1] // nkv, q.shape[2],
+                       case["q_dtype"], case["res_dtype"])
+    rows = K.residual_block_rows(key, q.shape[0], nkv, case["residual_len"], num_splits)
+    return K.merge_in_split(key, rows, case["quantized_len"], case["residual_len"], num_splits)
 
 
 def _gpu_case(shape, quantized_len, residual_len, q_len, changes, q_dtype, res_dtype, **kw):
@@ -877,6 +893,8 @@ def test_gpu_matches_reference(name, shape, qlen, rlen, q_len, changes, q_dtype,
                                splits):
     case = _gpu_case(shape, qlen, rlen, q_len, changes, q_dtype, res_dtype, seed=11)
     num_splits = _auto_splits(case) if splits is None else splits
+    if name in FUSED_GPU_CASES:  # the cases that must reach the fused merge do
+        assert _merged_in_split(case, num_splits) == (K.SPLIT_VERSION == 3)
     out, lse = check_case(case, num_splits)
     again = run_kernel(case, num_splits)  # no atomics: bit-identical on a second launch
     assert np.array_equal(out, again[0]) and np.array_equal(lse, again[1])
