@@ -23,9 +23,11 @@ from ._compat import SIMULATOR, cuda, np
 from .common import fwht_warp
 
 if SIMULATOR:
-    from .ptx_sim import (global_address, ldcg1f, ldcg4, lds1f, sts1f, uint_as_float)
+    from .ptx_sim import (fence_acq_rel_gpu, global_address, ldcg1f, ldcg4, lds1f, sts1f,
+                          uint_as_float)
 else:
-    from .ptx import global_address, ldcg1f, ldcg4, lds1f, sts1f, uint_as_float
+    from .ptx import (fence_acq_rel_gpu, global_address, ldcg1f, ldcg4, lds1f, sts1f,
+                      uint_as_float)
 
 NUM_THREADS = 128
 NUM_WARPS = 4
@@ -62,35 +64,60 @@ def build_finish(head_dim, gqa, q_len, rotate_values, hadamard_scale, store, max
     ZERO_F = np.float32(0.0)
 
     @cuda.jit(device=True)
+    def load_slots(ab, u0, num_splits, regs):
+        """The 16-byte loads of value slots ``u0 .. u0 + UN - 1`` (past the last: clamped to it,
+        weight 0) into ``regs``, all issued before any is used."""
+        for uu in range(UN):
+            u = min(u0 + uu, num_splits - 1)
+            for v in range(NV):
+                w0, w1, w2, w3 = ldcg4(ab + np.int64(4 * (u * D + 4 * v)))
+                o = 4 * (uu * NV + v)
+                regs[o] = w0
+                regs[o + 1] = w1
+                regs[o + 2] = w2
+                regs[o + 3] = w3
+
+    @cuda.jit(device=True)
     def finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
                arrivals, flag, wb):
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
         neg_inf = np.float32(-math.inf)
-        cuda.threadfence()  # this thread's partial writes, before the block's arrival counts
-        cuda.syncthreads()
+        cuda.syncthreads()  # every thread of the block has issued its partial writes
         if tid == 0:
+            fence_acq_rel_gpu()  # release: the block's writes (through the barrier) come first
             old = cuda.atomic.add(counter, (b, kvh), np.int32(1))
             last = old == arrivals - 1
             if last:
+                fence_acq_rel_gpu()  # acquire: every other block's partials are visible
                 counter[b, kvh] = np.int32(0)  # ready for the next launch
             flag[0] = np.int32(1) if last else np.int32(0)
         cuda.syncthreads()
         if flag[0] == 0:
             return
-        cuda.threadfence()
         nslots = num_splits + res_slot
         wbase = wb + 4 * MS * warp
         acc = cuda.local.array(CQ, np.float32)
+        rv = cuda.local.array(CQ, np.float32)  # the residual partial's value sum (unrotated)
         regs = cuda.local.array(NREG, np.uint32)
         for r in range(warp, ROWS, NW):
             hq = kvh * G + r // LQ
             i = r % LQ
             mb = global_address(ws_max, (b, hq, i, 0))
             sb = global_address(ws_sum, (b, hq, i, 0))
-            m = neg_inf
-            for u in range(lane, nslots, 32):
+            ab = global_address(ws_acc, (b, hq, i, 0, 0)) + np.int64(4 * CQ * lane)
+            # this lane's slot statistics in one round trip, kept for the weights (lanes past
+            # 32 slots reload theirs: at most 32 blocks fuse). Preloading the value slots here
+            # as well lost: 8 slots of 16-byte loads held across the exp and the shuffles spilled
+            # (352 bytes, some in the tile loop; B=1 8K 18.0 vs 17.1 us)
+            mu = neg_inf
+            su = ZERO_F
+            if lane < nslots:
+                mu = ldcg1f(mb + np.int64(4 * lane))
+                su = ldcg1f(sb + np.int64(4 * lane))
+            m = mu
+            for u in range(lane + 32, nslots, 32):
                 m = max(m, ldcg1f(mb + np.int64(4 * u)))
             for off in (16, 8, 4, 2, 1):
                 m = max(m, cuda.shfl_xor_sync(FULL, m, off))
@@ -98,31 +125,31 @@ def build_finish(head_dim, gqa, q_len, rotate_values, hadamard_scale, store, max
                 m = ZERO_F
             # an empty split (max -inf) weighs 0; a NaN max or sum still reaches the output
             total = ZERO_F
-            for u in range(lane, nslots, 32):
-                mu = ldcg1f(mb + np.int64(4 * u))
+            if lane < nslots:
                 w = ZERO_F
                 if mu != neg_inf:
                     w = math.exp(mu - m)
+                sts1f(wbase, 4 * lane, w)
+                total = w * su
+            for u in range(lane + 32, nslots, 32):
+                mv = ldcg1f(mb + np.int64(4 * u))
+                w = ZERO_F
+                if mv != neg_inf:
+                    w = math.exp(mv - m)
                 sts1f(wbase, 4 * u, w)
                 total += w * ldcg1f(sb + np.int64(4 * u))
             for off in (16, 8, 4, 2, 1):
                 total += cuda.shfl_xor_sync(FULL, total, off)
             cuda.syncwarp()  # the weights, for every lane
-            ab = global_address(ws_acc, (b, hq, i, 0, 0)) + np.int64(4 * CQ * lane)
             for k in range(CQ):
                 acc[k] = ZERO_F
+                rv[k] = ZERO_F
+            if res_slot != 0:  # the residual partial's round trip overlaps the slots' below
+                for k in range(CQ):
+                    rv[k] = ldcg1f(ab + np.int64(4 * (num_splits * D + k)))
             for u0 in range(0, num_splits, UN):
-                # UN slots' 16-byte loads first (slots past the last are clamped to it, weight 0)
                 if VEC:
-                    for uu in range(UN):
-                        u = min(u0 + uu, num_splits - 1)
-                        for v in range(NV):
-                            w0, w1, w2, w3 = ldcg4(ab + np.int64(4 * (u * D + 4 * v)))
-                            o = 4 * (uu * NV + v)
-                            regs[o] = w0
-                            regs[o + 1] = w1
-                            regs[o + 2] = w2
-                            regs[o + 3] = w3
+                    load_slots(ab, u0, num_splits, regs)
                 for uu in range(UN):
                     u = u0 + uu
                     if u < num_splits:
@@ -144,7 +171,7 @@ def build_finish(head_dim, gqa, q_len, rotate_values, hadamard_scale, store, max
                 if ROTATE:
                     o *= HS
                 if res_slot != 0:
-                    o += wr * ldcg1f(ab + np.int64(4 * (num_splits * D + k)))
+                    o += wr * rv[k]
                 out[b, hq, i, lane * CQ + k] = store(o / total)
             if lane == 0:
                 lse[b, hq, i] = m + math.log(total)

@@ -20,7 +20,9 @@ Block of 128 threads, for the (batch, kv head) it is given:
    ``red_s``); ``p = exp(s - m)`` replaces the score (0 where a causal row does not see the token);
 4. values: warp ``w`` owns channels ``[w D/4, (w + 1) D/4)``: ``D/4 * es / 16`` lanes of a token
    read one 16-byte chunk each, the other lane bits step through the tokens; the per-lane sums
-   are reduced over the token lanes by ``shfl_xor`` and written straight to the workspace.
+   are reduced over the token lanes by ``shfl_xor`` and written straight to the workspace. The
+   first two rounds of value loads (all of them up to ``2 * STEP`` tokens: 128 at head_dim 128
+   bf16) are issued right after the scores, so their round trip overlaps the softmax.
 
 Supported (:func:`unsupported`) when ``head_dim * element size`` is a power of two from 64 to
 2048 bytes (a warp's channel slice is whole 16-byte chunks that divide 32 lanes: head_dim 32 to
@@ -246,6 +248,15 @@ def build_residual(head_dim, residual_length, gqa, q_len, res_dtype, load_q, qs_
                     if t >= nmax - (LQ - 1 - (r0 + r) % LQ):
                         a = neg_inf
                     sts1f(pb, 4 * (r * R + t), a)
+        # the first two rounds of value loads fly during the softmax below (the key registers
+        # are dead): at batch 1 their DRAM round trip was on the block's critical path
+        tl = lane // CLW
+        c0 = warp * CHW + (lane % CLW) * VPL
+        vbase = global_address(v_res, (b, kvh, 0, 0)) + np.int64(c0 * ES)
+        va = cuda.local.array(NVW, np.uint32)
+        vb = cuda.local.array(NVW, np.uint32)
+        load_values(vbase, tl, nmax, va)
+        load_values(vbase, tl + STEP, nmax, vb)
         cuda.syncthreads()
 
         # --- softmax statistics: a warp per row (max, then p = exp(s - m) and its sum) --------
@@ -271,21 +282,15 @@ def build_residual(head_dim, residual_length, gqa, q_len, res_dtype, load_q, qs_
         cuda.syncthreads()
 
         # --- values: warp w owns channels [w CHW, (w + 1) CHW); lanes step through tokens, two
-        # rounds of loads in flight ----------------------------------------------------------
-        tl = lane // CLW
-        c0 = warp * CHW + (lane % CLW) * VPL
-        vbase = global_address(v_res, (b, kvh, 0, 0)) + np.int64(c0 * ES)
+        # rounds of loads in flight (the first two issued before the softmax) -----------------
         acc = cuda.local.array(NACC, np.float32)
-        va = cuda.local.array(NVW, np.uint32)
-        vb = cuda.local.array(NVW, np.uint32)
         for j in range(NACC):
             acc[j] = ZERO_F
-        load_values(vbase, tl, nmax, va)
         for t0 in range(tl, nmax, 2 * STEP):
-            load_values(vbase, t0 + STEP, nmax, vb)
             add_values(pb, t0, nmax, va, acc)
             load_values(vbase, t0 + 2 * STEP, nmax, va)
             add_values(pb, t0 + STEP, nmax, vb, acc)
+            load_values(vbase, t0 + 3 * STEP, nmax, vb)
         for j in range(NACC):
             a = acc[j]
             off = CLW

@@ -144,6 +144,11 @@ cp_async_commit = _asm_statement("cp_async_commit", "cp.async.commit_group;")
 #: wait until at most 0 / 1 committed groups of this thread are still in flight
 cp_async_wait0 = _asm_statement("cp_async_wait0", "cp.async.wait_group 0;")
 cp_async_wait1 = _asm_statement("cp_async_wait1", "cp.async.wait_group 1;")
+#: release / acquire fence at GPU scope (lighter than ``membar.gl``, i.e. ``fence.sc.gpu``, of
+#: ``cuda.threadfence``): with a barrier and one relaxed atomic, the arrival counter pattern of
+#: CUTLASS's generic barrier (writers: ``bar.sync``, then one thread fences and adds; the last
+#: arrival: fences after its add, then ``bar.sync``)
+fence_acq_rel_gpu = _asm_statement("fence_acq_rel_gpu", "fence.acq_rel.gpu;")
 
 
 # --- raw addresses: computed once per tile, offset in 32-bit arithmetic ---------------------

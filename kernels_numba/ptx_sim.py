@@ -205,6 +205,10 @@ def cp_async_commit():
     pass
 
 
+def fence_acq_rel_gpu():
+    pass  # the simulator's threads share one coherent memory
+
+
 def cp_async_wait0():
     pass
 
