@@ -116,7 +116,8 @@ def main(argv=None):
     lines = [f"Date {env['date']}; GPU {env['gpu']}; torch {env['torch']}; numba {env['numba']}; "
              f"numpy {env['numpy']}; copy bandwidth {copy_tbps:.2f} TB/s (read + write).", "",
              "oscar ms: device time of one decode step replayed from a CUDA graph (split + merge "
-             "kernels); eager: the same call launched from Python (includes host launch cost).",
+             "kernels; median of 3 captures x 50 replays); eager: the same call launched from "
+             "Python (includes host launch cost).",
              "packed bytes: what a step reads (codes, params, norms and the residual tokens). "
              "residual: unquantized tokens in the cache (seq_len mod 128).",
              "", "| batch | seq_len | residual | bits | oscar ms | eager ms | SDPA bf16 ms | "
