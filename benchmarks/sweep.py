@@ -86,29 +86,23 @@ def main(argv=None):
     batches = [1, 8] if args.quick else [1, 8, 16]
     lens = [4096, 32768, 131072] if args.quick else [1024, 4096, 16384, 32768, 65536, 131072]
     rows = []
-    partial = open(os.path.join(args.out, "rows.jsonl"), "w")  # rows as they come (a run cut
-    # short by a time limit keeps what it measured)
-
-    def add(row):
-        rows.append(row)
-        print(row, flush=True)
-        partial.write(json.dumps(row) + "\n")
-        partial.flush()
-
-    for b in batches:
-        for t in lens:
-            if b * t > 16 * 131072:
-                continue
-            add(decode_row(b, t, 2, copy_tbps, host=(b == 1 and t == 32768)))
+    cases = [(b, t, 2, b == 1 and t == 32768) for b in batches for t in lens
+             if b * t <= 16 * 131072]
     if args.quick:  # the other 128K case (the full sweep has it in the loop above)
-        add(decode_row(16, 131072, 2, copy_tbps))
-    for b, t in [(8, 131072)]:
-        add(decode_row(b, t, 4, copy_tbps))
+        cases.append((16, 131072, 2, False))
+    cases.append((8, 131072, 4, False))
     # a full residual window: 127 unquantized tokens (the worst case of a decode loop, which
     # cycles through 0..127; the rows above have none)
-    for b, t in [(1, 4096), (1, 32768), (8, 32768), (8, 131072)]:
-        add(decode_row(b, t + RESIDUAL - 1, 2, copy_tbps))
-    partial.close()
+    cases += [(b, t + RESIDUAL - 1, 2, False) for b, t in [(1, 4096), (1, 32768), (8, 32768),
+                                                            (8, 131072)]]
+    # rows.jsonl gets each row as it is measured: a run cut short by a time limit keeps them
+    with open(os.path.join(args.out, "rows.jsonl"), "w") as partial:
+        for b, t, bits, host in cases:
+            row = decode_row(b, t, bits, copy_tbps, host=host)
+            rows.append(row)
+            print(row, flush=True)
+            partial.write(json.dumps(row) + "\n")
+            partial.flush()
     quant = [quantize_row(128, copy_tbps), quantize_row(32768, copy_tbps)]
     result = dict(env=env, copy_tbps=copy_tbps, decode=rows, quantize=quant)
     with open(os.path.join(args.out, "sweep.json"), "w") as f:
