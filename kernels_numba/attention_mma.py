@@ -558,17 +558,26 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         bv = cuda.local.array(NBV, np.uint32)
         vx = cuda.local.array(NVX, np.uint32)
 
-        for step in range(nsteps):
-            tile = t_begin + (((step >> LTPG) * NW + warp) << LTPG) + (step & (TPG - 1))
+        # the tile loop's bookkeeping in 32-bit (Numba's ints are int64: the step counter, the
+        # tile index and the causal test cost about 20 instructions a tile in 64-bit pairs)
+        nsteps32 = np.int32(nsteps)
+        tb32 = np.int32(t_begin)
+        w32 = np.int32(warp)
+        # a tile starting past this token holds one that some row must not see (causal edge)
+        edge32 = np.int32(seq_len - LQ - TILE + 1)
+        for step in range(nsteps32):
+            tile = np.int32(tb32 + np.int32((np.int32(np.int32(step >> LTPG) * NW + w32) << LTPG)
+                                            + np.int32(step & (TPG - 1))))
             buf = step & (NSTAGE - 1)
             if NSTAGE == 1:
                 if step > 0:
                     prefetch(sl, lane, tile, gb)
                 cp_async_wait0()
-            elif step + 1 < nsteps:  # the next tile's copies fly while this one is computed
-                nxt = step + 1
+            elif np.int32(step + 1) < nsteps32:  # the next tile's copies fly meanwhile
+                nxt = np.int32(step + 1)
                 prefetch(sl + 4 * SW * (1 - buf), lane,
-                         t_begin + (((nxt >> LTPG) * NW + warp) << LTPG) + (nxt & (TPG - 1)),
+                         np.int32(tb32 + np.int32((np.int32(np.int32(nxt >> LTPG) * NW + w32)
+                                                   << LTPG) + np.int32(nxt & (TPG - 1)))),
                          gb)
                 cp_async_wait1()
             else:
@@ -711,7 +720,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 n0, n1, n2, n3 = lds4f(so, 4 * (NRM + 4 * g))
             else:
                 n0 = n1 = n2 = n3 = np.float32(1.0)
-            tok = tile * TILE + 4 * g
+            tok = np.int32(np.int32(tile * TILE) + np.int32(4 * g))
             # scores sc[2 i + h]: token tok + i, row r0 + h
             sc[0] = (f0 * c0 + k0) * n0
             sc[1] = (f1 * c1 + k1) * n0
@@ -721,7 +730,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             sc[5] = (f1 * c5 + k1) * n2
             sc[6] = (f0 * c6 + k0) * n3
             sc[7] = (f1 * c7 + k1) * n3
-            if tile * TILE + TILE - 1 > seq_len - LQ:  # a causal-edge tile (warp-uniform)
+            if np.int32(tile * TILE) > edge32:  # a causal-edge tile (warp-uniform)
                 for i in range(4):
                     if not (r0 < ROWS and tok + i <= lim0):
                         sc[2 * i] = neg_inf
