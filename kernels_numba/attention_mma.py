@@ -374,6 +374,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         cp_async_commit()
 
     @cuda.jit(device=True)
+    def tile_of(tb32, w32, step):
+        """The tile of this warp's step ``step`` (int32; the split starts at tile ``tb32``, warp
+        ``w32`` takes key groups w, w + NW, ...). The casts keep the arithmetic 32-bit: Numba's
+        ints are int64, and the loop bookkeeping in 64-bit pairs cost about 20 instructions per
+        tile."""
+        grp = np.int32(np.int32(step >> LTPG) * NW + w32)
+        return np.int32(tb32 + np.int32(grp << LTPG) + np.int32(step & (TPG - 1)))
+
+    @cuda.jit(device=True)
     def pv_block(kb, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc, e0, e1):
         """PV of 16-token block kb (called with literal 0 and 1, so that after inlining every
         offset below is an immediate): B = P * value scales, the E (min-term) mma, and one mma
@@ -558,16 +567,14 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         bv = cuda.local.array(NBV, np.uint32)
         vx = cuda.local.array(NVX, np.uint32)
 
-        # the tile loop's bookkeeping in 32-bit (Numba's ints are int64: the step counter, the
-        # tile index and the causal test cost about 20 instructions a tile in 64-bit pairs)
+        # the tile loop's bookkeeping in 32-bit (tile_of)
         nsteps32 = np.int32(nsteps)
         tb32 = np.int32(t_begin)
         w32 = np.int32(warp)
         # a tile starting past this token holds one that some row must not see (causal edge)
         edge32 = np.int32(seq_len - LQ - TILE + 1)
         for step in range(nsteps32):
-            tile = np.int32(tb32 + np.int32((np.int32(np.int32(step >> LTPG) * NW + w32) << LTPG)
-                                            + np.int32(step & (TPG - 1))))
+            tile = tile_of(tb32, w32, step)
             buf = step & (NSTAGE - 1)
             if NSTAGE == 1:
                 if step > 0:
@@ -576,9 +583,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             elif np.int32(step + 1) < nsteps32:  # the next tile's copies fly meanwhile
                 nxt = np.int32(step + 1)
                 prefetch(sl + 4 * SW * (1 - buf), lane,
-                         np.int32(tb32 + np.int32((np.int32(np.int32(nxt >> LTPG) * NW + w32)
-                                                   << LTPG) + np.int32(nxt & (TPG - 1)))),
-                         gb)
+                         tile_of(tb32, w32, nxt), gb)
                 cp_async_wait1()
             else:
                 cp_async_wait0()
