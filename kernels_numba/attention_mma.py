@@ -278,6 +278,14 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             pass
 
     @cuda.jit(device=True)
+    def umax32(a, b):
+        """max of two uint32 compared in 32 bits (Numba widens ``w & m`` to 64 bits, and its
+        ``max`` then compiled to two-word compares and selects)."""
+        a32 = np.uint32(a)
+        b32 = np.uint32(b)
+        return a32 if a32 > b32 else b32
+
+    @cuda.jit(device=True)
     def nanmax(a, b):
         """max that propagates NaN (a NaN score must reach its row's output)."""
         if a > b or a != a:
@@ -429,10 +437,13 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                      ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
                      out, lse, counter, fuse):
         tid = cuda.threadIdx.x
-        lane = tid & 31
-        warp = tid >> 5
-        g = lane >> 2
-        t4 = lane & 3
+        # 32-bit lane coordinates: Numba's ints are int64, and ptxas, short of registers,
+        # recomputes lane-derived values inside the tile loop (in 64 bits, every test like
+        # ``lane & 8`` was two compares and every offset a 64-bit pair)
+        lane = np.int32(tid & 31)
+        warp = np.int32(tid >> 5)
+        g = np.int32(lane >> 2)
+        t4 = np.int32(lane & 3)
         # block rows 0 .. res_blocks - 1: the residual blocks (none without RESIDUAL)
         b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
                                                     TPG, res_blocks if RESIDUAL else 0)
@@ -606,8 +617,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         pw[4 * jj + 1] = w1
                         pw[4 * jj + 2] = w2
                         pw[4 * jj + 3] = w3
-                        smx = max(smx, max(max(w0 & ABS16, w1 & ABS16),
-                                           max(w2 & ABS16, w3 & ABS16)))
+                        smx = umax32(smx, umax32(umax32(w0 & ABS16, w1 & ABS16),
+                                                 umax32(w2 & ABS16, w3 & ABS16)))
                 # max |s| of the key group over the warp, as float16 bits (ordered like the
                 # values: one redux.sync instead of 5 shuffles and maxima; a NaN scale is the
                 # largest and gives S = 1 below, and its channel's b' stays NaN)
@@ -664,12 +675,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                                 kp[r] = t
                             else:
                                 kp[r] += t
-                # transpose-reduce the 8 row partials over the warp: lanes (g, *) get row g
-                up = (lane & 16) != 0
-                for i in range(4):
-                    lo = kp[i]
-                    hi = kp[i + 4]
-                    kp[i] = (hi if up else lo) + cuda.shfl_xor_sync(FULL, lo if up else hi, 16)
+                # transpose-reduce the row partials over the warp: lanes (g, *) get row g (row
+                # g & 3 with at most 4 rows: rows 4-7 are zero and skip the first halving)
+                if ROWS > 4:
+                    up = (lane & 16) != 0
+                    for i in range(4):
+                        lo = kp[i]
+                        hi = kp[i + 4]
+                        kp[i] = (hi if up else lo) + cuda.shfl_xor_sync(FULL, lo if up else hi,
+                                                                         16)
                 up = (lane & 8) != 0
                 for i in range(2):
                     lo = kp[i]
@@ -678,6 +692,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 up = (lane & 4) != 0
                 ksum = (kp[1] if up else kp[0]) + cuda.shfl_xor_sync(
                     FULL, kp[0] if up else kp[1], 4)
+                if ROWS <= 4:
+                    ksum += cuda.shfl_xor_sync(FULL, ksum, 16)
                 ksum += cuda.shfl_xor_sync(FULL, ksum, 2)
                 ksum += cuda.shfl_xor_sync(FULL, ksum, 1)
                 qm = qmax[gq] * LOG2E  # scores in log2 units: the softmax uses ex2
@@ -747,27 +763,28 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             # since its weight exp(NaN - m) is NaN and enters both l and the PV accumulators
             mt0 = max(max(sc[0], sc[2]), max(sc[4], sc[6]))
             mt1 = max(max(sc[1], sc[3]), max(sc[5], sc[7]))
-            for off in (4, 8, 16):
-                mt0 = max(mt0, cuda.shfl_xor_sync(FULL, mt0, off))
-                mt1 = max(mt1, cuda.shfl_xor_sync(FULL, mt1, off))
-            mn0 = max(m0, mt0)
-            mn1 = max(m1, mt1)
-            # ex2(-inf) = 0: a masked score needs no branch; a row with no visible token yet
-            # (max -inf) subtracts 0 instead (-inf - -inf would be NaN) and keeps alpha = 1
-            mu0 = mn0 if mn0 != neg_inf else ZERO_F
-            mu1 = mn1 if mn1 != neg_inf else ZERO_F
-            al0 = ex2(m0 - mu0) if mn0 != neg_inf else np.float32(1.0)
-            al1 = ex2(m1 - mu1) if mn1 != neg_inf else np.float32(1.0)
-            m0 = mn0
-            m1 = mn1
-            for i in range(4):
-                sc[2 * i] = ex2(sc[2 * i] - mu0)
-                sc[2 * i + 1] = ex2(sc[2 * i + 1] - mu1)
-            l0 = l0 * al0 + ((sc[0] + sc[2]) + (sc[4] + sc[6]))
-            l1 = l1 * al1 + ((sc[1] + sc[3]) + (sc[5] + sc[7]))
-            # rescale the accumulators only when some running max moved (rare after the first
-            # tiles); alpha is exactly 1 otherwise (alpha != alpha: a NaN must propagate)
-            if cuda.any_sync(FULL, al0 != np.float32(1.0) or al1 != np.float32(1.0)):
+            # the warp's max and the rescale only when some lane's score passes its row's running
+            # max (one vote; rare after the first tiles). Otherwise the warp max is <= m, the new
+            # max is m and alpha exactly 1
+            if cuda.any_sync(FULL, mt0 > m0 or mt1 > m1):
+                for off in (4, 8, 16):
+                    mt0 = max(mt0, cuda.shfl_xor_sync(FULL, mt0, off))
+                    mt1 = max(mt1, cuda.shfl_xor_sync(FULL, mt1, off))
+                mn0 = max(m0, mt0)
+                mn1 = max(m1, mt1)
+                # a row with no visible token yet (max -inf) keeps alpha = 1 (-inf - -inf would
+                # be NaN); a row's first visible tile has alpha = ex2(-inf) = 0
+                al0 = np.float32(1.0)
+                al1 = np.float32(1.0)
+                if mn0 != neg_inf:
+                    al0 = ex2(m0 - mn0)
+                if mn1 != neg_inf:
+                    al1 = ex2(m1 - mn1)
+                m0 = mn0
+                m1 = mn1
+                l0 *= al0
+                l1 *= al1
+                # alpha != alpha: a NaN must propagate; multiplying by an alpha of 1 is exact
                 for ch in range(NCH):
                     acc[4 * ch] *= al0
                     acc[4 * ch + 1] *= al1
@@ -779,6 +796,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 ag = a_1 if g & 1 else a_0
                 e0 *= ag
                 e1 *= ag
+            # ex2(-inf) = 0: a masked score needs no branch; a row with no visible token yet
+            # subtracts 0 instead of its max -inf
+            mu0 = m0 if m0 != neg_inf else ZERO_F
+            mu1 = m1 if m1 != neg_inf else ZERO_F
+            for i in range(4):
+                sc[2 * i] = ex2(sc[2 * i] - mu0)
+                sc[2 * i + 1] = ex2(sc[2 * i + 1] - mu1)
+            l0 += (sc[0] + sc[2]) + (sc[4] + sc[6])
+            l1 += (sc[1] + sc[3]) + (sc[5] + sc[7])
             for i in range(4):  # token 4g + i of rows r0, r1 (swizzled: no bank conflicts)
                 sts1f(psh_b, ps0 + 4 * (i ^ t4), sc[2 * i])
                 sts1f(psh_b, ps1 + 4 * (i ^ t4), sc[2 * i + 1])

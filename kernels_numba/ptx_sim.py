@@ -130,7 +130,8 @@ def _address(array, index):
             _slots[id(a)] = slot
     idx = index if isinstance(index, tuple) else (index,)
     off = int(np.ravel_multi_index(tuple(int(i) for i in idx), a.shape)) * a.itemsize
-    return (slot << _SHIFT) | off
+    # int64, not a Python int: ``address + lane`` with a NumPy int32 lane must not wrap at 32 bits
+    return np.int64((slot << _SHIFT) | off)
 
 
 global_address = _address
