@@ -353,29 +353,34 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         and kept in shared memory: held in registers, ptxas re-derived all five from the array
         strides on every tile). Per array and tile: one load, a 32-bit multiply-add, a 64-bit add;
         the rest are immediates."""
+        a0 = gb[0]  # all five bases first: their loads then overlap
+        a1 = gb[1]
+        a2 = gb[2]
+        a3 = gb[3]
+        a4 = gb[4]
         o = np.uint32(tile) * np.uint32(KC_TB) + np.uint32(16 * lane)
-        ga = gb[0] + np.int64(o)
+        ga = a0 + np.int64(o)
         for j in range((NKC + 31) // 32):
             if NKC % 32 == 0 or lane + 32 * j < NKC:
                 cp_async16_bo(sl, 4 * KC + 512 * j, ga + 512 * j)
         if SCALE_TOKENS:
             if lane < 8:
                 o = np.uint32(tile) * np.uint32(NRM_TB) + np.uint32(16 * lane)
-                cp_async16_bo(sl, 4 * NRM, gb[1] + np.int64(o))
+                cp_async16_bo(sl, 4 * NRM, a1 + np.int64(o))
         if (tile & (TPG - 1)) == 0:
             o = np.uint32(tile >> LTPG) * np.uint32(KP_GB) + np.uint32(16 * lane)
-            ga = gb[2] + np.int64(o)
+            ga = a2 + np.int64(o)
             for j in range((NKP + 31) // 32):
                 if NKP % 32 == 0 or lane + 32 * j < NKP:
                     pad = 4 * KP_PAD * ((lane + 32 * j) >> LKPC)  # after each quarter
                     cp_async16_bo(sl, 4 * KPO + 512 * j + pad, ga + 512 * j)
         o = np.uint32(tile) * np.uint32(VP_TB) + np.uint32(16 * lane)
-        ga = gb[3] + np.int64(o)
+        ga = a3 + np.int64(o)
         for j in range((NVP + 31) // 32):
             if NVP % 32 == 0 or lane + 32 * j < NVP:
                 cp_async16_bo(sl, 4 * VPO + 512 * j, ga + 512 * j)
         o = np.uint32(tile) * np.uint32(VC_TB) + np.uint32(16 * lane)
-        ga = gb[4] + np.int64(o)
+        ga = a4 + np.int64(o)
         for j in range((NVC + 31) // 32):
             if NVC % 32 == 0 or lane + 32 * j < NVC:
                 cp_async16_bo(sl, 4 * VCO + 512 * j, ga + 512 * j)
