@@ -351,9 +351,11 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         buffer, as one commit group. ``sl`` = the buffer's .shared address + 16 * lane; ``gb``
         holds the global address of the (batch, head) slice of each array (formed once per split
         and kept in shared memory: held in registers, ptxas re-derived all five from the array
-        strides on every tile). Per array and tile: one load, a 32-bit multiply-add, a 64-bit add;
-        the rest are immediates."""
-        a0 = gb[0]  # all five bases first: their loads then overlap
+        strides on every tile). Per array and tile: a 32-bit multiply-add and a 64-bit add; the
+        rest are immediates. The five bases are read before any copy: ptxas merges the reads into
+        two 16-byte and one 8-byte load, and pads once (3 dummy loads before a copy whose address
+        was just computed) instead of before every array's copies."""
+        a0 = gb[0]
         a1 = gb[1]
         a2 = gb[2]
         a3 = gb[3]
