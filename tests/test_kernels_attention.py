@@ -55,8 +55,8 @@ import torch
 from oscar.kernels_numba import attention as K
 from oscar.kernels_numba._compat import SIMULATOR, cuda
 from oscar.reference.attention import decode_attention as reference_decode_attention
-from oscar.reference.block import (PackedBlock, dequantize_block_rotated, empty_block,
-                                   quantize_block)
+from oscar.reference.block import (PackedBlock, dequantize_block, dequantize_block_rotated,
+                                   empty_block, quantize_block)
 from oscar.reference.hadamard import hadamard_transform
 from oscar.reference.pack import unpack_key_codes, unpack_value_codes
 from oscar.reference.quantize import dequantize_keys, dequantize_values
@@ -499,6 +499,30 @@ def test_sim_llama_heads_two_tiles_per_warp():
     # without a rescale. Caught the per-group fragment build overwriting the E accumulators.
     case = make_case(1, 1, 4, 128, 256, 0, 1, oscar.OScaRConfig(), q_dtype="bfloat16",
                      res_dtype="bfloat16", seed=1)
+    check_case(case, num_splits=1)
+
+
+@pytest.mark.sim
+def test_sim_running_max_moves_on_later_tiles():
+    # v3 updates a row's running max (3 shuffle rounds, the alpha exponentials, the rescale) only
+    # on tiles where some lane's own score passes it (one vote over the lanes' rows 2 t4 and
+    # 2 t4 + 1). 4 rows (Llama's GQA 4: the 4-row K_r reduction too), 16 tiles in one split (each
+    # warp runs 4), near one-hot logits. A missed update is silent while exp(s - stale max) fits
+    # in float16, so the case is chosen (and checked) to have an odd row jump by more than
+    # ln(65504) = 11.1 on a later tile where rows 0 and 2 do not move: a vote that looked at one
+    # row per lane would overflow P there.
+    cfg = oscar.OScaRConfig()
+    case = make_case(1, 1, 4, 128, 512, 0, 1, cfg, q_dtype="bfloat16", res_dtype="bfloat16",
+                     seed=0, q_scale=1.0)
+    k_hat, _ = dequantize_block(case["block"], cfg)
+    scores = case["scale"] * (case["q_vals"][0, :, 0].astype(np.float64)
+                              @ k_hat[0, 0].T.astype(np.float64))
+    # warp w takes tiles w, w + 4, ...: [row, step, warp] maxima, and each step's jump over the
+    # warp's running max
+    steps = scores.reshape(4, 4, 4, 32).max(axis=-1)
+    jump = steps[:, 1:] - np.maximum.accumulate(steps, axis=1)[:, :-1]
+    odd_only = (np.maximum(jump[1], jump[3]) > 12.0) & (jump[0] <= 0) & (jump[2] <= 0)
+    assert odd_only.any() and (jump <= 0).any()
     check_case(case, num_splits=1)
 
 
