@@ -83,7 +83,8 @@ from . import attention_fused as _fused
 from . import attention_residual as _res
 from . import attention_split as _split_v2
 from .common import (bf16_bits_to_f32, device_pointer, f32_to_bf16_bits, fwht_shared,
-                     fwht_warp, int_as_float, split_block, value_code_location)
+                     fwht_warp, int_as_float, split_block, value_code_location,
+                     value_param_location)
 
 if SIMULATOR:
     from .ptx_sim import global_address, ldg4, uint_as_float
@@ -463,8 +464,10 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
             for idx in range(tid, TILE_TOKENS * NGV, NT):
                 t = idx // NGV
                 g = idx % NGV
-                vsc[t, g] = np.float32(v_params[b, kvh, tok0 + t, g, 0])
-                vmn[t, g] = np.float32(v_params[b, kvh, tok0 + t, g, 1])
+                pr, pg, pp = value_param_location(t, g, 0, NGV)  # the tiled order
+                vsc[t, g] = np.float32(v_params[b, kvh, tok0 + pr, pg, pp])
+                pr, pg, pp = value_param_location(t, g, 1, NGV)
+                vmn[t, g] = np.float32(v_params[b, kvh, tok0 + pr, pg, pp])
 
             # QK partial dots: lane = token, slot = (word slice, row group)
             ws = slot % WSPLIT
@@ -1151,7 +1154,8 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         k_codes: uint32 ``[batch, num_kv_heads, capacity / 32, head_dim * key_bits / 32, 32]``.
         k_params: ``[batch, num_kv_heads, capacity / key_group_size, head_dim, 2]``.
         v_codes: uint32 ``[batch, num_kv_heads, capacity, head_dim * value_bits / 32]``.
-        v_params: ``[batch, num_kv_heads, capacity, head_dim / value_group_size, 2]``.
+        v_params: ``[batch, num_kv_heads, capacity, head_dim / value_group_size, 2]`` (tiled
+            by 32 tokens, docs/format.md section 2c).
         norms: float32 ``[batch, 1 or num_kv_heads, capacity]``; any ``[1, 1, 1]`` array when
             ``config.scale_tokens`` is False.
         k_res, v_res: ``[batch, num_kv_heads, residual_length, head_dim]`` in ``res_dtype``.

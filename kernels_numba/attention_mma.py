@@ -218,10 +218,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     NGV = D // GV
     NW, NT = NUM_WARPS, NUM_THREADS
     BS = NCH * 8 + 8  # row stride (uint32) of the query-fragment exchange buffer
-    VEC_P = NGV % 4 == 0  # a token's value params are whole 16-byte vectors
     NSTAGE = _num_stages(KB, VB, GV, D, ROWS)
     # staging buffer regions (uint32 offsets): key codes [KW][32], norms [32], key params
-    # [D] (one (scale, min) pair per word), value params [32][NGV], value codes [32][VW]
+    # [D] (one (scale, min) pair per word), value params [32 NGV] (tiled order), value codes [32][VW]
     SW = _stage_words(KB, VB, GV, D)
     KC, NRM = 0, KW * 32
     KPO = NRM + 32
@@ -252,7 +251,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     HS = np.float32(hadamard_scale)
     # array shapes must be literals (closure constants), not expressions, in a kernel
     DP, NACC, NBQ, NBV = D + 4, NCH * 4, NCH * 2, NGV * 2
-    NVPW = NGV * 4
+    NVPS = 2 * NGV  # value-param scale words per lane and 16-token block
     NVX = 2 * VWT
     NQP = (ROWS * D + NT - 1) // NT  # query values per thread in the permutation pass
     CQ = D // 32  # query channels per lane in the prologue (consecutive)
@@ -291,24 +290,6 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         if a > b or a != a:
             return a
         return b
-
-    def row_loader(words):
-        """Device function: the ``words`` uint32 of token rows xo, xo + 4, xo + 8, xo + 12 of a
-        stage region (rows of ``words`` words) into ``out[i * words + w]``, 16 bytes a load."""
-
-        @cuda.jit(device=True)
-        def load(so, region, xo, out):
-            for i in range(4):
-                for u in range(words // 4):
-                    w0, w1, w2, w3 = lds4(so, 4 * (region + (xo + 4 * i) * words + 4 * u))
-                    out[i * words + 4 * u] = w0
-                    out[i * words + 4 * u + 1] = w1
-                    out[i * words + 4 * u + 2] = w2
-                    out[i * words + 4 * u + 3] = w3
-
-        return load
-
-    load_vparams = row_loader(NGV)  # used when VEC_P
 
     @cuda.jit(device=True)
     def load_vcodes(so, kb, lane, out):
@@ -398,36 +379,43 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         return np.int32(tb32 + np.int32(grp << LTPG) + np.int32(step & (TPG - 1)))
 
     @cuda.jit(device=True)
-    def pv_block(kb, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc, e0, e1):
+    def pv_block(kb, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc, e0, e1, e2, e3):
         """PV of 16-token block kb (called with literal 0 and 1, so that after inlining every
         offset below is an immediate): B = P * value scales, the E (min-term) mma, and one mma
-        per 16-channel chunk on this lane's value words. Returns the updated (e0, e1)."""
+        per 16-channel chunk on this lane's value words. Returns the updated (e0, e1, e2, e3)."""
         xo = 16 * kb + t4
         # P of row g, tokens xo + 4 i (swizzled positions)
         p01 = pack_f16x2(lds1f(psh_b, pl0 + 16 * ((4 * kb) ^ g)),
                          lds1f(psh_b, pl0 + 16 * ((4 * kb + 1) ^ g)))
         p23 = pack_f16x2(lds1f(psh_b, pl0 + 16 * ((4 * kb + 2) ^ g)),
                          lds1f(psh_b, pl0 + 16 * ((4 * kb + 3) ^ g)))
-        if VEC_P:
-            load_vparams(so, VPO, xo, vpw)
+        # value params of block kb (docs/format.md, "Value param tiles"): this lane's scales
+        # are 2 NGV consecutive words, word 2 j + pair = the scales of tokens xo + 8 pair and
+        # xo + 8 pair + 4 of group j (an f16x2 like p01 / p23: no PRMT), and its mins of group
+        # gv the 2 words 8 NGV further
+        sb_ = 4 * (VPO + kb * 16 * NGV + t4 * 2 * NGV)
+        if NVPS % 4 == 0:
+            for u in range(NVPS // 4):
+                w0, w1, w2, w3 = lds4(so, sb_ + 16 * u)
+                vpw[4 * u] = w0
+                vpw[4 * u + 1] = w1
+                vpw[4 * u + 2] = w2
+                vpw[4 * u + 3] = w3
         else:
-            for i in range(4):
-                for j in range(NGV):
-                    vpw[i * NGV + j] = lds1(so, 4 * (VPO + (xo + 4 * i) * NGV + j))
+            w0, w1 = lds2(so, sb_)
+            vpw[0] = w0
+            vpw[1] = w1
         for j in range(NGV):
-            bv[2 * j] = hmul2(p01, prmt(vpw[j], vpw[NGV + j], SEL_LO))
-            bv[2 * j + 1] = hmul2(p23, prmt(vpw[2 * NGV + j], vpw[3 * NGV + j], SEL_LO))
-        # E += P (rows x tokens) . M (tokens x groups), M = the value mins
-        y0 = lds1(so, 4 * (VPO + (xo) * NGV + gv))
-        y1 = lds1(so, 4 * (VPO + (xo + 4) * NGV + gv))
-        y2 = lds1(so, 4 * (VPO + (xo + 8) * NGV + gv))
-        y3 = lds1(so, 4 * (VPO + (xo + 12) * NGV + gv))
-        wa = prmt(y0, y1, SEL_HI)  # the mins of tokens xo, xo + 4 (group gv)
-        wb = prmt(y2, y3, SEL_HI)
+            bv[2 * j] = hmul2(p01, vpw[2 * j])
+            bv[2 * j + 1] = hmul2(p23, vpw[2 * j + 1])
+        # E += P (rows x tokens) . M (tokens x groups), M = the value mins of group gv. The
+        # mma's rows 8-15 (A rows zero) accumulate into e2, e3, which are never read: carried
+        # rather than re-zeroed, they saved ptxas 6 register moves per tile
+        wa, wb = lds2(so, sb_ + 4 * (8 * NGV + 2 * gv))
         if g >= NGV:
             wa = ZERO_U
             wb = ZERO_U
-        e0, e1, _, _ = mma_f16(p01, ZERO_U, p23, ZERO_U, wa, wb, e0, e1, ZERO_F, ZERO_F)
+        e0, e1, e2, e3 = mma_f16(p01, ZERO_U, p23, ZERO_U, wa, wb, e0, e1, e2, e3)
         # value codes of the 4 tokens: this lane's own words, M rows g, g + 8 of chunk
         # ch = slots ch, NCH + ch; K pairs = token pairs 0, 1
         load_vcodes(so, kb, lane, vx)
@@ -438,7 +426,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 vcodes(vx, 1, ch), vcodes(vx, 1, NCH + ch),
                 bv[2 * j], bv[2 * j + 1],
                 acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3])
-        return e0, e1
+        return e0, e1, e2, e3
 
     def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
                      ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
@@ -571,6 +559,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         l1 = ZERO_F
         e0 = ZERO_F
         e1 = ZERO_F
+        e2 = ZERO_F
+        e3 = ZERO_F
         f0 = ZERO_F
         f1 = ZERO_F
         k0 = ZERO_F
@@ -581,7 +571,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         bq = cuda.local.array(NBQ, np.uint32)
         kp = cuda.local.array(8, np.float32)
         sc = cuda.local.array(8, np.float32)
-        vpw = cuda.local.array(NVPW, np.uint32)
+        vpw = cuda.local.array(NVPS, np.uint32)
         bv = cuda.local.array(NBV, np.uint32)
         vx = cuda.local.array(NVX, np.uint32)
 
@@ -819,8 +809,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
 
             # (4) PV on tensor cores, two blocks of 16 tokens; the thread's tokens of block kb
             # are 16 kb + t4 + 4 i (i = 0..3)
-            e0, e1 = pv_block(0, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc, e0, e1)
-            e0, e1 = pv_block(1, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc, e0, e1)
+            e0, e1, e2, e3 = pv_block(0, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc,
+                                      e0, e1, e2, e3)
+            e0, e1, e2, e3 = pv_block(1, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc,
+                                      e0, e1, e2, e3)
             cuda.syncwarp()  # this buffer and psh are consumed before they are refilled
 
         # --- per-warp results to shared memory (the stage is free now) ------------------------

@@ -37,7 +37,8 @@ from __future__ import annotations
 import math
 
 from ._compat import cuda, np
-from .common import fwht_shared, split_block, value_code_location, write_empty_split
+from .common import (fwht_shared, split_block, value_code_location, value_param_location,
+                     write_empty_split)
 
 NUM_THREADS = 128
 NUM_WARPS = 4
@@ -66,6 +67,7 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
     KMASK, VMASK = (1 << KB) - 1, (1 << VB) - 1
     TPG = key_group_size // TILE
     GV = value_group_size
+    NGV = D // GV
     CPL = D // TILE  # value channels per lane
     VW = D * VB // 32  # words per token row of v_codes
     NACC = ROWS * CPL  # accumulators per lane (a literal: local.array needs a constant shape)
@@ -208,8 +210,10 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
             if active:
                 for u in range(TILE):
                     t = tile * TILE + u
-                    vsc = np.float32(v_params[b, kvh, t, vg, 0])
-                    vmn = np.float32(v_params[b, kvh, t, vg, 1])
+                    pr, pg, pp = value_param_location(u, vg, 0, NGV)  # the tiled order
+                    vsc = np.float32(v_params[b, kvh, tile * TILE + pr, pg, pp])
+                    pr, pg, pp = value_param_location(u, vg, 1, NGV)
+                    vmn = np.float32(v_params[b, kvh, tile * TILE + pr, pg, pp])
                     for r in range(ROWS):
                         pr = pw[warp, r, u]
                         accm[r] += pr * vmn

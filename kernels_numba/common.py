@@ -262,3 +262,16 @@ def value_code_location(t, c, head_dim, bits):
             * (head_dim // 16) + chunk)
     per_half = 16 // bits
     return slot // per_half, 16 * ((r >> 2) & 1) + bits * (slot % per_half)
+
+
+@arithmetic_device
+def value_param_location(t, j, part, groups):
+    """``(row, group, part)`` where param ``part`` (0 scale, 1 min) of value group ``j`` of token
+    ``t`` (< 32) of a 32-token tile is stored, as indices into the tile's rows of
+    ``v_params[b, h, 32*i : 32*i + 32, :, :]``. The formula of
+    ``reference.pack.value_param_location`` (docs/format.md, "Value param tiles"): the flat index
+    ``(((((kb*2 + part)*4 + t4)*groups + j)*2 + pair)*2 + half`` of ``t = 16*kb + 8*pair +
+    4*half + t4``, split into the array's three inner indices."""
+    r = t & 15
+    e = (((((t >> 4) * 2 + part) * 4 + (r & 3)) * groups + j) * 2 + (r >> 3)) * 2 + ((r >> 2) & 1)
+    return e // (2 * groups), (e >> 1) % groups, e & 1

@@ -31,7 +31,7 @@ import functools
 
 from ..reference.hadamard import hadamard_scale
 from ._compat import cuda, np
-from .common import check_threads, fwht_shared, mul_rn, value_code_location
+from .common import check_threads, fwht_shared, mul_rn, value_code_location, value_param_location
 from .quantize import PARAM_TYPES, TILE, check_block_arrays
 
 #: Threads per block: 8 warps (see quantize.THREADS).
@@ -76,6 +76,7 @@ def _dequantize_source(key_bits, value_bits, key_group_size, value_group_size, h
     k_mask = (1 << key_bits) - 1
     v_words = d * value_bits // 32  # words per token row of v_codes
     v_mask = (1 << value_bits) - 1
+    groups = d // value_group_size  # value groups per token
     write_keys = _tile_writer(d, rotate_keys, nt)
     write_values = _tile_writer(d, rotate_values, nt)
 
@@ -111,8 +112,10 @@ def _dequantize_source(key_bits, value_bits, key_group_size, value_group_size, h
             word = np.int64(v_codes[b, h, t0 + f // v_words, f % v_words])
             code = (word >> sh) & v_mask
             g = c // value_group_size
-            tile[t, c] = np.float32(v_params[b, h, t0 + t, g, 1]) + mul_rn(
-                np.float32(code), np.float32(v_params[b, h, t0 + t, g, 0]))
+            sr, sg, sp = value_param_location(t, g, 0, groups)  # the tiled order
+            mr, mg, mp = value_param_location(t, g, 1, groups)
+            tile[t, c] = np.float32(v_params[b, h, t0 + mr, mg, mp]) + mul_rn(
+                np.float32(code), np.float32(v_params[b, h, t0 + sr, sg, sp]))
             p += nt
         write_values(tile, v_out, b, h, t0, tid)
 

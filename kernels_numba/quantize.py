@@ -6,7 +6,7 @@ Computes :func:`oscar.reference.block.quantize_block` bit for bit, writing the a
 ``PackedBlock`` (docs/format.md) for ``T`` tokens of ``k, v [B, H, T, D]``:
 
     k_codes  uint32 [B, H, T/32, D*kb/32, 32]     k_params [B, H, T/gk, D, 2]   (scale, min)
-    v_codes  uint32 [B, H, T, D*vb/32] (tiled)    v_params [B, H, T, D/gv, 2]
+    v_codes  uint32 [B, H, T, D*vb/32] (tiled)    v_params [B, H, T, D/gv, 2]   (tiled)
     norms    float32 [B, S, T]   (S = 1 for norm_scope "token", H for "head"; untouched without
                                   token scaling)
 
@@ -61,7 +61,7 @@ from ..reference.pack import TILE_TOKENS
 from ..reference.quantize import FLOAT16_MAX
 from ._compat import SIMULATOR, cuda, np
 from .common import (INPUT_ELEMENT_TYPES, arithmetic_device, device_pointer, fwht_lanes, mul_rn,
-                     value_code_location)
+                     value_code_location, value_param_location)
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
@@ -236,6 +236,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
     NLD = 8 if F32_IN else 4  # 16-byte loads per run
     NRAW = 4 * NLD  # uint32 words of a fetched run
     HEAD_SPLIT = bool(head_split)  # one head per block in phase 2, the norms recomputed by each
+    NGV = D // GV  # value groups per token
     VGL = max(1, RUN // GV)  # value groups inside a run
     VGS = min(GV, RUN)  # channels of a group inside one run
     VXL = max(1, GV // RUN)  # lanes per value group
@@ -482,8 +483,11 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                     if (lr & (VXL - 1)) == 0:
                         flags |= fl
                         gi = (RUN * lr + gl * VGS) // GV
-                        v_params[b, head, g0 + tt, gi, 0] = sc
-                        v_params[b, head, g0 + tt, gi, 1] = mn_s
+                        pt = g0 + sub * TILE  # the tiled order (docs/format.md)
+                        pr, pg, pp = value_param_location(tk, gi, 0, NGV)
+                        v_params[b, head, pt + pr, pg, pp] = sc
+                        pr, pg, pp = value_param_location(tk, gi, 1, NGV)
+                        v_params[b, head, pt + pr, pg, pp] = mn_s
                     qa, qb, qc, qd = quantizer(sc, mn_s)
                     for j in range(VGS):
                         cd[gl * VGS + j] = quant(x[gl * VGS + j], qa, qb, qc, qd, VL)

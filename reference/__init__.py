@@ -23,6 +23,9 @@ from .pack import (
     pack_value_codes,
     unpack_value_codes,
     value_code_location,
+    pack_value_params,
+    unpack_value_params,
+    value_param_location,
 )
 from .block import PackedBlock, quantize_block, dequantize_block, concat_blocks
 from .attention import decode_attention, attention_dense
@@ -32,7 +35,7 @@ __all__ = [
     "quantize_groups", "dequantize_groups", "quantize_keys", "quantize_values",
     "dequantize_keys", "dequantize_values", "TILE_TOKENS", "codes_per_word",
     "pack_key_codes", "unpack_key_codes", "pack_value_codes", "unpack_value_codes",
-    "value_code_location",
+    "value_code_location", "pack_value_params", "unpack_value_params", "value_param_location",
     "PackedBlock", "quantize_block", "dequantize_block", "concat_blocks",
     "decode_attention", "attention_dense",
 ]

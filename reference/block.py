@@ -15,7 +15,8 @@ import numpy as np
 
 from .hadamard import hadamard_transform
 from .norms import safe_norms, token_norms
-from .pack import pack_key_codes, pack_value_codes, unpack_key_codes, unpack_value_codes
+from .pack import (pack_key_codes, pack_value_codes, pack_value_params, unpack_key_codes,
+                   unpack_value_codes, unpack_value_params)
 from .quantize import dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
 
@@ -27,7 +28,9 @@ class PackedBlock:
         k_codes: uint32 ``[batch, num_kv_heads, seq_len / 32, head_dim * key_bits / 32, 32]``.
         k_params: param dtype ``[batch, num_kv_heads, seq_len / key_group_size, head_dim, 2]``.
         v_codes: uint32 ``[batch, num_kv_heads, seq_len, head_dim * value_bits / 32]``.
-        v_params: param dtype ``[batch, num_kv_heads, seq_len, head_dim / value_group_size, 2]``.
+        v_params: param dtype ``[batch, num_kv_heads, seq_len, head_dim / value_group_size, 2]``,
+            (scale, min) per token and value group in the tiled order of
+            ``pack.value_param_location`` (docs/format.md).
         norms: float32 ``[batch, 1 or num_kv_heads, seq_len]``, or None without token scaling.
     """
 
@@ -81,7 +84,7 @@ def quantize_block(k: np.ndarray, v: np.ndarray, config) -> PackedBlock:
         k_codes=pack_key_codes(kc, config.key_bits),
         k_params=kp,
         v_codes=pack_value_codes(vc, config.value_bits),
-        v_params=vp,
+        v_params=pack_value_params(vp),
         norms=norms,
     )
 
@@ -94,7 +97,7 @@ def dequantize_block_rotated(block: PackedBlock, config):
     """
     u_hat = dequantize_keys(unpack_key_codes(block.k_codes, config.key_bits), block.k_params)
     v_hat = dequantize_values(unpack_value_codes(block.v_codes, config.value_bits),
-                              block.v_params)
+                              unpack_value_params(block.v_params))
     return u_hat, v_hat
 
 

@@ -14,6 +14,13 @@ Values are tiled by 32 tokens too, in the order the tensor-core decode kernel's 
 :func:`value_code_location` says which word and bit hold code (token, channel) of a tile. A word's
 low and high 16 bits hold the same channels of two tokens (4 apart), so one AND with a mask turns
 one channel of both tokens into the two float16 halves of an ``mma`` operand.
+
+Value params (one (scale, min) per token and value group) are tiled the same way
+(docs/format.md, "Value param tiles"): the ``32 * (D/gv) * 2`` elements of tile i are the rows
+``32*i .. 32*i + 31`` of ``v_params[b, h, :, :, :]`` taken as one flat run, and
+:func:`value_param_location` says which element holds (token, group, scale or min). The scales of
+tokens ``t`` and ``t + 4`` are adjacent (one float16x2 word), so the decode kernel multiplies a
+word of probabilities by a word of scales with no byte shuffling.
 """
 
 from __future__ import annotations
@@ -124,3 +131,55 @@ def unpack_value_codes(words: np.ndarray, bits: int) -> np.ndarray:
     out = np.empty((b, h, t // TILE_TOKENS, TILE_TOKENS, d), np.uint8)
     out[:, :, :, tok.ravel(), chan.ravel()] = flat
     return out.reshape(b, h, t, d)
+
+
+def value_param_location(t, j, part, groups: int):
+    """Where param ``part`` (0 = scale, 1 = min) of value group ``j`` of token ``t`` of a 32-token
+    tile is stored: the index into the tile's flat run of ``64 * groups`` elements (``groups`` =
+    ``head_dim / value_group_size``). Works elementwise on integer arrays (and on Python ints).
+
+    Token ``t = 16*kb + 8*pair + 4*half + t4`` (kb, pair, half in {0, 1}, t4 < 4):
+
+        index = (((((kb*2 + part)*4 + t4)*groups + j)*2 + pair)*2 + half
+
+    so the two tokens ``half = 0, 1`` (4 apart) of one (group, part) are adjacent, and the
+    ``4 * groups`` elements of one (kb, part, t4) are contiguous. The kernels implement the same
+    formula (``kernels_numba.common.value_param_location``).
+    """
+    t = np.asarray(t)
+    kb, r = t >> 4, t & 15
+    t4, half, pair = r & 3, (r >> 2) & 1, r >> 3
+    return (((((kb * 2 + np.asarray(part)) * 4 + t4) * groups + np.asarray(j)) * 2 + pair) * 2
+            + half)
+
+
+def _value_param_map(groups: int):
+    """``index[t, j, part]`` of :func:`value_param_location` for one tile (a permutation)."""
+    t, j, part = np.meshgrid(np.arange(TILE_TOKENS), np.arange(groups), np.arange(2),
+                             indexing="ij")
+    return value_param_location(t, j, part, groups)
+
+
+def _check_param_tiles(params: np.ndarray, what: str):
+    if params.ndim != 5 or params.shape[2] % TILE_TOKENS or params.shape[4] != 2:
+        raise ValueError(f"{what}: expected shape [B, H, T, D/gv, 2] with T % {TILE_TOKENS} == 0, "
+                         f"got {params.shape}")
+
+
+def pack_value_params(params: np.ndarray) -> np.ndarray:
+    """Token-major value params ``[B, H, T, D/gv, 2]`` ((scale, min) of token t, group j) to the
+    tiled order of :func:`value_param_location` (same shape and dtype; T % 32 == 0)."""
+    _check_param_tiles(params, "value params")
+    b, h, t, ng, _ = params.shape
+    tiles = params.reshape(b, h, t // TILE_TOKENS, TILE_TOKENS * ng * 2)
+    out = np.empty_like(tiles)
+    out[..., _value_param_map(ng).ravel()] = tiles
+    return out.reshape(params.shape)
+
+
+def unpack_value_params(params: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_value_params`: token-major ``[B, H, T, D/gv, 2]``."""
+    _check_param_tiles(params, "value params")
+    b, h, t, ng, _ = params.shape
+    tiles = params.reshape(b, h, t // TILE_TOKENS, TILE_TOKENS * ng * 2)
+    return np.ascontiguousarray(tiles[..., _value_param_map(ng).ravel()].reshape(params.shape))

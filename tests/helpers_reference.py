@@ -134,6 +134,26 @@ def slow_pack_values(codes: np.ndarray, bits: int) -> np.ndarray:
     return out.astype(np.uint32).reshape(b_, h_, t_, vw)
 
 
+def slow_pack_value_params(params: np.ndarray) -> np.ndarray:
+    """Loop packer of docs/format.md ("Value param tiles"): per 32-token tile, a flat run of
+    elements in the nested order (kb, part, t4, group, pair, half), element = param ``part``
+    (0 scale, 1 min) of ``group`` of token ``16*kb + 8*pair + 4*half + t4``."""
+    b_, h_, t_, ng, _ = params.shape
+    out = np.empty((b_, h_, t_ * ng * 2), params.dtype)
+    pos = 0
+    for tile in range(t_ // 32):
+        for kb in range(2):
+            for part in range(2):
+                for t4 in range(4):
+                    for j in range(ng):
+                        for pair in range(2):
+                            for half in range(2):
+                                t = 32 * tile + 16 * kb + 8 * pair + 4 * half + t4
+                                out[:, :, pos] = params[:, :, t, j, part]
+                                pos += 1
+    return out.reshape(params.shape)
+
+
 def assert_same_packed(cache_a, cache_b):
     """Every packed array and the residual of two caches are bit-identical."""
     pa, pb = cache_a.packed().arrays(), cache_b.packed().arrays()

@@ -16,7 +16,7 @@ import pytest
 
 import oscar
 from oscar.reference.block import quantize_block
-from oscar.reference.pack import unpack_value_codes
+from oscar.reference.pack import unpack_value_codes, value_param_location
 
 #: The worked example's configuration: the defaults (INT2, rotation + token scaling, key and
 #: value groups of 32, float16 params) with a residual window of one key group, so that 32
@@ -75,16 +75,17 @@ K_PARAMS = (
     0x30ed, 0xb1de, 0x308f, 0xb429, 0x3208, 0xb653, 0x332b, 0xb51a,
     0x347c, 0xb5a7, 0x3079, 0xb571, 0x3246, 0xb67b, 0x306f, 0xa45d,
 )
-#: float16 bits of v_params[0, 0, t, 0, :]: (scale, min) of token 0, token 1, ...
+#: float16 bits of v_params as one flat run (the 32-token tile, docs/format.md "Value param
+#: tiles"): the scales of tokens 0, 4 | 8, 12 | 1, 5 | ... of block 0, its mins, then block 1
 V_PARAMS = (
-    0x3e9a, 0xc36d, 0x3cf3, 0xc011, 0x3e21, 0xbf6d, 0x3cf3, 0xc011,
-    0x3e9a, 0xbcf3, 0x3e9a, 0xc36d, 0x3d6c, 0xbda8, 0x3f12, 0xbd4e,
-    0x3de4, 0xc14e, 0x3e9a, 0xbcf3, 0x3e9a, 0xbf6d, 0x3d6c, 0xbda8,
-    0x3e21, 0xc0f3, 0x3cf3, 0xbeb8, 0x3e9a, 0xbf6d, 0x3cf3, 0xbcf3,
-    0x3e21, 0xbeb8, 0x3e9a, 0xc230, 0x3e9a, 0xc099, 0x3e9a, 0xc0f3,
-    0x3e9a, 0xbcf3, 0x3e9a, 0xc1d5, 0x3f8b, 0xc411, 0x3e21, 0xbeb8,
-    0x3e9a, 0xc36d, 0x3e9a, 0xc0f3, 0x3e21, 0xc099, 0x3f12, 0xc2e5,
-    0x3d6c, 0xc099, 0x3de4, 0xc0f3, 0x3e9a, 0xc230, 0x3e9a, 0xc28a,
+    0x3e9a, 0x3e9a, 0x3de4, 0x3e21, 0x3cf3, 0x3e9a, 0x3e9a, 0x3cf3,
+    0x3e21, 0x3d6c, 0x3e9a, 0x3e9a, 0x3cf3, 0x3f12, 0x3d6c, 0x3cf3,
+    0xc36d, 0xbcf3, 0xc14e, 0xc0f3, 0xc011, 0xc36d, 0xbcf3, 0xbeb8,
+    0xbf6d, 0xbda8, 0xbf6d, 0xbf6d, 0xc011, 0xbd4e, 0xbda8, 0xbcf3,
+    0x3e21, 0x3e9a, 0x3e9a, 0x3d6c, 0x3e9a, 0x3e9a, 0x3e9a, 0x3de4,
+    0x3e9a, 0x3f8b, 0x3e21, 0x3e9a, 0x3e9a, 0x3e21, 0x3f12, 0x3e9a,
+    0xbeb8, 0xbcf3, 0xc36d, 0xc099, 0xc230, 0xc1d5, 0xc0f3, 0xc0f3,
+    0xc099, 0xc411, 0xc099, 0xc230, 0xc0f3, 0xbeb8, 0xc2e5, 0xc28a,
 )
 #: float32 bits of norms[0, 0, t]
 NORMS = (
@@ -160,7 +161,11 @@ def test_worked_steps_of_the_document():
     assert sum(c << (2 * j) for j, c in enumerate(TOKEN0_KEY_CODES_CH0_15)) == 0x9AD2B565
     # the sink's norm and the value params of token 0
     assert float(np.array([NORMS[0]], np.uint32).view(np.float32)[0]) == 0.7221387624740601
-    assert V_PARAMS[0:2] == (0x3E9A, 0xC36D)
+    # the value params of token 0: its scale is element 0 (word 0 low half, with token 4's scale
+    # in the high half), its min element 16 (after the 16 scales of block 0)
+    assert (V_PARAMS[0], V_PARAMS[16]) == (0x3E9A, 0xC36D)
+    assert value_param_location(0, 0, 0, 1) == 0 and value_param_location(0, 0, 1, 1) == 16
+    assert [value_param_location(t, 0, 0, 1) for t in (4, 8, 12, 1)] == [1, 2, 3, 4]
     # value codes of token 0, and word 0 of the value tile from the codes of its 8 slots
     vc = unpack_value_codes(np.array(V_CODES, np.uint32).reshape(1, 1, 32, 2), 2)[0, 0]
     assert tuple(vc[0]) == TOKEN0_VALUE_CODES

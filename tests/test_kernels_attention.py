@@ -58,7 +58,7 @@ from oscar.reference.attention import decode_attention as reference_decode_atten
 from oscar.reference.block import (PackedBlock, dequantize_block, dequantize_block_rotated,
                                    empty_block, quantize_block)
 from oscar.reference.hadamard import hadamard_transform
-from oscar.reference.pack import unpack_key_codes, unpack_value_codes
+from oscar.reference.pack import unpack_key_codes, unpack_value_codes, unpack_value_params
 from oscar.reference.quantize import dequantize_keys, dequantize_values
 
 U32 = 2.0**-24
@@ -264,7 +264,7 @@ def tolerances(case, ref_lse):
         a_k = dequantize_keys(unpack_key_codes(block.k_codes, cfg.key_bits),
                               np.abs(block.k_params)).astype(np.float64)  # |min| + |scale| code
         a_v = dequantize_values(unpack_value_codes(block.v_codes, cfg.value_bits),
-                                np.abs(block.v_params)).astype(np.float64)
+                                np.abs(unpack_value_params(block.v_params))).astype(np.float64)
         n = (np.ones((b, 1, 1, tq)) if block.norms is None
              else block.norms.astype(np.float64)[:, :, None, :])
         fwht = ((lg + 3) * U32 * np.linalg.norm(rows, axis=-1)[..., None]
@@ -347,7 +347,7 @@ def f16_value_terms(p, block, cfg):
     if p.shape[-1] == 0:
         return 0.0
     codes = unpack_value_codes(block.v_codes, cfg.value_bits).astype(np.float64)
-    vp = block.v_params.astype(np.float64)
+    vp = unpack_value_params(block.v_params).astype(np.float64)  # token-major
     gv = cfg.value_group_size
     s = np.abs(np.repeat(vp[..., 0], gv, axis=-1))  # [B, H, T, D]
     mn = np.abs(np.repeat(vp[..., 1], gv, axis=-1))

@@ -37,7 +37,8 @@ from oscar.kernels_numba import dequantize as kdq
 from oscar.kernels_numba import hadamard as khd
 from oscar.kernels_numba import quantize as kq
 from oscar.kernels_numba._compat import SIMULATOR, cuda
-from oscar.reference import hadamard_transform, pack_key_codes, pack_value_codes
+from oscar.reference import (hadamard_transform, pack_key_codes, pack_value_codes,
+                             pack_value_params, unpack_value_params)
 from oscar.reference.block import dequantize_block, quantize_block, rotate_and_scale_keys
 from oscar.reference.quantize import FLOAT16_MAX, quantize_groups
 
@@ -252,7 +253,7 @@ def poisoned_reference(k32, v32, cfg):
     vc, vp, v_nf, v_f16 = _poisoned_groups(vg, cfg.value_bits, cfg.param_dtype)
     arrays = {"k_codes": pack_key_codes(kc, cfg.key_bits), "k_params": kp,
               "v_codes": pack_value_codes(vc.reshape(b, h, t, d), cfg.value_bits),
-              "v_params": vp}
+              "v_params": pack_value_params(vp)}
     if norms is not None:
         arrays["norms"] = norms
     status = (kq.STATUS_NONFINITE * bool(k_nf.any() or v_nf.any())
@@ -381,7 +382,7 @@ def test_zero_min_sign():
     v[:, :, 4, 0] = -0.0
     got = run_quantize(k, v, cfg, "float32")
     assert _bits(got["k_params"])[0, 0, 0, 2, 1] == 0  # +0 in float16
-    assert _bits(got["v_params"])[0, 0, 4, 0, 1] == 0
+    assert _bits(unpack_value_params(got["v_params"]))[0, 0, 4, 0, 1] == 0  # token-major
     want = quantize_block(k, v, cfg)
     for name in ("k_codes", "v_codes"):
         assert_bits_equal(name, got[name], getattr(want, name))

@@ -2,6 +2,7 @@
 
     k_codes[b, h, i, w, l] = OR_j code[b, h, 32*i + l, w*cpw + j] << (bits*j)
     v_codes: per 32-token tile, the slot order of docs/format.md ("Value tiles")
+    v_params: per 32-token tile, the element order of docs/format.md ("Value param tiles")
 """
 
 import numpy as np
@@ -13,16 +14,19 @@ from oscar.reference import (
     codes_per_word,
     pack_key_codes,
     pack_value_codes,
+    pack_value_params,
     quantize_block,
     unpack_key_codes,
     unpack_value_codes,
+    unpack_value_params,
     value_code_location,
+    value_param_location,
 )
 from oscar.reference.block import rotate_and_scale_keys
 from oscar.reference.hadamard import hadamard_transform
 from oscar.reference.quantize import quantize_keys, quantize_values
 
-from helpers_reference import make_kv, slow_pack_keys, slow_pack_values
+from helpers_reference import make_kv, slow_pack_keys, slow_pack_value_params, slow_pack_values
 
 BITS = [2, 4, 8]
 
@@ -113,6 +117,47 @@ def test_value_location_is_a_bijection(bits, head_dim):
     assert np.array_equal(w2, word[lo]) and np.array_equal(s2, shift[lo] + 16)
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_pack_value_params_matches_loop_packer(groups, dtype):
+    rng = np.random.default_rng(groups)
+    params = rng.standard_normal((2, 3, 64, groups, 2)).astype(dtype)
+    packed = pack_value_params(params)
+    assert packed.dtype == dtype and packed.shape == params.shape and packed.flags.c_contiguous
+    assert np.array_equal(packed, slow_pack_value_params(params))
+    assert np.array_equal(unpack_value_params(packed), params)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_value_param_location_pairs_tokens_t_and_t_plus_4(groups):
+    t, j, part = np.meshgrid(np.arange(32), np.arange(groups), np.arange(2), indexing="ij")
+    idx = value_param_location(t, j, part, groups)
+    assert sorted(idx.ravel().tolist()) == list(range(64 * groups))  # a permutation of the tile
+    # the float16x2 word idx // 2 holds tokens t (low half) and t + 4 (high half), same (j, part)
+    lo = idx % 2 == 0
+    assert np.all((t[lo] // 4) % 2 == 0)
+    assert np.array_equal(value_param_location(t[lo] + 4, j[lo], part[lo], groups), idx[lo] + 1)
+    # the decode kernel's reads: lane column t4 of 16-token block kb finds the scales of tokens
+    # 16 kb + t4 + {0, 4 | 8, 12} of every group in 2 * groups consecutive words, its mins 8 *
+    # groups words further
+    for kb in range(2):
+        for t4 in range(4):
+            base = kb * 16 * groups + t4 * 2 * groups
+            for jj in range(groups):
+                for pair in range(2):
+                    tok = 16 * kb + 8 * pair + t4
+                    assert value_param_location(tok, jj, 0, groups) // 2 == base + 2 * jj + pair
+                    assert (value_param_location(tok, jj, 1, groups) // 2
+                            == base + 8 * groups + 2 * jj + pair)
+
+
+def test_value_param_tiles_reject_partial_tiles():
+    with pytest.raises(ValueError, match="T % 32"):
+        pack_value_params(np.zeros((1, 1, 33, 1, 2), np.float16))
+    with pytest.raises(ValueError, match="T % 32"):
+        unpack_value_params(np.zeros((1, 1, 32, 1, 3), np.float16))
+
+
 def test_value_layout_rejects_partial_tiles():
     with pytest.raises(ValueError, match="T % 32"):
         pack_value_codes(np.zeros((1, 1, 33, 32), np.uint8), 2)
@@ -132,5 +177,6 @@ def test_block_stores_loop_packed_codes(key_bits, value_bits):
                              cfg.param_dtype)
     assert np.array_equal(block.k_codes, slow_pack_keys(kc, key_bits))
     assert np.array_equal(block.v_codes, slow_pack_values(vc, value_bits))
-    assert np.array_equal(block.k_params, kp) and np.array_equal(block.v_params, vp)
+    assert np.array_equal(block.k_params, kp)
+    assert np.array_equal(block.v_params, slow_pack_value_params(vp))
     assert np.array_equal(block.norms, norms)
