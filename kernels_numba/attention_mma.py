@@ -411,10 +411,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         # E += P (rows x tokens) . M (tokens x groups), M = the value mins of group gv. The
         # mma's rows 8-15 (A rows zero) accumulate into e2, e3, which are never read: carried
         # rather than re-zeroed, they saved ptxas 6 register moves per tile
+        # (lanes g >= NGV read group NGV - 1 again: they feed only E's columns g >= NGV, which
+        # the epilogue never reads, so they need no zeroing)
         wa, wb = lds2(so, sb_ + 4 * (8 * NGV + 2 * gv))
-        if g >= NGV:
-            wa = ZERO_U
-            wb = ZERO_U
         e0, e1, e2, e3 = mma_f16(p01, ZERO_U, p23, ZERO_U, wa, wb, e0, e1, e2, e3)
         # value codes of the 4 tokens: this lane's own words, M rows g, g + 8 of chunk
         # ch = slots ch, NCH + ch; K pairs = token pairs 0, 1
@@ -555,6 +554,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
 
         m0 = neg_inf
         m1 = neg_inf
+        mu0 = ZERO_F  # the running max as subtracted from the scores: m, or 0 while m is -inf
+        mu1 = ZERO_F
         l0 = ZERO_F
         l1 = ZERO_F
         e0 = ZERO_F
@@ -581,7 +582,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         w32 = np.int32(warp)
         # a tile starting past this token holds one that some row must not see (causal edge)
         edge32 = np.int32(seq_len - LQ - TILE + 1)
-        for step in range(nsteps32):
+        step = np.int32(0)
+        while step < nsteps32:  # a range loop kept Numba's 64-bit trip count: 6 more per tile
             tile = tile_of(tb32, w32, step)
             buf = step & (NSTAGE - 1)
             if NSTAGE == 1:
@@ -739,15 +741,16 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             else:
                 n0 = n1 = n2 = n3 = np.float32(1.0)
             tok = np.int32(np.int32(tile * TILE) + np.int32(4 * g))
-            # scores sc[2 i + h]: token tok + i, row r0 + h
-            sc[0] = (f0 * c0 + k0) * n0
-            sc[1] = (f1 * c1 + k1) * n0
-            sc[2] = (f0 * c2 + k0) * n1
-            sc[3] = (f1 * c3 + k1) * n1
-            sc[4] = (f0 * c4 + k0) * n2
-            sc[5] = (f1 * c5 + k1) * n2
-            sc[6] = (f0 * c6 + k0) * n3
-            sc[7] = (f1 * c7 + k1) * n3
+            # scores less the running max, sc[2 i + h]: token tok + i, row r0 + h (the
+            # subtraction fused into the multiply by the norm: two FFMA per score)
+            sc[0] = (f0 * c0 + k0) * n0 - mu0
+            sc[1] = (f1 * c1 + k1) * n0 - mu1
+            sc[2] = (f0 * c2 + k0) * n1 - mu0
+            sc[3] = (f1 * c3 + k1) * n1 - mu1
+            sc[4] = (f0 * c4 + k0) * n2 - mu0
+            sc[5] = (f1 * c5 + k1) * n2 - mu1
+            sc[6] = (f0 * c6 + k0) * n3 - mu0
+            sc[7] = (f1 * c7 + k1) * n3 - mu1
             if np.int32(tile * TILE) > edge32:  # a causal-edge tile (warp-uniform)
                 for i in range(4):
                     if not (r0 < ROWS and tok + i <= lim0):
@@ -761,14 +764,16 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             mt0 = max(max(sc[0], sc[2]), max(sc[4], sc[6]))
             mt1 = max(max(sc[1], sc[3]), max(sc[5], sc[7]))
             # the warp's max and the rescale only when some lane's score passes its row's running
-            # max (one vote; rare after the first tiles). Otherwise the warp max is <= m, the new
-            # max is m and alpha exactly 1
-            if cuda.any_sync(FULL, mt0 > m0 or mt1 > m1):
+            # max (one vote; rare after the first tiles): score - mu > m - mu, which is 0, or -inf
+            # for a row with no visible token yet. Otherwise the warp max is <= m (to a rounding
+            # of the fused subtraction: then a weight may be 1 + 2**-23), the new max is m and
+            # alpha exactly 1
+            if cuda.any_sync(FULL, mt0 > m0 - mu0 or mt1 > m1 - mu1):
                 for off in (4, 8, 16):
                     mt0 = max(mt0, cuda.shfl_xor_sync(FULL, mt0, off))
                     mt1 = max(mt1, cuda.shfl_xor_sync(FULL, mt1, off))
-                mn0 = max(m0, mt0)
-                mn1 = max(m1, mt1)
+                mn0 = max(m0, mt0 + mu0)
+                mn1 = max(m1, mt1 + mu1)
                 # a row with no visible token yet (max -inf) keeps alpha = 1 (-inf - -inf would
                 # be NaN); a row's first visible tile has alpha = ex2(-inf) = 0
                 al0 = np.float32(1.0)
@@ -777,8 +782,18 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                     al0 = ex2(m0 - mn0)
                 if mn1 != neg_inf:
                     al1 = ex2(m1 - mn1)
+                # re-base the scores on the new max (a masked -inf stays -inf, a NaN NaN)
+                nu0 = mn0 if mn0 != neg_inf else ZERO_F
+                nu1 = mn1 if mn1 != neg_inf else ZERO_F
+                d0 = mu0 - nu0
+                d1 = mu1 - nu1
+                for i in range(4):
+                    sc[2 * i] += d0
+                    sc[2 * i + 1] += d1
                 m0 = mn0
                 m1 = mn1
+                mu0 = nu0
+                mu1 = nu1
                 l0 *= al0
                 l1 *= al1
                 # alpha != alpha: a NaN must propagate; multiplying by an alpha of 1 is exact
@@ -793,13 +808,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 ag = a_1 if g & 1 else a_0
                 e0 *= ag
                 e1 *= ag
-            # ex2(-inf) = 0: a masked score needs no branch; a row with no visible token yet
-            # subtracts 0 instead of its max -inf
-            mu0 = m0 if m0 != neg_inf else ZERO_F
-            mu1 = m1 if m1 != neg_inf else ZERO_F
+            # ex2(-inf) = 0: a masked score needs no branch
             for i in range(4):
-                sc[2 * i] = ex2(sc[2 * i] - mu0)
-                sc[2 * i + 1] = ex2(sc[2 * i + 1] - mu1)
+                sc[2 * i] = ex2(sc[2 * i])
+                sc[2 * i + 1] = ex2(sc[2 * i + 1])
             l0 += (sc[0] + sc[2]) + (sc[4] + sc[6])
             l1 += (sc[1] + sc[3]) + (sc[5] + sc[7])
             for i in range(4):  # token 4g + i of rows r0, r1 (swizzled: no bank conflicts)
@@ -814,6 +826,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             e0, e1, e2, e3 = pv_block(1, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc,
                                       e0, e1, e2, e3)
             cuda.syncwarp()  # this buffer and psh are consumed before they are refilled
+            step = np.int32(step + 1)
 
         # --- per-warp results to shared memory (the stage is free now) ------------------------
         for off in (4, 8, 16):
