@@ -6,6 +6,8 @@
   for bit for every geometry, including several rows per warp (lanes < 32).
 * ``f32_to_bf16_bits``: the merge kernel's float32 -> bfloat16 store. It must equal torch's
   ``.to(torch.bfloat16)`` on ties, the overflow to infinity, subnormals, signed zeros and NaN.
+* ``value_code_location``, ``value_param_location``: the kernels' copies of the packed-layout
+  formulas (docs/format.md 2b, 2c) must equal the reference's for every (token, channel / group).
 
 Run in the CUDA simulator on CPU and on the GPU when there is one (one warp per launch).
 """
@@ -17,7 +19,9 @@ import pytest
 import torch
 
 from oscar.kernels_numba._compat import SIMULATOR, cuda
-from oscar.kernels_numba.common import f32_to_bf16_bits, fwht_lanes
+from oscar.kernels_numba.common import (f32_to_bf16_bits, fwht_lanes, value_code_location,
+                                        value_param_location)
+from oscar.reference import pack as reference_pack
 from oscar.reference.hadamard import hadamard_transform
 
 if SIMULATOR:
@@ -99,3 +103,38 @@ def test_f32_to_bf16_bits_equals_torch():
     assert diff.size == 0, (
         f"{diff.size} values differ, e.g. {x[~nan][diff[0]].view(np.uint32):#010x}: kernel "
         f"{got[~nan][diff[0]] & 0xFFFF:#06x}, torch {want[~nan][diff[0]] & 0xFFFF:#06x}")
+
+
+def _location_kernel(head_dim, bits, groups):
+    @cuda.jit
+    def kernel(code_word, code_shift, prow, pgroup, ppart):
+        t = cuda.threadIdx.x  # token of the tile
+        for c in range(head_dim):
+            w, sh = value_code_location(t, c, head_dim, bits)
+            code_word[t, c] = w
+            code_shift[t, c] = sh
+        for j in range(groups):
+            for part in range(2):
+                r, g, p = value_param_location(t, j, part, groups)
+                prow[t, j, part] = r
+                pgroup[t, j, part] = g
+                ppart[t, j, part] = p
+
+    return kernel
+
+
+@pytest.mark.parametrize("head_dim, bits, groups", [(128, 2, 4), (64, 4, 1), (32, 8, 2),
+                                                    (256, 2, 16)])
+def test_kernel_location_formulas_equal_reference(head_dim, bits, groups):
+    outs = [cuda.to_device(np.full((32, head_dim), -1, np.int64)) for _ in range(2)]
+    outs += [cuda.to_device(np.full((32, groups, 2), -1, np.int64)) for _ in range(3)]
+    _location_kernel(head_dim, bits, groups)[1, 32](*outs)
+    word, shift, prow, pgroup, ppart = (o.copy_to_host() for o in outs)
+    t, c = np.meshgrid(np.arange(32), np.arange(head_dim), indexing="ij")
+    want_word, want_shift = reference_pack.value_code_location(t, c, head_dim, bits)
+    assert np.array_equal(word, want_word) and np.array_equal(shift, want_shift)
+    t, j, part = np.meshgrid(np.arange(32), np.arange(groups), np.arange(2), indexing="ij")
+    flat = reference_pack.value_param_location(t, j, part, groups)
+    # the kernels index the tile's rows [32, groups, 2]: row, group, part of the flat index
+    assert np.array_equal(prow * 2 * groups + pgroup * 2 + ppart, flat)
+    assert prow.max() < 32 and pgroup.max() < groups
