@@ -291,22 +291,33 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             return a
         return b
 
-    @cuda.jit(device=True)
-    def load_vcodes(so, kb, lane, out):
-        """The 2 VWT value words of this lane in 16-token block kb (docs/format.md, "Value
-        tiles"): contiguous, so one 16-byte load per 4 words (8 bytes when VWT = 1)."""
-        base = 4 * (VCO + (kb * 32 + lane) * NVX)
-        if NVX == 2:
-            w0, w1 = lds2(so, base)
-            out[0] = w0
-            out[1] = w1
-        else:
-            for u in range(NVX // 4):
-                w0, w1, w2, w3 = lds4(so, base + 16 * u)
-                out[4 * u] = w0
-                out[4 * u + 1] = w1
-                out[4 * u + 2] = w2
-                out[4 * u + 3] = w3
+    def word_loader(n):
+        """Device function: the ``n`` consecutive uint32 at .shared byte address ``so + base``
+        into ``out[0 .. n)``, 16 bytes a load (one 8-byte load when n = 2; n is a power of two,
+        head_dim being one)."""
+        if n != 2 and n % 4:
+            raise ValueError(f"word_loader: {n} words (2 or a multiple of 4)")
+
+        @cuda.jit(device=True)
+        def load(so, base, out):
+            if n == 2:
+                w0, w1 = lds2(so, base)
+                out[0] = w0
+                out[1] = w1
+            else:
+                for u in range(n // 4):
+                    w0, w1, w2, w3 = lds4(so, base + 16 * u)
+                    out[4 * u] = w0
+                    out[4 * u + 1] = w1
+                    out[4 * u + 2] = w2
+                    out[4 * u + 3] = w3
+
+        return load
+
+    # the 2 VWT value words of a lane in a 16-token block (docs/format.md, "Value tiles") and its
+    # 2 NGV value-param scale words (section 2c): contiguous runs
+    load_vcodes = word_loader(NVX)
+    load_vscales = word_loader(NVPS)
 
     @cuda.jit(device=True)
     def kcodes(x, j):
@@ -394,17 +405,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         # xo + 8 pair + 4 of group j (an f16x2 like p01 / p23: no PRMT), and its mins of group
         # gv the 2 words 8 NGV further
         sb_ = 4 * (VPO + kb * 16 * NGV + t4 * 2 * NGV)
-        if NVPS % 4 == 0:
-            for u in range(NVPS // 4):
-                w0, w1, w2, w3 = lds4(so, sb_ + 16 * u)
-                vpw[4 * u] = w0
-                vpw[4 * u + 1] = w1
-                vpw[4 * u + 2] = w2
-                vpw[4 * u + 3] = w3
-        else:
-            w0, w1 = lds2(so, sb_)
-            vpw[0] = w0
-            vpw[1] = w1
+        load_vscales(so, sb_, vpw)
         for j in range(NGV):
             bv[2 * j] = hmul2(p01, vpw[2 * j])
             bv[2 * j + 1] = hmul2(p23, vpw[2 * j + 1])
@@ -417,7 +418,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         e0, e1, e2, e3 = mma_f16(p01, ZERO_U, p23, ZERO_U, wa, wb, e0, e1, e2, e3)
         # value codes of the 4 tokens: this lane's own words, M rows g, g + 8 of chunk
         # ch = slots ch, NCH + ch; K pairs = token pairs 0, 1
-        load_vcodes(so, kb, lane, vx)
+        load_vcodes(so, 4 * (VCO + (kb * 32 + lane) * NVX), vx)
         for ch in range(NCH):
             j = (16 * ch) // GV
             acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3] = mma_f16(
