@@ -151,6 +151,16 @@ def test_value_param_location_pairs_tokens_t_and_t_plus_4(groups):
                             == base + 8 * groups + 2 * jj + pair)
 
 
+def test_value_param_location_worked_example():
+    # docs/format.md section 2c, D = 128, gv = 32 (4 groups)
+    assert value_param_location(21, 3, 0, 4) == 157
+    assert value_param_location(17, 3, 0, 4) == 156  # the other half of the same word
+    assert value_param_location(21, 3, 1, 4) == 221  # its min, 16 * 4 elements on
+    params = np.zeros((1, 1, 32, 4, 2), np.float32)
+    params[0, 0, 21, 3, 0] = 1.0
+    assert pack_value_params(params)[0, 0, 19, 2, 1] == 1.0
+
+
 def test_value_param_tiles_reject_partial_tiles():
     with pytest.raises(ValueError, match="T % 32"):
         pack_value_params(np.zeros((1, 1, 33, 1, 2), np.float16))
