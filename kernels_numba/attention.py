@@ -464,10 +464,9 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
             for idx in range(tid, TILE_TOKENS * NGV, NT):
                 t = idx // NGV
                 g = idx % NGV
-                pr, pg, pp = value_param_location(t, g, 0, NGV)  # the tiled order
-                vsc[t, g] = np.float32(v_params[b, kvh, tok0 + pr, pg, pp])
-                pr, pg, pp = value_param_location(t, g, 1, NGV)
-                vmn[t, g] = np.float32(v_params[b, kvh, tok0 + pr, pg, pp])
+                pr, pg, pp = value_param_location(t, g, 0, NGV)  # the tiled order; the min
+                vsc[t, g] = np.float32(v_params[b, kvh, tok0 + pr, pg, pp])  # 8 rows on
+                vmn[t, g] = np.float32(v_params[b, kvh, tok0 + pr + 8, pg, pp])
 
             # QK partial dots: lane = token, slot = (word slice, row group)
             ws = slot % WSPLIT

@@ -210,10 +210,10 @@ def build_split_v2(key_bits, value_bits, key_group_size, value_group_size, head_
             if active:
                 for u in range(TILE):
                     t = tile * TILE + u
-                    pr, pg, pp = value_param_location(u, vg, 0, NGV)  # the tiled order
-                    vsc = np.float32(v_params[b, kvh, tile * TILE + pr, pg, pp])
-                    pr, pg, pp = value_param_location(u, vg, 1, NGV)
-                    vmn = np.float32(v_params[b, kvh, tile * TILE + pr, pg, pp])
+                    # the tiled order (docs/format.md 2c); the min is 8 rows after the scale
+                    vr, vs, vp = value_param_location(u, vg, 0, NGV)
+                    vsc = np.float32(v_params[b, kvh, tile * TILE + vr, vs, vp])
+                    vmn = np.float32(v_params[b, kvh, tile * TILE + vr + 8, vs, vp])
                     for r in range(ROWS):
                         pr = pw[warp, r, u]
                         accm[r] += pr * vmn

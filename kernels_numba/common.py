@@ -271,7 +271,8 @@ def value_param_location(t, j, part, groups):
     ``v_params[b, h, 32*i : 32*i + 32, :, :]``. The formula of
     ``reference.pack.value_param_location`` (docs/format.md, "Value param tiles"): the flat index
     ``(((((kb*2 + part)*4 + t4)*groups + j)*2 + pair)*2 + half`` of ``t = 16*kb + 8*pair +
-    4*half + t4``, split into the array's three inner indices."""
+    4*half + t4``, split into the array's three inner indices. The min of (t, j) is 16 * groups
+    elements, i.e. exactly 8 rows, after its scale (same group and part slots)."""
     r = t & 15
     e = (((((t >> 4) * 2 + part) * 4 + (r & 3)) * groups + j) * 2 + (r >> 3)) * 2 + ((r >> 2) & 1)
     return e // (2 * groups), (e >> 1) % groups, e & 1

@@ -112,10 +112,10 @@ def _dequantize_source(key_bits, value_bits, key_group_size, value_group_size, h
             word = np.int64(v_codes[b, h, t0 + f // v_words, f % v_words])
             code = (word >> sh) & v_mask
             g = c // value_group_size
-            sr, sg, sp = value_param_location(t, g, 0, groups)  # the tiled order
-            mr, mg, mp = value_param_location(t, g, 1, groups)
-            tile[t, c] = np.float32(v_params[b, h, t0 + mr, mg, mp]) + mul_rn(
-                np.float32(code), np.float32(v_params[b, h, t0 + sr, sg, sp]))
+            # the tiled order (docs/format.md 2c); the min is 8 rows after the scale
+            pr, pg, pp = value_param_location(t, g, 0, groups)
+            tile[t, c] = np.float32(v_params[b, h, t0 + pr + 8, pg, pp]) + mul_rn(
+                np.float32(code), np.float32(v_params[b, h, t0 + pr, pg, pp]))
             p += nt
         write_values(tile, v_out, b, h, t0, tid)
 

@@ -137,6 +137,8 @@ def test_value_param_location_pairs_tokens_t_and_t_plus_4(groups):
     lo = idx % 2 == 0
     assert np.all((t[lo] // 4) % 2 == 0)
     assert np.array_equal(value_param_location(t[lo] + 4, j[lo], part[lo], groups), idx[lo] + 1)
+    # a min sits 16 * groups elements (8 tile rows) after its scale: the kernels use that
+    assert np.array_equal(idx[..., 1], idx[..., 0] + 16 * groups)
     # the decode kernel's reads: lane column t4 of 16-token block kb finds the scales of tokens
     # 16 kb + t4 + {0, 4 | 8, 12} of every group in 2 * groups consecutive words, its mins 8 *
     # groups words further
