@@ -112,6 +112,9 @@ _FAST_FLOOR = np.float32(2.0 ** -100)
 #: of the fast division underflows
 _SMALL_SCALE = np.float32(2.0 ** -60)
 _TWO64 = np.float32(2.0 ** 64)
+_F32_NORMAL_MIN = np.float32(2.0 ** -126)
+_TWO149 = np.float64(2.0 ** 149)
+_TWO_M149 = np.float64(2.0 ** -149)
 
 #: Tokens per packed key tile and per sub-tile of a block (one per lane in the key layout).
 TILE = TILE_TOKENS
@@ -199,10 +202,29 @@ def recip(d):
 
 @cuda.jit(device=True)
 def _div_wide(a, r64):
-    """``RN32(a / d)`` from ``r64`` (1/d to about 2**-52): a / d is never within 2**-48 of a
-    float32 rounding boundary unless it is exactly representable, so rounding the float64
-    product once is exact, subnormal results included."""
+    """``float32(a * r64)``, with ``r64`` 1/d to about 2**-52: ``RN32(a / d)`` wherever that
+    is a normal float32 or zero (a / d is never within 2**-48 of a normal float32 rounding
+    boundary unless it is exactly representable: a midpoint would need a 25-bit odd significand
+    times d's to fit in 24 bits). Below 2**-126 the grid is 2**-149 and a / d can be exactly a
+    midpoint (a = 15 * 2**-149, d = 10), which the float64 product may round the wrong way: a
+    nonzero result below 2**-126 must be redone by :func:`_div_subnormal`."""
     return np.float32(np.float64(a) * r64)
+
+
+@cuda.jit(device=True)
+def _div_subnormal(a, d, r64):
+    """``RN32(a / d)`` for a float32 ``a`` and a positive normal ``d`` where the quotient is
+    below 2**-126 in magnitude: y, the float64 quotient in units of 2**-149, is within 2**-27
+    of the true one (|y| < 2**23), so the true quotient rounds to k = floor(y) or k + 1, and
+    the sign of the exact remainder ``a - (k + 1/2) 2**-149 d`` (k + 1/2 has at most 25
+    significant bits, d 24: exact in one float64 FMA) decides; a zero remainder is a tie, which
+    goes to the even neighbour as in IEEE division."""
+    y = np.float64(a) * r64 * _TWO149
+    k = math.floor(y)
+    rem = cuda.fma(-((k + 0.5) * _TWO_M149), np.float64(d), np.float64(a))
+    if rem > 0.0 or (rem == 0.0 and math.fmod(k, 2.0) != 0.0):
+        k = k + 1.0
+    return np.float32(math.copysign(abs(k) * _TWO_M149, np.float64(a)))  # -0 for a < 0
 
 
 def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
@@ -297,25 +319,42 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
         return s
 
     @cuda.jit(device=True)
-    def scale_run(x, n):
+    def scale_run(x, n, xs):
         """x[j] = RN(x[j] / n) for the token's norm n (normal, positive)."""
         r, r64 = recip(n)
         thr = max(n * _FAST_MIN, _FAST_FLOOR)
-        for j in range(RUN):
-            a = x[j]
-            if abs(a) >= thr:
-                x[j] = div_by(a, n, r)
-            else:  # tiny, zero or NaN: the float64 product (exact, see _div_wide)
-                x[j] = _div_wide(a, r64)
+        fast = True  # one test for the run, so that the rare path is a branch: tested per
+        for j in range(RUN):  # element, ptxas if-converted it and ran both paths every time
+            fast = fast and abs(x[j]) >= thr  # False for NaN
+        if fast:
+            for j in range(RUN):
+                x[j] = div_by(x[j], n, r)
+        else:
+            # rare (a tiny, zero or NaN element): in the local-memory copy xs, because a loop
+            # over x that LLVM does not unroll would index x dynamically and move it to local
+            # memory for the whole kernel
+            for j in range(RUN):
+                xs[j] = x[j]
+            for j in range(RUN):
+                a = xs[j]
+                if abs(a) >= thr:
+                    q = div_by(a, n, r)
+                else:  # the float64 product (exact, see _div_wide)
+                    q = _div_wide(a, r64)
+                    if q != _F32_ZERO and abs(q) < _F32_NORMAL_MIN:
+                        q = _div_subnormal(a, n, r64)
+                xs[j] = q
+            for j in range(RUN):
+                x[j] = xs[j]
 
     @cuda.jit(device=True)
-    def key_run(raw, x, lane, n):
+    def key_run(raw, x, lane, n, xs):
         """x = the quantizer input of a fetched key run: [FWHT] then [/ n]."""
         convert(raw, x)
         if ROTK:
             rotate(x, lane)
         if SCALE:
-            scale_run(x, n)
+            scale_run(x, n, xs)
 
     @cuda.jit(device=True)
     def quantizer(sc, mn_s):
@@ -359,6 +398,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
         kpar_b = shared_address(kpar, 0)
         x = cuda.local.array(RUN, np.float32)
         cd = cuda.local.array(RUN, np.uint32)
+        xs = cuda.local.array(RUN, np.float32)  # the rare path's copy of x (local memory)
         rk = cuda.local.array(NRAW, np.uint32)  # fetched key run
         rv = cuda.local.array(NRAW, np.uint32)  # fetched value run (or the next leaf's keys)
         flags = 0
@@ -422,7 +462,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                 tt = sub * TILE + tk
                 if sub > 0:
                     fetch(k, b, head, g0 + tt, lr, rk)
-                key_run(rk, x, lane, nrm[tt])
+                key_run(rk, x, lane, nrm[tt], xs)
                 for i in range(RUN // 4):
                     sts4(tile_b, 4 * (tk * SP + run0 + 4 * i), float_as_uint(x[4 * i]),
                          float_as_uint(x[4 * i + 1]), float_as_uint(x[4 * i + 2]),
@@ -447,7 +487,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                 tt = sub * TILE + tk
                 if NSUB > 1:  # recompute the sub-tile: the same operations give the same bits
                     fetch(k, b, head, g0 + tt, lr, rk)
-                    key_run(rk, x, lane, nrm[tt])
+                    key_run(rk, x, lane, nrm[tt], xs)
                 for w in range(KB):
                     word = np.uint32(0)
                     for i in range(KCPW):

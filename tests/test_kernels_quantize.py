@@ -369,6 +369,28 @@ def test_constant_and_zero_tokens():
     assert_packed_equal(got, want)
 
 
+def test_subnormal_midpoint_quotients():
+    """Scaled keys that are exactly a float32 midpoint below 2**-126: channel 1 of token t is
+    +-(2 t + 1) * 49 * 2**-149 and the token's norm is exactly 98 (channel 0), so u = +-(2 t +
+    1) * 2**-150, a tie that IEEE division rounds to even. The float64 product with 1/98 rounds
+    some of them the other way (asserted); the kernel's rare path must not. float32 params keep
+    the subnormal min and max of channel 1 in the stored bits."""
+    cfg = config(rotate_keys=False, param_dtype="float32")
+    k, v = random_kv(np.random.default_rng(9), (1, 1, 32, 32))
+    k[...] = 0.0
+    k[..., 0] = 98.0
+    t = np.arange(32)
+    sign = np.where(t % 3, 1.0, -1.0)
+    k[0, 0, :, 1] = ((2 * t + 1) * 49 * np.exp2(-149.0) * sign).astype(np.float32)
+    a = k[0, 0, :, 1]
+    u = a / np.float32(98.0)
+    assert np.array_equal(u.astype(np.float64), sign * 2 * np.round((2 * t + 1) / 4) *
+                          np.exp2(-149.0))  # ties to even
+    assert (np.float32(a.astype(np.float64) * (1.0 / 98.0)) != u).any()  # a case that tests
+    got = run_quantize(k, v, cfg, "float32")
+    assert_packed_equal(got, quantize_block(k, v, cfg))
+
+
 def test_zero_min_sign():
     """A group whose minimum is zero stores +0 even when its zeros are -0 (NumPy's min returns
     either sign depending on the reduction order, so the reference's bit there is not defined);
@@ -593,15 +615,26 @@ def _wide_float32(rng, n, lo, hi):
 @pytest.mark.gpu
 @gpu_only
 def test_gpu_exact_division_helpers():
-    """``recip`` is RN(1/d) and ``scale_run``'s two paths are RN(a/d) on 4M pairs over wide
-    exponent ranges (including all-ones significands, tiny and zero numerators and subnormal
-    quotients): the quantize kernel divides without a div.rn instruction."""
+    """``recip`` is RN(1/d) and ``scale_run``'s paths are RN(a/d) on 4M pairs over wide
+    exponent ranges (including all-ones significands, tiny and zero numerators, subnormal
+    quotients and quotients that are exactly a subnormal midpoint): the quantize kernel divides
+    without a div.rn instruction."""
     rng = np.random.default_rng(17)
     n = 1 << 22
     d = np.abs(_wide_float32(rng, n, -60, 60))
     a = _wide_float32(rng, n, -140, 60)
     a[::97] = 0.0
     a[1::97] = np.float32(1e-44)  # subnormal numerators
+    # quotients that are exactly a float32 midpoint below 2**-126: a = (2k + 1) d' 2**(e - 150)
+    # and d = d' 2**e (d' odd), e.g. a = 15 * 2**-149, d = 10; ties go to the even neighbour
+    m = n // 16
+    dodd = 2 * rng.integers(1, 1 << 9, m) + 1
+    kodd = 2 * rng.integers(0, 1 << 13, m) + 1
+    e = rng.integers(1, 40, m)
+    d[-m:] = (dodd * np.exp2(e)).astype(np.float32)
+    a[-m:] = (kodd * dodd * np.exp2(e - 150.0) * rng.choice([-1.0, 1.0], m)).astype(np.float32)
+    assert np.array_equal(a[-m:].astype(np.float64) / d[-m:], kodd * np.exp2(-150.0) * np.sign(
+        a[-m:]))  # exact midpoints
 
     @cuda.jit
     def divide(a, d, q, r):
@@ -611,8 +644,11 @@ def test_gpu_exact_division_helpers():
             r[i] = rr
             if abs(a[i]) >= max(d[i] * kq._FAST_MIN, kq._FAST_FLOOR):
                 q[i] = kq.div_by(a[i], d[i], rr)
-            else:
-                q[i] = kq._div_wide(a[i], r64)
+            else:  # as scale_run, with key_run's rare path for subnormal quotients
+                qq = kq._div_wide(a[i], r64)
+                if qq != 0 and abs(qq) < kq._F32_NORMAL_MIN:
+                    qq = kq._div_subnormal(a[i], d[i], r64)
+                q[i] = qq
 
     q = cuda.device_array(n, np.float32)
     r = cuda.device_array(n, np.float32)
