@@ -206,8 +206,9 @@ def _div_wide(a, r64):
     is a normal float32 or zero (a / d is never within 2**-48 of a normal float32 rounding
     boundary unless it is exactly representable: a midpoint would need a 25-bit odd significand
     times d's to fit in 24 bits). Below 2**-126 the grid is 2**-149 and a / d can be exactly a
-    midpoint (a = 15 * 2**-149, d = 10), which the float64 product may round the wrong way: a
-    nonzero result below 2**-126 must be redone by :func:`_div_subnormal`."""
+    midpoint, which the float64 product may round the wrong way (a = 147 * 2**-149, d = 98: the
+    tie 1.5 * 2**-149 goes to 2 * 2**-149, the product with 1/98 gives 2**-149): a nonzero
+    result below 2**-126 must be redone by :func:`_div_subnormal` (:func:`div_exact`)."""
     return np.float32(np.float64(a) * r64)
 
 
@@ -225,6 +226,20 @@ def _div_subnormal(a, d, r64):
     if rem > 0.0 or (rem == 0.0 and math.fmod(k, 2.0) != 0.0):
         k = k + 1.0
     return np.float32(math.copysign(abs(k) * _TWO_M149, np.float64(a)))  # -0 for a < 0
+
+
+@cuda.jit(device=True)
+def div_exact(a, d, r, r64, thr):
+    """``RN32(a / d)`` for any float32 ``a`` and a positive normal ``d``, from ``(r, r64) =
+    recip(d)`` and ``thr = max(d * 2**-90, 2**-100)``: the FMA division where nothing
+    underflows, else the float64 product, redone exactly for nonzero quotients below
+    2**-126. (The key scaling's per-element path; its common path is ``div_by`` alone.)"""
+    if abs(a) >= thr:
+        return div_by(a, d, r)
+    q = _div_wide(a, r64)  # tiny, zero or NaN
+    if q != _F32_ZERO and abs(q) < _F32_NORMAL_MIN:
+        q = _div_subnormal(a, d, r64)
+    return q
 
 
 def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
@@ -336,14 +351,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
             for j in range(RUN):
                 xs[j] = x[j]
             for j in range(RUN):
-                a = xs[j]
-                if abs(a) >= thr:
-                    q = div_by(a, n, r)
-                else:  # the float64 product (exact, see _div_wide)
-                    q = _div_wide(a, r64)
-                    if q != _F32_ZERO and abs(q) < _F32_NORMAL_MIN:
-                        q = _div_subnormal(a, n, r64)
-                xs[j] = q
+                xs[j] = div_exact(xs[j], n, r, r64, thr)
             for j in range(RUN):
                 x[j] = xs[j]
 

@@ -615,10 +615,10 @@ def _wide_float32(rng, n, lo, hi):
 @pytest.mark.gpu
 @gpu_only
 def test_gpu_exact_division_helpers():
-    """``recip`` is RN(1/d) and ``scale_run``'s paths are RN(a/d) on 4M pairs over wide
-    exponent ranges (including all-ones significands, tiny and zero numerators, subnormal
-    quotients and quotients that are exactly a subnormal midpoint): the quantize kernel divides
-    without a div.rn instruction."""
+    """``recip`` is RN(1/d) and ``div_exact`` (every path of the key scaling) is RN(a/d) on 4M
+    pairs over wide exponent ranges (including all-ones significands, tiny and zero numerators,
+    subnormal quotients and quotients that are exactly a subnormal midpoint): the quantize
+    kernel divides without a div.rn instruction."""
     rng = np.random.default_rng(17)
     n = 1 << 22
     d = np.abs(_wide_float32(rng, n, -60, 60))
@@ -626,7 +626,7 @@ def test_gpu_exact_division_helpers():
     a[::97] = 0.0
     a[1::97] = np.float32(1e-44)  # subnormal numerators
     # quotients that are exactly a float32 midpoint below 2**-126: a = (2k + 1) d' 2**(e - 150)
-    # and d = d' 2**e (d' odd), e.g. a = 15 * 2**-149, d = 10; ties go to the even neighbour
+    # and d = d' 2**e (d' odd), e.g. a = 147 * 2**-149, d = 98; ties go to the even neighbour
     m = n // 16
     dodd = 2 * rng.integers(1, 1 << 9, m) + 1
     kodd = 2 * rng.integers(0, 1 << 13, m) + 1
@@ -642,13 +642,7 @@ def test_gpu_exact_division_helpers():
         if i < a.size:
             rr, r64 = kq.recip(d[i])
             r[i] = rr
-            if abs(a[i]) >= max(d[i] * kq._FAST_MIN, kq._FAST_FLOOR):
-                q[i] = kq.div_by(a[i], d[i], rr)
-            else:  # as scale_run, with key_run's rare path for subnormal quotients
-                qq = kq._div_wide(a[i], r64)
-                if qq != 0 and abs(qq) < kq._F32_NORMAL_MIN:
-                    qq = kq._div_subnormal(a[i], d[i], r64)
-                q[i] = qq
+            q[i] = kq.div_exact(a[i], d[i], rr, r64, max(d[i] * kq._FAST_MIN, kq._FAST_FLOOR))
 
     q = cuda.device_array(n, np.float32)
     r = cuda.device_array(n, np.float32)
