@@ -2,6 +2,7 @@
 
     oscar report                       # built-in synthetic data with Token Norm Imbalance
     oscar report --kv kv.npz --plots out/ --json out/report.json
+    oscar report --model DIR_OR_NAME [--text FILE] [--tokens N] [--device cpu|cuda]  # doctor
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           "bf16; float32 keeps the inputs exact)")
     out.add_argument("--plots", metavar="DIR", help="write PNG plots here (needs matplotlib)")
     out.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    from . import doctor  # the --model group (the quantization doctor, oscar/doctor.py)
+
+    doctor.add_arguments(rep)
     return parser
 
 
@@ -70,7 +74,10 @@ def _int_list(name, text):
 
 
 def _report(args) -> int:
-    from . import report
+    from . import doctor, report
+
+    if doctor.wants_model(args):
+        return doctor.run_cli(args)
 
     t0 = time.perf_counter()
     data = _load(args)
