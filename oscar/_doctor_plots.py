@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .report import _save  # one figure-saving helper for both reports
@@ -31,6 +33,7 @@ def write_plots(out_dir, rep) -> list:
     """Write the three PNGs of a :class:`oscar.doctor.DoctorReport` into ``out_dir``; returns
     their paths."""
     plt = check_matplotlib()
+    os.makedirs(out_dir, exist_ok=True)
     return [_layer_errors(plt, out_dir, rep), _norm_profile(plt, out_dir, rep),
             _pareto(plt, out_dir, rep)]
 
@@ -79,20 +82,30 @@ def _norm_profile(plt, out_dir, rep):
     return _save(fig, out_dir, "key_norms_worst_layer.png")
 
 
+#: One marker per method (INT2 and INT4 share it; bits tell them apart on the x axis).
+_MARKERS = {"KIVI": ("o", "tab:orange"), "rotation-only": ("s", "tab:blue"),
+            "scaling-only": ("^", "tab:purple"), "OScaR": ("D", "tab:green"),
+            "OScaR-head": ("v", "tab:olive")}
+
+
 def _pareto(plt, out_dir, rep):
     r = rep.recommendation
     pts = [(rep.bits(n), rep.mean(n, "attn_err"), n) for n, _ in rep.configs]
-    plan = (r.bits_per_element, r.mean_attn_err, "recommended plan")
+    plan = (r.bits_per_element, r.mean_attn_err, "recommended per-layer plan")
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    seen = set()
     for b, e, n in pts:
-        ax.scatter(b, e, color="tab:orange" if "KIVI" in n else "tab:blue", zorder=3)
-        ax.annotate(n, (b, e), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.scatter(plan[0], plan[1], marker="*", s=160, color="tab:green", zorder=4, label=plan[2])
+        method = n.rsplit(" ", 1)[0]
+        marker, color = _MARKERS.get(method, ("x", "0.3"))
+        ax.scatter(b, e, marker=marker, color=color, zorder=3, alpha=0.8,
+                   label=None if method in seen else method)
+        seen.add(method)
+    ax.scatter(plan[0], plan[1], marker="*", s=180, color="tab:red", zorder=4, label=plan[2])
     front = _pareto_front(pts + [plan])
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="0.4", lw=1,
             label="Pareto front")
     ax.set(xlabel="bits per element (quantized part)", ylabel="mean attention-output error",
-           title="error vs memory", yscale="log")
+           title="error vs memory (means over layers)", yscale="log")
     ax.legend(fontsize=8)
     return _save(fig, out_dir, "pareto.png")
 
