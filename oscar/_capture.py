@@ -80,7 +80,7 @@ class _Recorder:
         scale = kwargs.get("scaling")
         scale = getattr(module, "scaling", None) if scale is None else scale
         self.layers[idx] = LayerQKV(
-            q=_to_numpy(query[:, :, pos]), k=_to_numpy(key), v=_to_numpy(value),
+            q=_to_numpy(query[:, :, pos.to(query.device)]), k=_to_numpy(key), v=_to_numpy(value),
             scale=1.0 / math.sqrt(key.shape[-1]) if scale is None else float(scale),
             sliding_window=kwargs.get("sliding_window"))
         if self.progress is not None:
