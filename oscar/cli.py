@@ -47,9 +47,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           "bf16; float32 keeps the inputs exact)")
     out.add_argument("--plots", metavar="DIR", help="write PNG plots here (needs matplotlib)")
     out.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    from . import doctor  # the --model group (the quantization doctor, oscar/doctor.py)
+    from . import _doctor_cli  # the --model group (the quantization doctor, oscar/doctor.py)
 
-    doctor.add_arguments(rep)
+    _doctor_cli.add_arguments(rep)
     return parser
 
 
@@ -74,10 +74,10 @@ def _int_list(name, text):
 
 
 def _report(args) -> int:
-    from . import doctor, report
+    from . import _doctor_cli, report
 
-    if doctor.wants_model(args):
-        return doctor.run_cli(args)
+    if _doctor_cli.wants_model(args):
+        return _doctor_cli.run_cli(args)
 
     t0 = time.perf_counter()
     data = _load(args)
