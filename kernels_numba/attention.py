@@ -78,6 +78,7 @@ import functools
 import math
 
 from ._compat import SIMULATOR, cuda, np
+from .kernel_cache import jit, launch
 from . import attention_mma as _split_v3
 from . import attention_fused as _fused
 from . import attention_residual as _res
@@ -900,9 +901,10 @@ def _split_kernel(*key):
 @functools.lru_cache(maxsize=None)
 def _compiled_split(key, version, max_registers):
     fn, sig = _build_split(*key)  # reads the same switches
+    name = f"split_v{3 if _uses_v3(key) else 1}"
     if _uses_v3(key) and max_registers and not SIMULATOR:
-        return cuda.jit(sig, max_registers=max_registers)(fn)
-    return cuda.jit(sig)(fn)
+        return jit(fn, sig, name=name, key=key, max_registers=max_registers)
+    return jit(fn, sig, name=name, key=key)
 
 
 def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype):
@@ -931,7 +933,7 @@ def _blocks_per_sm(key, version, max_registers):
 @functools.lru_cache(maxsize=None)
 def _merge_kernel(*key):
     fn, sig = _build_merge(*key)
-    return cuda.jit(sig)(fn)
+    return jit(fn, sig, name="merge", key=key)
 
 
 def _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=None, fused=False):
@@ -1176,28 +1178,73 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                          workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
                          num_splits)
+    for kernel, grid, block, args, _names in decode_launches(
+            q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse, workspace,
+            config, scale, quantized_len, residual_len, q_dtype, res_dtype, num_splits):
+        launch(kernel, grid, block, stream, *args)
+
+
+def decode_launches(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
+                    workspace, config, scale, quantized_len, residual_len, q_dtype, res_dtype,
+                    num_splits):
+    """What :func:`decode_attention` launches, in order: ``[(kernel, grid, block, args)]``.
+
+    The one place that decides which compiled kernels run for a step (the split kernel, with or
+    without residual blocks and the fused merge, then the merge kernel unless fused), their
+    grids and their argument lists. ``decode_attention`` launches them through Numba's
+    dispatcher; oscar's launch plans (oscar/_launch.py) pack the same argument lists once and
+    launch them through the driver.
+    """
     batch, nq, q_len, d = (int(s) for s in q.shape)
     nkv = int(k_codes.shape[1])
     out_dtype = "float32" if _dtype_name(out) == "float32" else q_dtype
     skey = _split_key(config, d, nq // nkv, q_len, q_dtype, res_dtype, out_dtype)
-    # block rows of residual blocks before the splits (0: the merge scores the residual)
-    rows = residual_block_rows(skey, batch, nkv, int(residual_len), int(num_splits))
-    # the split kernel's last blocks merge (no merge launch) when few blocks feed each merge
-    # and the merge kernel need not score the residual tokens
-    fuse = merge_in_split(skey, rows, quantized_len, residual_len, num_splits)
+    rows, fuse = launch_shape(skey, batch, nkv, quantized_len, residual_len, num_splits)
     split = _split_kernel(*skey[:-1], fuse)
     scale32 = np.float32(scale)
     ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)
     ws_max, ws_sum, ws_acc = workspace["split_max"], workspace["split_sum"], workspace["split_acc"]
-    split[(batch * nkv, rows + int(num_splits)), NUM_THREADS, stream](
-        q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum, ws_acc,
-        scale32, ql, rl, ns, np.int32(rows), out, lse, workspace["split_count"],
-        np.int32(1 if fuse else 0))
+    launches = [(split, (batch * nkv, rows + int(num_splits)), NUM_THREADS,
+                 (q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum,
+                  ws_acc, scale32, ql, rl, ns, np.int32(rows), out, lse, workspace["split_count"],
+                  np.int32(1 if fuse else 0)), SPLIT_ARGS)]
     if not fuse:
         merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype, out_dtype))
-        merge[batch * nq * q_len, NUM_THREADS, stream](
-            q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns,
-            np.int32(1 if rows else 0))
+        launches.append((merge, batch * nq * q_len, NUM_THREADS,
+                         (q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns,
+                          np.int32(1 if rows else 0)), MERGE_ARGS))
+    return launches
+
+
+def decode_kernels(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=None):
+    """Compile (or load from the kernel cache) every kernel a decode loop of this query shape
+    can launch: the split kernel with and without the fused merge (which one runs changes with
+    the cache length and the residual tokens, :func:`launch_shape`) and the merge kernel.
+    Returns them, for warm-up."""
+    skey = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype)
+    kernels = [_split_kernel(*skey[:-1], False)]
+    if FUSED_MERGE and _uses_v3(skey):
+        kernels.append(_split_kernel(*skey[:-1], True))
+    out = q_dtype if out_dtype is None else out_dtype
+    kernels.append(_merge_kernel(*_merge_key(config, head_dim, q_dtype, res_dtype, out)))
+    _blocks_per_sm(skey[:-1] + (False,), SPLIT_VERSION, V3_MAX_REGISTERS)
+    return kernels
+
+
+def launch_shape(split_key, batch, num_kv_heads, quantized_len, residual_len, num_splits):
+    """``(residual_rows, fused)`` of a step: the block rows of residual blocks before the
+    splits (0: the merge kernel scores the residual tokens, :func:`residual_block_rows`), and
+    whether the split kernel's last blocks merge (no merge launch, :func:`merge_in_split`)."""
+    rows = residual_block_rows(split_key, batch, num_kv_heads, int(residual_len), int(num_splits))
+    return rows, merge_in_split(split_key, rows, quantized_len, residual_len, num_splits)
+
+
+#: Parameter names of the split and merge kernels, in order (:func:`decode_launches`).
+SPLIT_ARGS = ("q", "k_codes", "k_params", "v_codes", "v_params", "norms", "k_res", "v_res",
+              "split_max", "split_sum", "split_acc", "scale", "quantized_len", "residual_len",
+              "num_splits", "residual_rows", "out", "lse", "split_count", "fused")
+MERGE_ARGS = ("q", "k_res", "v_res", "split_max", "split_sum", "split_acc", "out", "lse", "scale",
+              "quantized_len", "residual_len", "num_splits", "residual_slot")
 
 
 def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,

@@ -47,7 +47,8 @@ def _numba_backend():
 
 
 def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = None,
-                max_seq_len: int | None = None) -> QuantizedKVCache:
+                max_seq_len: int | None = None,
+                num_q_heads: int | None = None) -> QuantizedKVCache:
     """Quantize keys and values ``[batch, num_kv_heads, seq_len, head_dim]`` into a cache.
 
     The first ``floor(seq_len / R) * R`` tokens are rotated, scaled, quantized and packed; the
@@ -59,6 +60,10 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
         backend: None (by input), ``"reference"`` or ``"numba"``.
         max_seq_len: optional number of tokens to reserve packed storage for (CUDA caches grow
             geometrically otherwise; see :meth:`QuantizedKVCache.reserve`).
+        num_q_heads: optional number of query heads of the decode loop. On CUDA the kernels the
+            loop will launch (one window's flush; with ``num_q_heads`` also the q_len=1 decode
+            kernels) are compiled or loaded from the kernel cache here, not in the loop
+            (docs/api.md, "Kernel cache and warm-up"). Ignored by the reference backend.
 
     On CUDA this synchronizes once, at the end, to raise on NaN/Inf or float16 overflow.
     """
@@ -71,13 +76,24 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
     if max_seq_len is not None and (isinstance(max_seq_len, bool)
                                     or not isinstance(max_seq_len, int) or max_seq_len < 0):
         raise ValueError(f"max_seq_len: expected a non-negative int or None, got {max_seq_len!r}")
+    check_num_q_heads(num_q_heads, h)
     backend = _pick_backend(backend, k, "k")
     if backend == "numba":
-        return _numba_backend().quantize_kv(k, v, config, max_seq_len)
+        return _numba_backend().quantize_kv(k, v, config, max_seq_len, num_q_heads)
     cache = QuantizedKVCache.empty(b, h, d, dt, config)
     if t:
         cache.append(k, v)
     return cache
+
+
+def check_num_q_heads(num_q_heads, num_kv_heads) -> None:
+    """``num_q_heads``: None or a positive multiple of ``num_kv_heads`` (GQA)."""
+    if num_q_heads is None:
+        return
+    if (isinstance(num_q_heads, bool) or not isinstance(num_q_heads, (int, np.integer))
+            or num_q_heads <= 0 or num_q_heads % num_kv_heads):
+        raise ValueError(f"num_q_heads: expected None or a positive multiple of num_kv_heads "
+                         f"({num_kv_heads}), got {num_q_heads!r}")
 
 
 def _check_scale(scale, head_dim):

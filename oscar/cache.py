@@ -126,8 +126,14 @@ class QuantizedKVCache:
 
     @classmethod
     def empty(cls, batch, num_kv_heads, head_dim, dtype="float32", config=None,
-              backend="reference"):
-        """An empty cache on the reference backend (use quantize_kv for CUDA tensors)."""
+              backend="reference", device=None, max_seq_len=None, num_q_heads=None):
+        """An empty cache: on the host (``backend="reference"``, the default) or on a CUDA device
+        (``backend="numba"``, ``device`` e.g. ``"cuda"`` or ``"cuda:1"``).
+
+        On CUDA, ``max_seq_len`` reserves packed storage for that many tokens and the kernels
+        of the decode loop are compiled or loaded now (with ``num_q_heads``, the q_len=1 decode
+        kernels too), as :func:`oscar.quantize_kv` does.
+        """
         config = OScaRConfig() if config is None else config
         if not isinstance(config, OScaRConfig):
             raise TypeError(f"config: expected OScaRConfig, got {type(config).__name__}")
@@ -137,9 +143,26 @@ class QuantizedKVCache:
         config.check_head_dim(head_dim)
         if dtype not in V.FLOAT_DTYPES:
             raise TypeError(f"dtype: expected one of {V.FLOAT_DTYPES}, got {dtype!r}")
+        if max_seq_len is not None and (isinstance(max_seq_len, bool)
+                                        or not isinstance(max_seq_len, int) or max_seq_len < 0):
+            raise ValueError(f"max_seq_len: expected a non-negative int or None, "
+                             f"got {max_seq_len!r}")
+        from .api import check_num_q_heads
+
+        check_num_q_heads(num_q_heads, num_kv_heads)
+        if backend == "numba":
+            if device is None:
+                raise ValueError("device: expected a CUDA device (e.g. 'cuda') for "
+                                 "backend='numba', got None")
+            from .api import _numba_backend
+
+            return _numba_backend().empty(batch, num_kv_heads, head_dim, dtype, config, device,
+                                          max_seq_len, num_q_heads)
         if backend != "reference":
-            raise ValueError(f"backend: expected 'reference' for an empty host cache, "
-                             f"got {backend!r}")
+            raise ValueError(f"backend: expected 'reference' or 'numba', got {backend!r}")
+        if device is not None and str(device) != "cpu":
+            raise ValueError(f"device: expected None or 'cpu' for backend='reference', "
+                             f"got {device!r}")
         store = ReferenceStore(batch, num_kv_heads, head_dim, dtype, config)
         return cls(store, batch, num_kv_heads, head_dim, dtype, config)
 
