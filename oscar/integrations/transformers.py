@@ -135,8 +135,8 @@ class OScaRMask:
             if am.shape[1] > 1 and bool((am[:, 1:].int() < am[:, :-1].int()).any()):
                 raise ValueError("attention_mask: OScaRCache supports left padding only (each "
                                  "row: zeros, then ones); got right padding or a gap")
-            if not bool(am.any(dim=1).all()):
-                raise ValueError("attention_mask: a row has no valid token")
+            # a row with no valid token yet (a prefill chunk inside its padding) gets the mask's
+            # length: _fill_padding then raises for the tokens it cannot fill
             p = (~am).sum(dim=1).numpy().astype(np.int64)
             pad = p if p.any() else None
         self._pad = pad
