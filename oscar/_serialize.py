@@ -189,9 +189,9 @@ def _build_quantized(path, i, head, arrays, device):
 
 
 def load_caches(path, device=None):
-    """``(layers, extra)``: each layer a QuantizedKVCache, ``(keys, values, dtype)`` of a dense
-    layer (NumPy), or None, with each quantized layer's ``extra`` dict attached as ``.extra``
-    on the returned list entry's header (see :func:`load_headers`)."""
+    """``(layers, extra)``: each layer a QuantizedKVCache (on ``device``), ``(keys, values,
+    dtype)`` NumPy arrays of a dense layer, or None; ``extra`` is the file's extra dict plus
+    ``"layer_extra"``, each layer's own ``extra`` (None for non-quantized layers)."""
     heads, extra, arrays = _read(path)
     layers = []
     for i, head in enumerate(heads):
