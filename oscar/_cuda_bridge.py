@@ -488,6 +488,63 @@ class NumbaStore:
         tdt = _TORCH_DTYPE[self.dtype]
         return (torch.cat((k_hat.to(tdt), k_res), dim=2), torch.cat((v_hat.to(tdt), v_res), dim=2))
 
+    # --- batch and length edits, copies, loading (beam search, crop, save/load) ----------------
+    def _rewrap(self) -> None:
+        """Rebuild the Numba views of the long-lived buffers after any of them was replaced
+        (``self.buf[...]``, ``self.k_res``, ``self.v_res``, ``self.status``) and drop everything
+        derived from the old ones (decode workspaces keyed by shape, the cached query view)."""
+        self.nb = {n: (_nb_u32(t) if n.endswith("codes") else cuda.as_cuda_array(t))
+                   for n, t in self.buf.items()}
+        self.k_res_nb, self.v_res_nb = _nb(self.k_res), _nb(self.v_res)
+        self.status_nb = cuda.as_cuda_array(self.status)
+        self._dec_cache = {}
+        self._q_cache = None
+
+    def select_batch(self, idx: np.ndarray) -> None:
+        """Rows ``idx`` (validated host int64) of every buffer: one ``index_select`` each."""
+        index = torch.as_tensor(idx, dtype=torch.long).to(self.device)
+        for name, t in list(self.buf.items()):
+            if name == "norms" and not self.config.scale_tokens:
+                continue  # a (1, 1, 1) placeholder, not per row
+            self.buf[name] = t.index_select(0, index)
+        self.k_res = self.k_res.index_select(0, index)
+        self.v_res = self.v_res.index_select(0, index)
+        self.batch = int(index.numel())
+        self._rewrap()
+
+    def truncate(self, seq_len: int) -> None:
+        """Drop residual tokens after ``seq_len`` (validated: ``quantized_len <= seq_len``)."""
+        self.residual_len = seq_len - self.quantized_len
+
+    def __deepcopy__(self, memo):
+        """Clone every buffer (same device, same capacity) and rewrap; plain attributes are
+        shared (they are immutable: config, device, sizes)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.buf = {n: t.clone() for n, t in self.buf.items()}
+        new.k_res, new.v_res = self.k_res.clone(), self.v_res.clone()
+        new.status = self.status.clone()
+        new._rewrap()
+        memo[id(self)] = new
+        return new
+
+    def load_state(self, packed: dict, k_res: np.ndarray, v_res: np.ndarray,
+                   quantized_len: int) -> None:
+        """Install validated host arrays (``PackedBlock.arrays()`` names; codes uint32,
+        residual ``[B, H, residual_len, D]`` float) into the buffers, in place."""
+        self.reserve(quantized_len)
+        for name, a in packed.items():
+            if name.endswith("codes"):
+                a = np.ascontiguousarray(a).view(np.int32)
+            n = self._tokens_to_len(name, quantized_len)
+            self.buf[name][:, :, :n].copy_(torch.from_numpy(np.ascontiguousarray(a)))
+        self.quantized_len = quantized_len
+        r = k_res.shape[2]
+        tdt = _TORCH_DTYPE[self.dtype]
+        self.k_res[:, :, :r].copy_(torch.from_numpy(np.ascontiguousarray(k_res)).to(tdt))
+        self.v_res[:, :, :r].copy_(torch.from_numpy(np.ascontiguousarray(v_res)).to(tdt))
+        self.residual_len = r
+
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
