@@ -180,14 +180,20 @@ class NumbaStore:
         self._rewrap()
 
     def _rewrap(self) -> None:
-        """Rebuild the Numba views of the buffers and drop everything that points into the old
-        ones (decode workspaces keep their own tensors; plans and views do not survive)."""
+        """Rebuild the Numba views of the long-lived buffers after any of them was replaced
+        (``self.buf[...]``, ``self.k_res``, ``self.v_res``, ``self.status``: growth, batch
+        selection, a copy) and drop everything derived from the old ones: the cached query
+        view, the decode workspaces (a copy must not share them), and the launch plans, which
+        hold the old pointers. New containers, not cleared ones: a copy starts from a shallow
+        copy of this store's attributes."""
         self.nb = {n: (_nb_u32(t) if n.endswith("codes") else cuda.as_cuda_array(t))
                    for n, t in self.buf.items()}
         self.k_res_nb, self.v_res_nb = _nb(self.k_res), _nb(self.v_res)
+        self.status_nb = cuda.as_cuda_array(self.status)
         self._q_cache = None
+        self._dec_cache = {}
         self._gen += 1
-        self._steps.clear()
+        self._steps = {}
         self._flush_plan = None
 
     def _plan_failed(self, exc) -> None:
@@ -489,17 +495,6 @@ class NumbaStore:
         return (torch.cat((k_hat.to(tdt), k_res), dim=2), torch.cat((v_hat.to(tdt), v_res), dim=2))
 
     # --- batch and length edits, copies, loading (beam search, crop, save/load) ----------------
-    def _rewrap(self) -> None:
-        """Rebuild the Numba views of the long-lived buffers after any of them was replaced
-        (``self.buf[...]``, ``self.k_res``, ``self.v_res``, ``self.status``) and drop everything
-        derived from the old ones (decode workspaces keyed by shape, the cached query view)."""
-        self.nb = {n: (_nb_u32(t) if n.endswith("codes") else cuda.as_cuda_array(t))
-                   for n, t in self.buf.items()}
-        self.k_res_nb, self.v_res_nb = _nb(self.k_res), _nb(self.v_res)
-        self.status_nb = cuda.as_cuda_array(self.status)
-        self._dec_cache = {}
-        self._q_cache = None
-
     def select_batch(self, idx: np.ndarray) -> None:
         """Rows ``idx`` (validated host int64) of every buffer: one ``index_select`` each."""
         index = torch.as_tensor(idx, dtype=torch.long).to(self.device)
