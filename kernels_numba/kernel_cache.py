@@ -368,6 +368,7 @@ def jit(fn, sig, *, name: str, key=(), **options):
     if stats["hits"] == hits:
         stats["misses"] += 1
         stats["compile_s"] += progress.seconds
+    disp._specialized = True  # as cuda.jit(sig) leaves it: one overload, launched untyped
     disp.disable_compile()
     return disp
 
