@@ -1,14 +1,16 @@
 """Decode attention with each split kernel against torch SDPA bf16, same shapes, same run (GPU).
 
-    python benchmarks/compare_splits.py [--versions 1,2,3,3@128] [--shapes 1x4096,8x131072] \
+    python benchmarks/compare_splits.py [--versions 1,3,3@128] [--shapes 1x4096,8x131072] \
         [--bits 2]
 
-``3@128`` is split kernel v3 compiled with a register cap of 128 (``V3_MAX_REGISTERS``); a
-trailing ``m`` (``3m``, ``3@128m``) has the merge kernel score the residual tokens
-(``RESIDUAL_BLOCKS = "off"``), a trailing ``r`` the v3 kernel's residual blocks (``"on"``);
-neither: ``"auto"``; a ``u`` a separate merge launch instead of the fused merge
-(``FUSED_MERGE = False``). A shape ``BxT`` quantizes
-``T // 128 * 128`` tokens and keeps ``T % 128`` residual ones (``1x4223``: 127 residual tokens).
+Versions: ``1`` is split kernel v1 (attention_v1.py) everywhere, ``3`` the tensor-core v3 where
+it applies (``attention.SPLIT_VERSIONS``; v2 was removed on 2026-12-07). ``3@128`` is split
+kernel v3 compiled with a register cap of 128 (``V3_MAX_REGISTERS``); a trailing ``m`` (``3m``,
+``3@128m``) has the merge kernel score the residual tokens (``RESIDUAL_BLOCKS = "off"``), a
+trailing ``r`` the v3 kernel's residual blocks (``"on"``); neither: ``"auto"``; a ``u`` a
+separate merge launch instead of the fused merge (``FUSED_MERGE = False``). A shape ``BxT``
+quantizes ``T // 128 * 128`` tokens and keeps ``T % 128`` residual ones (``1x4223``: 127
+residual tokens).
 
 Llama-3.1-8B heads (32 query, 8 KV, head_dim 128), one query token, bfloat16 inputs. Prints one
 line per (shape, version): device ms of a CUDA-graph replay of one decode call (CUDA events, L2
@@ -36,12 +38,15 @@ from oscar.kernels_numba import attention as K  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--versions", default="1,2,3")
+    ap.add_argument("--versions", default="1,3")
     ap.add_argument("--shapes", default="1x4096,1x32768,8x32768,8x131072,16x131072")
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--host", action="store_true", help="also eager host us/call, graph replay us")
     args = ap.parse_args(argv)
     versions = args.versions.split(",")
+    for ver in versions:
+        if int(ver.rstrip("mru").partition("@")[0]) not in K.SPLIT_VERSIONS:
+            ap.error(f"--versions: {ver} is not a split kernel version {K.SPLIT_VERSIONS}")
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy:.2f} TB/s", flush=True)
     cfg = oscar.OScaRConfig(key_bits=args.bits, value_bits=args.bits)

@@ -1,5 +1,4 @@
-"""Decode attention straight from the packed cache: flash-decoding in two launches (one for
-short steps: the v3 split kernel's last blocks merge, attention_fused.py).
+"""Decode attention straight from the packed cache, and the one place that decides what runs.
 
 Computes exactly :func:`oscar.reference.attention.decode_attention` (SPEC section 5) in float32:
 
@@ -11,92 +10,81 @@ Computes exactly :func:`oscar.reference.attention.decode_attention` (SPEC sectio
 
 Query row i of ``q_len`` sits at position ``T - q_len + i`` (T = quantized_len + residual_len)
 and sees tokens ``0 .. T - q_len + i``. Query head h reads KV head ``h // G``, G = Hq / H.
+Flash-decoding: split kernels stream contiguous ranges of 32-token tiles and write per (batch,
+query head, row, split) a running max, a sum of exps and an unnormalized value sum to a float32
+workspace (:func:`workspace_shapes`); a merge combines them by log-sum-exp.
 
-Kernel 1, ``split`` (one block per (batch * kv head, split); 128 threads = 4 warps)
-    The block takes the G query heads sharing its KV head and all q_len rows together
-    (``rows = G * q_len``), so every packed word is read from memory once, and a contiguous
-    range of 32-token tiles: ``ceil(tiles / num_splits)`` rounded up to whole key groups, so a
-    split always starts a group (trailing splits may be empty).
-    It loads its queries once into shared memory, rotates them (``fwht_shared``) and multiplies
-    by ``scale``. Per key group it folds the dequantization into the query:
-    ``q'_c = q_c * scale_c`` and ``kmin_r = sum_c q_c * min_c``, so that
-    ``q . u_hat_t = sum_c q'_c * code_tc + kmin_r`` (one FMA per code and row).
-    Per tile:
-      QK   thread = (slot = warp, lane = token of the tile). A warp reads word w of its 32 tokens
-           as 128 contiguous bytes (the key layout of reference/pack.py). Warps split the rows
-           (``RG`` row groups) and, when rows < 4, the key words (``WSPLIT`` word slices); each
-           thread unpacks a code once and uses it for all its rows. Partial dots go to shared
-           memory and are summed, masked and scaled by n_t in a second pass.
-      softmax  online, per row: running max m, sum l, rescale factor alpha (empty rows keep
-           m = -inf, l = 0, alpha = 1: no exp(-inf + inf) anywhere).
-      PV   the tile's value words (32 token rows, contiguous) and (scale, min) are staged in shared
-           memory with coalesced loads; ``ps[r, t, g] = p_rt * vscale_tg`` and
-           ``pmin[r, g] = sum_t p_rt * vmin_tg`` fold the value dequantization, so each code
-           costs one FMA per row. Thread t owns channels ``t % min(D, 128) + 128 * j`` and rows
-           ``t // min(D, 128) + (128 // min(D, 128)) * k``; its accumulators live in registers.
-    Writes per (b, hq, i, split): the running max, the sum of exps and the unnormalized rotated
-    value sum ``acc[D]`` (float32 workspace). Splits with no visible token write (-inf, 0, 0).
-    The v3 kernel (the default) can also run *residual blocks* (attention_residual.py): block
-    rows before the splits, one per query row, that score the residual tokens beside the split
-    blocks and write their partial (value sum unrotated) at workspace slot ``num_splits``
-    (:func:`residual_block_rows` decides per launch).
-Kernel 2, ``merge`` (one block per (batch, query head, row); 128 threads)
-    Takes the residual blocks' partial when there is one (``res_slot``), else computes the
-    residual scores itself (16-byte residual rows shared by the lanes of a row),
-    merges the splits and the residual by log-sum-exp (warp-shuffle block reductions), sums the
-    splits' ``acc`` (4 channels per lane, splits over the warps), un-rotates once in warp 0's
-    registers (``fwht_warp``, rotate_values), adds the residual values and writes ``out``
-    (float32 or q's dtype, rounded once) and ``lse`` (natural log). ``_build_merge`` has the
-    details.
+What runs for my configuration (``rows = G * q_len``; one :func:`decode_attention` call):
 
-Shared memory (static, float32 unless noted), kernel 1: queries and pre-scaled queries
-``2 * rows * D``; scores ``rows * 32`` plus partials ``WSPLIT * rows * 32``; value words
-``32 * D * value_bits / 32`` (uint32); value params ``2 * 32 * D / gv``;
-``ps = rows * 32 * D / gv`` (replaced by p * scale on the fly when it does not fit) and ``pmin``;
-9.6 KB for Llama-3.1-8B decode (rows 4, D 128). Kernel 2: ``D (1 + 2 * NUM_WARPS) +
-residual_length + MAX_SPLITS + 2 * NUM_WARPS`` floats. Kernel 1 takes 7 barriers per tile (8 on
-a key group's first tile).
+======================  ===================================================================
+split kernel (launch 1)  **v3**, attention_mma.py (tensor cores, inline PTX; ptx_sim.py in the
+                         simulator) when ``SPLIT_VERSION == 3`` (the default) and
+                         ``attention_mma.unsupported(key_bits, value_bits, value_group_size,
+                         head_dim, rows, param_dtype)`` is None, i.e. all of: rows <= 8;
+                         param_dtype float16; head_dim a multiple of 16; value groups of >= 16
+                         channels and at most 8 per head; ``head_dim * key_bits`` and
+                         ``head_dim * value_bits`` multiples of 128; v3's static shared memory
+                         <= 48 KB. Otherwise **v1**, attention_v1.py (float32 CUDA cores; its
+                         docstring lists the configurations it exists for; ValueError where its
+                         own shared memory does not fit). ``SPLIT_VERSION == 1``: v1 always.
+residual tokens          **residual blocks** (attention_residual.py: extra block rows of the
+                         v3 launch, partial at workspace slot ``num_splits``) when v3 runs,
+                         ``residual_len > 0``, ``attention_residual.unsupported`` is None (a
+                         residual row of head_dim elements is a power-of-two 64..2048 bytes;
+                         rows <= 8; ROWS_PER_BLOCK x residual_length scores fit v3's staging
+                         buffers), and RESIDUAL_BLOCKS is ``"on"``, or ``"auto"`` and the
+                         grid ``batch * num_kv_heads * (num_splits + residual rows)`` fits one
+                         wave of resident blocks (:func:`residual_block_rows`). Otherwise the
+                         merge kernel scores them.
+merge                    **fused** into the v3 launch (attention_fused.py: the last block of
+                         each (batch, KV head) merges; no second launch) when FUSED_MERGE, v3
+                         runs, the merge kernel need not score the residual (residual blocks
+                         run, or ``residual_len == 0``), ``num_splits + residual rows <=
+                         FUSED_MAX_ARRIVALS`` and ``ceil(quantized_len / 32) <=
+                         FUSED_MAX_TILES_PER_SPLIT * num_splits`` (:func:`merge_in_split`).
+                         Otherwise the **merge kernel**, attention_merge.py (launch 2).
+num_splits               the caller's: :func:`plan_splits` fills one wave of resident blocks
+                         (v3: from its compiled registers and shared memory; v1:
+                         TARGET_BLOCKS_PER_SM), leaving slots for residual blocks
+                         (:func:`residual_reserve`), at least MIN_TILES_PER_SPLIT tiles a split.
+======================  ===================================================================
+
+The module switches (SPLIT_VERSION, RESIDUAL_BLOCKS, FUSED_MERGE, V3_MAX_REGISTERS; environment
+variables, and a benchmark may flip them between calls) are read here only. Kernels are
+specialized by cached factories (:func:`_compiled_split`, :func:`_merge_kernel`) on the
+compile-time parameters (bits, groups, head_dim, G * q_len, dtypes, flags); q_len is part of the
+key, since it sets the register and shared-memory layout (decode uses one or a few fixed q_len).
+Every split kernel takes the same arguments (:func:`_split_signature`), so one launch fits all.
 
 Limits: head_dim a power of two in 32..256; key/value bits 2, 4, 8; key groups 32/64/128; any
-value group of the configuration; rows = G * q_len at most 128 and small enough that kernel 1
-fits in 48 KB of static shared memory (e.g. G * q_len <= 32 at D = 128, <= 16 at D = 256);
-``num_splits <= MAX_SPLITS``. Kernels are specialized by cached factories on the compile-time
-parameters (bits, groups, head_dim, G * q_len, dtypes, flags); q_len is part of the key, since
-it sets the register and shared-memory layout (decode uses one or a few fixed q_len).
+value group of the configuration; ``num_splits <= MAX_SPLITS``; rows as the split kernel that
+runs allows (v3: 8; v1: up to 128, by shared memory).
 
-Float32 everywhere; codes become floats with the exponent trick (exact for codes < 2**23) on the
-GPU, a plain conversion in the simulator. The simulator has no warp shuffles, so all reductions go
-through shared memory and ``syncthreads``. This is the correct, moderately fast v1; known costs
-for the performance pass: per-row serial loops over the 32 scores of a tile (max, sum, pmin),
-64-bit index arithmetic with Python floor-division semantics, float32 FMAs instead of packed
-half2 / dp4a / mma, and merge blocks per query row that re-read the residual.
+History: split kernel v2 (one tile per warp, float32; attention_split.py) was removed on
+2026-12-07; its measured numbers stay in docs/kernels.md.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 from ._compat import SIMULATOR, cuda, np
-from . import attention_mma as _split_v3
+from .kernel_cache import jit, launch
 from . import attention_fused as _fused
+from . import attention_merge as _merge
+from . import attention_mma as _split_v3
 from . import attention_residual as _res
-from . import attention_split as _split_v2
-from .common import (bf16_bits_to_f32, device_pointer, f32_to_bf16_bits, fwht_shared,
-                     fwht_warp, int_as_float, split_block, value_code_location,
-                     value_param_location)
+from . import attention_v1 as _v1
+from .attention_merge import merge_geometry as _merge_geometry  # noqa: F401 (tests use it)
+from .common import bf16_bits_to_f32, device_pointer, f32_to_bf16_bits
 
-if SIMULATOR:
-    from .ptx_sim import global_address, ldg4, uint_as_float
-else:
-    from .ptx import global_address, ldg4, uint_as_float
-
-#: Which split kernel to build. 3 (default) = tensor cores through inline PTX (attention_mma.py;
+#: Which split kernel to build: 3 (default) = tensor cores through inline PTX (attention_mma.py;
 #: in the CUDA simulator through ptx_sim.py), for the configurations it supports
-#: (``attention_mma.unsupported``); the others use v1. 1 = the tile-per-block kernel below
-#: (float32; verified on an H200 with compute-sanitizer memcheck/racecheck). 2 = one tile per
-#: warp (attention_split.py), float32, kept for comparison. Environment: OSCAR_SPLIT_KERNEL.
+#: (``attention_mma.unsupported``); the others use v1. 1 = the float32 tile-per-block kernel
+#: (attention_v1.py) everywhere. Environment: OSCAR_SPLIT_KERNEL.
 SPLIT_VERSION = int(__import__("os").environ.get("OSCAR_SPLIT_KERNEL", "3"))
+#: Split kernel versions there are (2 was removed on 2026-12-07).
+SPLIT_VERSIONS = (1, 3)
 #: Who scores the residual tokens where the split kernel supports residual blocks
 #: (:func:`residual_in_split`): ``"auto"`` (default) extra blocks of the split grid when they
 #: fit beside the split blocks in one wave of resident blocks, else every merge block (in a
@@ -118,14 +106,18 @@ FUSED_MAX_ARRIVALS = 32
 FUSED_MAX_TILES_PER_SPLIT = 8
 #: Residual blocks up to this share of one wave get slots of their own (:func:`residual_reserve`).
 RESIDUAL_RESERVE = 0.125
+#: Register cap of the v3 split kernel: 128 gives 4 blocks (16 warps) per SM without spills
+#: (ptxas alone picks ~137, i.e. 3 blocks). None: ptxas decides. Environment:
+#: OSCAR_V3_MAX_REGISTERS (0 = no cap).
+V3_MAX_REGISTERS = int(__import__("os").environ.get("OSCAR_V3_MAX_REGISTERS", "128")) or None
 
-#: Threads per block of both kernels: 4 warps, enough to overlap the phases of neighbouring
-#: blocks on one SM while keeping the per-tile work per thread large.
+#: Threads per block of every kernel launched here (each kernel module declares its own
+#: NUM_THREADS; the check below keeps them equal).
 NUM_THREADS = 128
 WARP_SIZE = 32
 NUM_WARPS = NUM_THREADS // WARP_SIZE
-#: Tokens per key tile: the packed key layout stores word w of 32 consecutive tokens in 128
-#: contiguous bytes (reference/pack.py TILE_TOKENS), read by one warp, lane = token.
+#: Tokens per key tile of the packed layout (reference/pack.py TILE_TOKENS): every split kernel
+#: streams whole tiles, so splits are planned in tiles.
 TILE_TOKENS = 32
 #: Upper bound of num_splits: sizes the merge kernel's weight buffer and keeps gridDim.y small.
 MAX_SPLITS = 256
@@ -135,39 +127,16 @@ MIN_TILES_PER_SPLIT = 8
 #: Blocks per SM to aim for when splitting: enough resident blocks to cover load latency
 #: (a block uses ~10 KB of shared memory and 128 threads, so 4 fit easily).
 TARGET_BLOCKS_PER_SM = 4
-#: Threads per row of the v1 split kernel's key-group min fold (then one thread sums the
-#: partials): fewer barriers than a tree.
-REDUCE_FAN = 16
-#: 16-byte residual chunks a merge-kernel lane keeps in flight per round (registers: 4 words
-#: each for keys and for values). Tests lower it to run the several-rounds path on tiny shapes.
-MERGE_LANE_CHUNKS = 16
-#: Static shared memory per block that needs no opt-in on any architecture.
-SHARED_MEMORY_LIMIT = 48 * 1024
-#: float32 2**23: OR-ing a code < 2**23 into its mantissa gives 2**23 + code exactly.
-_MAGIC_BITS = 0x4B000000
-_MAGIC_FLOAT = 8388608.0
 
 Q_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.int16}
 PARAM_DTYPES = {"float16": np.float16, "float32": np.float32}
 _SIG_TYPE = {"float16": "float16", "float32": "float32", "bfloat16": "int16"}
 
+if {m.NUM_THREADS for m in (_v1, _split_v3, _res, _fused, _merge)} != {NUM_THREADS}:
+    raise ImportError(f"the attention kernel modules disagree on NUM_THREADS ({NUM_THREADS})")
 
-# --- device helpers -------------------------------------------------------------------------
 
-if SIMULATOR:
-
-    @cuda.jit(device=True)
-    def _code_to_f32(code):
-        """An unsigned code as float32 (simulator: plain conversion, same value)."""
-        return np.float32(code)
-
-else:
-
-    @cuda.jit(device=True)
-    def _code_to_f32(code):
-        """An unsigned code < 2**23 as float32 without I2F (quarter rate): a LOP and an FADD."""
-        return int_as_float(np.int32(code) | np.int32(_MAGIC_BITS)) - np.float32(_MAGIC_FLOAT)
-
+# --- dtype helpers handed to the kernel builders ------------------------------------------
 
 @cuda.jit(device=True)
 def _load_float(x):
@@ -193,90 +162,24 @@ def _storer(dtype_name):
     return f32_to_bf16_bits if dtype_name == "bfloat16" else _store_float
 
 
-@cuda.jit(device=True)
-def _block_max(red, val, tid):
-    """Max of ``val`` over the block, returned to every thread: ``shfl_xor`` inside each warp,
-    then the NUM_WARPS warp maxima through ``red[NUM_WARPS]`` (shared memory, one barrier).
-    Back-to-back calls need distinct ``red`` arrays."""
-    off = WARP_SIZE // 2
-    while off > 0:
-        val = max(val, cuda.shfl_xor_sync(0xFFFFFFFF, val, off))
-        off //= 2
-    if tid % WARP_SIZE == 0:
-        red[tid // WARP_SIZE] = val
-    cuda.syncthreads()
-    m = red[0]
-    for w in range(1, NUM_WARPS):
-        m = max(m, red[w])
-    return m
-
-
-@cuda.jit(device=True)
-def _block_sum(red, val, tid):
-    """Sum of ``val`` over the block, returned to every thread (as :func:`_block_max`)."""
-    off = WARP_SIZE // 2
-    while off > 0:
-        val += cuda.shfl_xor_sync(0xFFFFFFFF, val, off)
-        off //= 2
-    if tid % WARP_SIZE == 0:
-        red[tid // WARP_SIZE] = val
-    cuda.syncthreads()
-    s = red[0]
-    for w in range(1, NUM_WARPS):
-        s += red[w]
-    return s
-
-
-def _pow2_ceil(n):
-    return 1 << max(0, (int(n) - 1).bit_length())
-
 
 def _hadamard_scale(head_dim):
     """float32(1/sqrt(D)), rounded once as in reference.hadamard.hadamard_scale."""
     return float(np.float32(1.0 / np.sqrt(np.float64(head_dim))))
 
 
-# --- kernel 1: split ------------------------------------------------------------------------
+# --- which kernels run ----------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _split_layout(key_bits, value_bits, key_group_size, value_group_size, head_dim, rows):
-    """Compile-time work split of kernel 1 and its shared-memory bytes (see the spec sheet)."""
-    d = head_dim
-    kw = d * key_bits // 32
-    vw = d * value_bits // 32
-    ngv = d // value_group_size
-    rg = min(NUM_WARPS, _pow2_ceil(rows))  # row groups over the warps (QK)
-    wsplit = min(NUM_WARPS // rg, kw)  # key-word slices when rows < 4 (QK)
-    dw = min(d, NUM_THREADS)
-    lay = dict(
-        kw=kw, vw=vw, ngv=ngv, rg=rg, wsplit=wsplit,
-        rps=-(-rows // rg), wps=kw // wsplit,
-        dw=dw, dpt=d // dw, rs=NUM_THREADS // dw, rpt=-(-rows // (NUM_THREADS // dw)),
-        # threads per row summing the key-group min fold (then one thread sums TPR partials)
-        tpr=min(NUM_THREADS // _pow2_ceil(rows), REDUCE_FAN) if _pow2_ceil(rows) <= NUM_THREADS
-        else 0,
-        tpg=key_group_size // TILE_TOKENS,
-    )
-    base = 4 * (2 * rows * d + rows + NUM_THREADS + (lay["wsplit"] + 1) * rows * TILE_TOKENS
-                + TILE_TOKENS * vw + 2 * TILE_TOKENS * ngv + rows * ngv + 3 * rows)
-    ps_bytes = 4 * rows * TILE_TOKENS * ngv
-    lay["stage_ps"] = base + ps_bytes <= SHARED_MEMORY_LIMIT
-    lay["smem"] = base + (ps_bytes if lay["stage_ps"] else 4)
-    return lay
-
-
-def _check_split_fits(lay, rows, head_dim):
-    if lay["tpr"] == 0 or lay["smem"] > SHARED_MEMORY_LIMIT:
-        raise ValueError(
-            f"num_q_heads / num_kv_heads * q_len = {rows} query rows per KV head is too many for "
-            f"head_dim {head_dim}: the split kernel would need {lay['smem']} bytes of shared "
-            f"memory (limit {SHARED_MEMORY_LIMIT}) or more than {NUM_THREADS} rows; use a smaller "
-            "q_len per call"
-        )
+def _uses_v3(key):
+    """True when the split kernel of ``key`` (:func:`_split_key`) is v3 (the table above)."""
+    kb, vb, _, gv, d, g, lq, pdt = key[:8]
+    return SPLIT_VERSION == 3 and _split_v3.unsupported(kb, vb, gv, d, g * lq, pdt) is None
 
 
 def _split_signature(param_dtype, q_dtype, res_dtype, out_dtype):
+    """Numba signature of every split kernel (v1, v3, v3 fused): the arguments
+    :func:`decode_attention` passes to launch 1."""
     p, q, r, o = param_dtype, _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype], _SIG_TYPE[out_dtype]
     return (f"void({q}[:, :, :, ::1], uint32[:, :, :, :, ::1], {p}[:, :, :, :, ::1], "
             f"uint32[:, :, :, ::1], {p}[:, :, :, :, ::1], float32[:, :, ::1], "
@@ -307,18 +210,21 @@ def residual_in_split(key_bits, value_bits, key_group_size, value_group_size, he
 def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
                  param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head, res_dtype,
                  residual_length, out_dtype="float32", rotate_values=True, fused=False):
-    """Python function and signature of kernel 1 for one compile-time configuration.
+    """Python function and signature of the split kernel for one compile-time configuration.
 
     ``SPLIT_VERSION == 3``: the tensor-core kernel (``attention_mma``) where it supports the
     configuration, with the residual blocks of ``attention_residual`` where
-    :func:`residual_in_split`; ``== 2``: the v2 kernel (``attention_split``: one tile per warp)
-    where its shared memory fits; the v1 kernel below otherwise (docs/kernels.md compares them).
-    All take the residual arrays and the fused merge's arguments (only v3 uses them; with
-    ``fused``, ``attention_fused``: the last block of each (batch, KV head) merges into ``out``
-    and ``lse`` when the launch passes ``fuse = 1``) so that one launch fits all. The fused
-    variant is a separate compile: its merge code costs the tile loop registers (B=8 128K 2%
-    slower with it), so launches that do not fuse use the plain kernel.
+    :func:`residual_in_split`; the v1 kernel (``attention_v1``) otherwise (docs/kernels.md
+    compares them). Both take the residual arrays and the fused merge's arguments (only v3
+    uses them; with ``fused``, ``attention_fused``: the last block of each (batch, KV head)
+    merges into ``out`` and ``lse`` when the launch passes ``fuse = 1``) so that one launch fits
+    all. The fused variant is a separate compile: its merge code costs the tile loop registers
+    (B=8 128K 2% slower with it), so launches that do not fuse use the plain kernel.
     """
+    if SPLIT_VERSION not in SPLIT_VERSIONS:
+        raise ValueError(f"SPLIT_VERSION (environment OSCAR_SPLIT_KERNEL): expected one of "
+                         f"{SPLIT_VERSIONS}, got {SPLIT_VERSION!r} (v2 was removed on "
+                         "2026-12-07)")
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
     sig = _split_signature(param_dtype, q_dtype, res_dtype, out_dtype)
@@ -345,550 +251,34 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
             rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _hadamard_scale(D),
             residual, finish)
         return fn, sig
-    if SPLIT_VERSION == 2 and _split_v2.fits(ROWS, D):
-        fn = _split_v2.build_split_v2(
-            key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
-            rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _code_to_f32,
-            _hadamard_scale(D))
-        return fn, sig
-    lay = _split_layout(key_bits, value_bits, key_group_size, value_group_size, head_dim, ROWS)
-    _check_split_fits(lay, ROWS, head_dim)
-    VW, NGV = lay["vw"], lay["ngv"]
-    RG, WSPLIT, RPS, WPS = lay["rg"], lay["wsplit"], lay["rps"], lay["wps"]
-    DW, DPT, RS, RPT = lay["dw"], lay["dpt"], lay["rs"], lay["rpt"]
-    TPR, TPG = lay["tpr"], lay["tpg"]
-    STAGE_PS = lay["stage_ps"]
-    PS_SHAPE = (ROWS, TILE_TOKENS, NGV) if STAGE_PS else (1, 1, 1)
-    KB, VB = key_bits, value_bits
-    KCPW = 32 // key_bits
-    KMASK, VMASK = (1 << key_bits) - 1, (1 << value_bits) - 1
-    GV = value_group_size
-    NT = NUM_THREADS
-    NACC = DPT * RPT
-    ROTATE, SCALE_TOKENS, NORM_PER_HEAD = bool(rotate_keys), bool(scale_tokens), bool(norm_per_head)
-    HS = _hadamard_scale(D)
-    load_q = _loader(q_dtype)
-    code_f32 = _code_to_f32
 
-    @cuda.jit(device=True)
-    def write_partials(ws_max, ws_sum, ws_acc, acc, m_s, l_s, b, kvh, split, tid, d0, r0):
-        for jd in range(DPT):
-            d = d0 + DW * jd
-            for k in range(RPT):
-                r = r0 + RS * k
-                if r < ROWS:
-                    ws_acc[b, kvh * G + r // LQ, r % LQ, split, d] = acc[jd * RPT + k]
-        if tid < ROWS:
-            ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = m_s[tid]
-            ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = l_s[tid]
-
-    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
-                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
-                     out, lse, counter, fuse):
-        tid = cuda.threadIdx.x
-        lane = tid % TILE_TOKENS
-        slot = tid // TILE_TOKENS
-        b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
-                                                    TPG, 0)
-        nh = kvh if NORM_PER_HEAD else 0
-        neg_inf = np.float32(-math.inf)
-        seq_len = quantized_len + residual_len
-
-        # per-thread PV ownership: channels d0 + DW * j, rows r0 + RS * k
-        d0 = tid % DW
-        r0 = tid // DW
-        acc = cuda.local.array(NACC, np.float32)
-        for j in range(NACC):
-            acc[j] = np.float32(0.0)
-
-        m_s = cuda.shared.array(ROWS, np.float32)  # running max per row
-        l_s = cuda.shared.array(ROWS, np.float32)  # running sum of exps per row
-        if tid < ROWS:  # each thread later reads back only its own entries, or after barriers
-            m_s[tid] = neg_inf
-            l_s[tid] = np.float32(0.0)
-        if t_begin >= t_end:  # block-uniform: no barrier is skipped by part of the block
-            write_partials(ws_max, ws_sum, ws_acc, acc, m_s, l_s, b, kvh, split, tid, d0, r0)
-            return
-
-        qs = cuda.shared.array((ROWS, D), np.float32)  # rotated, scaled queries
-        qp = cuda.shared.array((ROWS, D), np.float32)  # ... times the key group's scales
-        kmin = cuda.shared.array(ROWS, np.float32)  # sum_c q_c * min_c of the key group
-        red = cuda.shared.array(NT, np.float32)
-        part = cuda.shared.array((WSPLIT, ROWS, TILE_TOKENS), np.float32)
-        sc = cuda.shared.array((ROWS, TILE_TOKENS), np.float32)  # scores, then p
-        vws = cuda.shared.array((TILE_TOKENS, VW), np.uint32)
-        vsc = cuda.shared.array((TILE_TOKENS, NGV), np.float32)
-        vmn = cuda.shared.array((TILE_TOKENS, NGV), np.float32)
-        ps = cuda.shared.array(PS_SHAPE, np.float32)
-        pmin = cuda.shared.array((ROWS, NGV), np.float32)
-        alpha_s = cuda.shared.array(ROWS, np.float32)
-
-        for idx in range(tid, ROWS * D, NT):
-            r = idx // D
-            c = idx % D
-            qs[r, c] = load_q(q[b, kvh * G + r // LQ, r % LQ, c])
-        if ROTATE:
-            fwht_shared(qs, ROWS, D, tid, NT)
-            qfac = scale * np.float32(HS)
-        else:
-            cuda.syncthreads()
-            qfac = scale
-        for idx in range(tid, ROWS * D, NT):
-            qs[idx // D, idx % D] *= qfac
-        cuda.syncthreads()
-
-        for tile in range(t_begin, t_end):
-            tok0 = tile * TILE_TOKENS
-            if tile % TPG == 0:  # first tile of a key group: fold its (scale, min) into q
-                grp = tile // TPG
-                for idx in range(tid, ROWS * D, NT):
-                    r = idx // D
-                    c = idx % D
-                    qp[r, c] = qs[r, c] * np.float32(k_params[b, kvh, grp, c, 0])
-                r = tid // TPR
-                s = np.float32(0.0)
-                if r < ROWS:
-                    for c in range(tid % TPR, D, TPR):
-                        s += qs[r, c] * np.float32(k_params[b, kvh, grp, c, 1])
-                red[tid] = s
-                cuda.syncthreads()  # qp and red complete
-                if tid < ROWS:
-                    s = red[tid * TPR]
-                    for j in range(1, TPR):
-                        s += red[tid * TPR + j]
-                    kmin[tid] = s  # read after the QK barrier below
-
-            # stage the tile's value words (one flat run, docs/format.md) and params (coalesced)
-            for idx in range(tid, TILE_TOKENS * VW, NT):
-                vws[idx // VW, idx % VW] = v_codes[b, kvh, tok0 + idx // VW, idx % VW]
-            for idx in range(tid, TILE_TOKENS * NGV, NT):
-                t = idx // NGV
-                g = idx % NGV
-                pr, pg, pp = value_param_location(t, g, 0, NGV)  # the tiled order; the min
-                vsc[t, g] = np.float32(v_params[b, kvh, tok0 + pr, pg, pp])  # 8 rows on
-                vmn[t, g] = np.float32(v_params[b, kvh, tok0 + pr + 8, pg, pp])
-
-            # QK partial dots: lane = token, slot = (word slice, row group)
-            ws = slot % WSPLIT
-            rg = slot // WSPLIT
-            if rg < RG:
-                dots = cuda.local.array(RPS, np.float32)
-                for k in range(RPS):
-                    dots[k] = np.float32(0.0)
-                for j in range(WPS):
-                    w = ws + WSPLIT * j
-                    word = k_codes[b, kvh, tile, w, lane]
-                    for e in range(KCPW):
-                        cf = code_f32((word >> np.uint32(KB * e)) & np.uint32(KMASK))
-                        c = w * KCPW + e
-                        for k in range(RPS):
-                            r = rg + RG * k
-                            if r < ROWS:
-                                dots[k] += qp[r, c] * cf
-                for k in range(RPS):
-                    r = rg + RG * k
-                    if r < ROWS:
-                        part[ws, r, lane] = dots[k]
-            cuda.syncthreads()
-
-            # scores: sum the slices, add the min fold, times n_t; causal mask
-            for idx in range(tid, ROWS * TILE_TOKENS, NT):
-                r = idx // TILE_TOKENS
-                l = idx % TILE_TOKENS
-                t = tok0 + l
-                s = neg_inf
-                if t <= seq_len - LQ + r % LQ:
-                    s = kmin[r]
-                    for u in range(WSPLIT):
-                        s += part[u, r, l]
-                    if SCALE_TOKENS:
-                        s *= norms[b, nh, t]
-                sc[r, l] = s
-            cuda.syncthreads()
-
-            # online softmax: new running max and the rescale factor of the old sums
-            if tid < ROWS:
-                mt = neg_inf
-                for l in range(TILE_TOKENS):
-                    mt = max(mt, sc[tid, l])
-                m_old = m_s[tid]
-                m_new = max(m_old, mt)
-                alpha = np.float32(1.0)
-                if m_new != neg_inf:
-                    alpha = math.exp(m_old - m_new)  # exp(-inf) = 0 when m_old = -inf
-                m_s[tid] = m_new
-                alpha_s[tid] = alpha
-            cuda.syncthreads()
-            for idx in range(tid, ROWS * TILE_TOKENS, NT):
-                r = idx // TILE_TOKENS
-                l = idx % TILE_TOKENS
-                s = sc[r, l]
-                p = np.float32(0.0)
-                if s != neg_inf:
-                    p = math.exp(s - m_s[r])
-                sc[r, l] = p
-            cuda.syncthreads()
-
-            # fold the value dequantization into p
-            if STAGE_PS:
-                for idx in range(tid, ROWS * TILE_TOKENS * NGV, NT):
-                    r = idx // (TILE_TOKENS * NGV)
-                    l = (idx // NGV) % TILE_TOKENS
-                    g = idx % NGV
-                    ps[r, l, g] = sc[r, l] * vsc[l, g]
-            for idx in range(tid, ROWS * NGV, NT):
-                r = idx // NGV
-                g = idx % NGV
-                s = np.float32(0.0)
-                for l in range(TILE_TOKENS):
-                    s += sc[r, l] * vmn[l, g]
-                pmin[r, g] = s
-            if tid < ROWS:
-                s = np.float32(0.0)
-                for l in range(TILE_TOKENS):
-                    s += sc[tid, l]
-                l_s[tid] = l_s[tid] * alpha_s[tid] + s
-            cuda.syncthreads()
-
-            # PV: thread owns (channel, rows); each code unpacked once, one FMA per row
-            for jd in range(DPT):
-                d = d0 + DW * jd
-                g = d // GV
-                for k in range(RPT):
-                    r = r0 + RS * k
-                    if r < ROWS:
-                        acc[jd * RPT + k] *= alpha_s[r]
-                for l in range(TILE_TOKENS):
-                    f, sh = value_code_location(l, d, D, VB)  # the tiled value layout
-                    cf = code_f32((vws[f // VW, f % VW] >> np.uint32(sh)) & np.uint32(VMASK))
-                    for k in range(RPT):
-                        r = r0 + RS * k
-                        if r < ROWS:
-                            if STAGE_PS:
-                                f = ps[r, l, g]
-                            else:
-                                f = sc[r, l] * vsc[l, g]
-                            acc[jd * RPT + k] += f * cf
-                for k in range(RPT):
-                    r = r0 + RS * k
-                    if r < ROWS:
-                        acc[jd * RPT + k] += pmin[r, g]
-            cuda.syncthreads()  # the next tile overwrites the staged values, part, sc, ps
-
-        write_partials(ws_max, ws_sum, ws_acc, acc, m_s, l_s, b, kvh, split, tid, d0, r0)
-
-    return split_kernel, sig
-
-
-# --- kernel 2: merge ------------------------------------------------------------------------
+    # v1: every configuration v3 does not take (attention_v1.py lists them)
+    fn = _v1.build_split_v1(
+        key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
+        rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _hadamard_scale(D))
+    return fn, sig
 
 
 def _merge_signature(q_dtype, res_dtype, out_dtype):
+    """Numba signature of the merge kernel: the arguments of launch 2."""
     q, r, o = _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype], _SIG_TYPE[out_dtype]
     return (f"void({q}[:, :, :, ::1], {r}[:, :, :, ::1], {r}[:, :, :, ::1], "
             "float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, :, ::1], "
             f"{o}[:, :, :, ::1], float32[:, :, ::1], float32, int32, int32, int32, int32)")
 
 
-def _merge_geometry(head_dim, residual_length, res_dtype):
-    """Compile-time split of the residual tokens over the merge kernel's lanes.
-
-    A residual row of ``head_dim`` elements is ``nck`` 16-byte chunks; ``lpr = min(nck, 32)``
-    lanes share a row (``cpl`` chunks each), so one warp-wide 16-byte load covers ``tpw``
-    tokens; a warp streams ``ni`` such token groups per round (at most ``MERGE_LANE_CHUNKS``
-    chunks per lane in flight), ``rounds`` rounds cover ``residual_length``.
-    """
-    es = 2 if res_dtype in ("float16", "bfloat16") else 4
-    vpl = 16 // es
-    nck = head_dim // vpl
-    lpr = min(nck, WARP_SIZE)
-    cpl = nck // lpr
-    tpw = WARP_SIZE // lpr
-    ni = max(1, min(MERGE_LANE_CHUNKS // cpl, -(-residual_length // (NUM_WARPS * tpw))))
-    rounds = -(-residual_length // (NUM_WARPS * tpw * ni))
-    return dict(es=es, vpl=vpl, nck=nck, lpr=lpr, cpl=cpl, tpw=tpw, ni=ni, rounds=rounds)
-
-
 def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
                  out_dtype="float32"):
-    """Python function and signature of kernel 2 for one compile-time configuration.
-
-    ``out_dtype`` is float32 or q's dtype: the kernel rounds the float32 result once on the
-    store (round to nearest even, as torch's ``.to``), so a caller needs no cast kernel.
-
-    ``res_slot`` (a kernel argument) = 1: the split kernel's residual blocks have computed the
-    residual tokens' partial (max, sum, unrotated value sum) at workspace slot ``num_splits``;
-    the merge weighs it like a split and adds its value sum after the inverse rotation, and does
-    not read the residual arrays. 0: the merge scores the residual itself, as follows.
-
-    One block (4 warps) per (batch, query head, row). Latency is what matters here (at batch 1
-    the whole decode step is a few microseconds of dependent round trips), so every global load
-    that does not depend on another is issued first: the query row, the split maxima and sums,
-    and the residual keys and values of the first round, as 16-byte read-only loads
-    (``_merge_geometry``: lane ``l`` reads chunk ``l % lpr`` of token ``l // lpr`` of each token
-    group, so a warp's load is 512 contiguous bytes). Residual scores are partial dot products
-    reduced over the ``lpr`` lanes of a row by ``shfl_xor``; the residual value sum is
-    accumulated in the same registers and reduced over the tokens of a warp by shuffles, then
-    over the warps through shared memory. The quantized value sum takes one 16-byte row chunk
-    (4 channels) per lane and the splits round-robin over the warps, 8 loads in flight per lane.
-    """
-    D, R = head_dim, residual_length
-    NT, NW = NUM_THREADS, NUM_WARPS
-    ROTATE = bool(rotate_values)
-    HS = _hadamard_scale(D)
-    load_q = _loader(q_dtype)
-    geo = _merge_geometry(D, R, res_dtype)
-    ES, VPL, LPR, CPL, TPW, NI, ROUNDS = (geo[k] for k in ("es", "vpl", "lpr", "cpl", "tpw", "ni",
-                                                           "rounds"))
-    NL = NI * CPL  # 16-byte chunks per lane and round
-    NLW = 4 * NL  # their uint32 words
-    NVAL = CPL * VPL  # residual channels per lane
-    TR = NI * TPW  # tokens per warp and round
-    ONE_ROUND = ROUNDS == 1  # the values of the only round stay in registers from the start
-    QC = D // 4  # 16-byte chunks of a float32 row of split_acc
-    NQC = -(-QC // WARP_SIZE)
-    NQA = 4 * NQC  # (array sizes must be closure constants)
-    UNROLL = 8  # split_acc loads in flight per lane
-    CQ = D // WARP_SIZE  # output channels per lane of warp 0
-    fwht_row = fwht_warp(D)
-    ROW_B = D * ES  # bytes per residual row
-    ZERO_F = np.float32(0.0)
-    store = _storer(out_dtype)
-    element = _res.chunk_element(res_dtype)
-
-    @cuda.jit(device=True)
-    def load_round(base, t0, lane, nvalid, regs):
-        """The chunks of this lane for tokens t0 + i * TPW + lane // LPR (i < NI) of one
-        (batch, kv head) residual array at global address ``base``; zeros past ``nvalid``."""
-        for i in range(NI):
-            t = t0 + i * TPW + lane // LPR
-            for c in range(CPL):
-                k = c * LPR + lane % LPR
-                o = 4 * (i * CPL + c)
-                if t < nvalid:
-                    w0, w1, w2, w3 = ldg4(base + np.int64(t * ROW_B + 16 * k))
-                else:
-                    w0 = w1 = w2 = w3 = np.uint32(0)
-                regs[o] = w0
-                regs[o + 1] = w1
-                regs[o + 2] = w2
-                regs[o + 3] = w3
-
-    def merge_kernel(q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale, quantized_len,
-                     residual_len, num_splits, res_slot):
-        tid = cuda.threadIdx.x
-        lane = tid % WARP_SIZE
-        warp = tid // WARP_SIZE
-        nq = q.shape[1]
-        lq = q.shape[2]
-        g_size = nq // k_res.shape[1]
-        row = cuda.blockIdx.x
-        b = row // (nq * lq)
-        hq = (row // lq) % nq
-        i = row % lq
-        kvh = hq // g_size
-        neg_inf = np.float32(-math.inf)
-        last = quantized_len + residual_len - lq + i  # last visible position
-        # residual tokens this row scores (causal rows of a multi-token query see fewer): none
-        # when the split kernel's residual blocks have computed their partial (block-uniform)
-        has_slot = res_slot != 0
-        nres = 0 if has_slot else min(residual_len, last - quantized_len + 1)
-
-        qv = cuda.shared.array(D, np.float32)
-        sr = cuda.shared.array(R, np.float32)  # residual scores, then p
-        part = cuda.shared.array((NW, D), np.float32)  # per-warp residual value sums
-        qpart = cuda.shared.array((NW, D), np.float32)  # per-warp quantized value sums
-        redm = cuda.shared.array(NW, np.float32)  # warp maxima (block max)
-        reds = cuda.shared.array(NW, np.float32)  # warp sums (block sum)
-        wsp = cuda.shared.array(MAX_SPLITS, np.float32)  # split weights exp(m_split - M)
-        wres = cuda.shared.array(1, np.float32)  # the residual partial's weight
-
-        # --- independent loads first: query, split statistics, first round of K and V ------
-        if nres > 0:
-            for c in range(tid, D, NT):
-                qv[c] = load_q(q[b, hq, i, c]) * scale
-        mu0 = neg_inf
-        mu1 = neg_inf
-        su0 = ZERO_F
-        su1 = ZERO_F
-        if tid < num_splits:
-            mu0 = ws_max[b, hq, i, tid]
-            su0 = ws_sum[b, hq, i, tid]
-        if tid + NT < num_splits:
-            mu1 = ws_max[b, hq, i, tid + NT]
-            su1 = ws_sum[b, hq, i, tid + NT]
-        mur = neg_inf
-        sur = ZERO_F
-        rv = cuda.local.array(CQ, np.float32)  # warp 0: the residual partial's value sum
-        if has_slot:
-            if tid == NT - 1:
-                mur = ws_max[b, hq, i, num_splits]
-                sur = ws_sum[b, hq, i, num_splits]
-            if warp == 0:
-                for k in range(CQ):
-                    rv[k] = ws_acc[b, hq, i, num_splits, lane * CQ + k]
-        kbase = global_address(k_res, (b, kvh, 0, 0))
-        vbase = global_address(v_res, (b, kvh, 0, 0))
-        kr = cuda.local.array(NLW, np.uint32)
-        vr = cuda.local.array(NLW, np.uint32)
-        qr = cuda.local.array(NVAL, np.float32)
-        acc = cuda.local.array(NVAL, np.float32)
-        xo = cuda.local.array(CQ, np.float32)
-        for j in range(NVAL):
-            acc[j] = ZERO_F
-        if ONE_ROUND and nres > 0:
-            load_round(kbase, warp * TR, lane, nres, kr)
-            load_round(vbase, warp * TR, lane, nres, vr)
-
-        cuda.syncthreads()  # qv
-        for c in range(CPL):
-            k = c * LPR + lane % LPR
-            for j in range(VPL):
-                qr[c * VPL + j] = qv[k * VPL + j]
-
-        # --- residual scores: partial dot products, reduced over the LPR lanes of a row -------
-        m = max(max(mu0, mu1), mur)
-        for t0 in range(warp * TR, nres, NW * TR):
-            if not ONE_ROUND:
-                load_round(kbase, t0, lane, nres, kr)
-            for ii in range(NI):
-                s = ZERO_F
-                for c in range(CPL):
-                    o = 4 * (ii * CPL + c)
-                    for j in range(VPL):
-                        s += qr[c * VPL + j] * element(kr, o, j)
-                off = LPR // 2
-                while off > 0:
-                    s += cuda.shfl_xor_sync(0xFFFFFFFF, s, off)
-                    off //= 2
-                t = t0 + ii * TPW + lane // LPR
-                if t < nres:
-                    m = max(m, s)
-                    if lane % LPR == 0:
-                        sr[t] = s
-        m = _block_max(redm, m, tid)
-        if m == neg_inf:  # cannot happen (token 0 is always visible); keeps exp() finite
-            m = np.float32(0.0)
-
-        # --- softmax weights: splits and residual tokens ---------------------------------------
-        # an empty split (max -inf) weighs 0; 0 * its sum and 0 * its value sum still carry a
-        # NaN (a split whose scores were all NaN reports max -inf or NaN, sum NaN)
-        total = ZERO_F
-        if tid < num_splits:
-            w = ZERO_F
-            if mu0 != neg_inf:
-                w = math.exp(mu0 - m)
-            wsp[tid] = w
-            total += w * su0
-        if tid + NT < num_splits:
-            w = ZERO_F
-            if mu1 != neg_inf:
-                w = math.exp(mu1 - m)
-            wsp[tid + NT] = w
-            total += w * su1
-        if has_slot and tid == NT - 1:
-            w = ZERO_F
-            if mur != neg_inf:
-                w = math.exp(mur - m)
-            wres[0] = w
-            total += w * sur
-        for t in range(tid, nres, NT):
-            p = math.exp(sr[t] - m)
-            sr[t] = p
-            total += p
-        total = _block_sum(reds, total, tid)  # its barrier publishes wsp and sr
-
-        # --- residual value sum: this lane's channels over its tokens, then over the warp -----
-        for t0 in range(warp * TR, nres, NW * TR):
-            if not ONE_ROUND:
-                load_round(vbase, t0, lane, nres, vr)
-            for ii in range(NI):
-                t = t0 + ii * TPW + lane // LPR
-                p = ZERO_F
-                if t < nres:
-                    p = sr[t]
-                for c in range(CPL):
-                    o = 4 * (ii * CPL + c)
-                    for j in range(VPL):
-                        acc[c * VPL + j] += p * element(vr, o, j)
-        for j in range(NVAL):
-            a = acc[j]
-            off = LPR
-            while off < WARP_SIZE:
-                a += cuda.shfl_xor_sync(0xFFFFFFFF, a, off)
-                off *= 2
-            acc[j] = a
-        if not has_slot and lane < LPR:
-            for c in range(CPL):
-                k = c * LPR + lane
-                for j in range(VPL):
-                    part[warp, k * VPL + j] = acc[c * VPL + j]
-
-        # --- quantized value sum: 4 channels per lane, splits round-robin over the warps ------
-        qa = cuda.local.array(NQA, np.float32)
-        for j in range(NQA):
-            qa[j] = ZERO_F
-        abase = global_address(ws_acc, (b, hq, i, 0, 0))
-        for n in range(NQC):
-            k = lane + WARP_SIZE * n
-            if QC % WARP_SIZE == 0 or k < QC:
-                u0 = warp
-                while u0 < num_splits:
-                    # up to UNROLL loads in flight, then their FMAs
-                    for uu in range(UNROLL):
-                        u = u0 + NW * uu
-                        if u < num_splits:
-                            w0, w1, w2, w3 = ldg4(abase + np.int64((u * D + 4 * k) * 4))
-                            wt = wsp[u]
-                            qa[4 * n] += wt * uint_as_float(w0)
-                            qa[4 * n + 1] += wt * uint_as_float(w1)
-                            qa[4 * n + 2] += wt * uint_as_float(w2)
-                            qa[4 * n + 3] += wt * uint_as_float(w3)
-                    u0 += NW * UNROLL
-                for j in range(4):
-                    qpart[warp, 4 * k + j] = qa[4 * n + j]
-        cuda.syncthreads()
-        # warp 0 finishes: sums the warps' parts of its CQ channels per lane, un-rotates the
-        # quantized sum in registers (fwht_warp: no barrier) and writes the row
-        if warp == 0:
-            for k in range(CQ):
-                c = lane * CQ + k
-                a = ZERO_F
-                for w in range(NW):
-                    a += qpart[w, c]
-                xo[k] = a
-            if ROTATE:
-                fwht_row(xo, lane)
-            for k in range(CQ):
-                c = lane * CQ + k
-                o = xo[k]
-                if ROTATE:
-                    o *= np.float32(HS)
-                r = ZERO_F
-                if has_slot:
-                    r = wres[0] * rv[k]
-                else:
-                    for w in range(NW):
-                        r += part[w, c]
-                out[b, hq, i, c] = store((o + r) / total)
-            if lane == 0:
-                lse[b, hq, i] = m + math.log(total)
-
-    return merge_kernel, _merge_signature(q_dtype, res_dtype, out_dtype)
+    """Python function and signature of the merge kernel (attention_merge.py) for one
+    compile-time configuration; ``out_dtype`` is float32 or q's dtype (rounded once on the
+    store)."""
+    fn = _merge.build_merge(head_dim, residual_length, res_dtype, rotate_values,
+                            _loader(q_dtype), _storer(out_dtype), _hadamard_scale(head_dim),
+                            MAX_SPLITS)
+    return fn, _merge_signature(q_dtype, res_dtype, out_dtype)
 
 
 # --- cached compiled kernels ----------------------------------------------------------------
-
-
-#: Register cap of the v3 split kernel: 128 gives 4 blocks (16 warps) per SM without spills
-#: (ptxas alone picks ~137, i.e. 3 blocks). None: ptxas decides. Environment:
-#: OSCAR_V3_MAX_REGISTERS (0 = no cap).
-V3_MAX_REGISTERS = int(__import__("os").environ.get("OSCAR_V3_MAX_REGISTERS", "128")) or None
-
-
-def _uses_v3(key):
-    kb, vb, _, gv, d, g, lq, pdt = key[:8]
-    return SPLIT_VERSION == 3 and _split_v3.unsupported(kb, vb, gv, d, g * lq, pdt) is None
 
 
 def _split_kernel(*key):
@@ -900,9 +290,10 @@ def _split_kernel(*key):
 @functools.lru_cache(maxsize=None)
 def _compiled_split(key, version, max_registers):
     fn, sig = _build_split(*key)  # reads the same switches
+    name = f"split_v{3 if _uses_v3(key) else 1}"
     if _uses_v3(key) and max_registers and not SIMULATOR:
-        return cuda.jit(sig, max_registers=max_registers)(fn)
-    return cuda.jit(sig)(fn)
+        return jit(fn, sig, name=name, key=key, max_registers=max_registers)
+    return jit(fn, sig, name=name, key=key)
 
 
 def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype):
@@ -931,7 +322,7 @@ def _blocks_per_sm(key, version, max_registers):
 @functools.lru_cache(maxsize=None)
 def _merge_kernel(*key):
     fn, sig = _build_merge(*key)
-    return cuda.jit(sig)(fn)
+    return jit(fn, sig, name="merge", key=key)
 
 
 def _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=None, fused=False):
@@ -1035,7 +426,7 @@ def compile_signatures():
     global SPLIT_VERSION
     saved = SPLIT_VERSION
     try:
-        for version in (1, 2, 3):  # every split kernel (each falls back where unsupported)
+        for version in SPLIT_VERSIONS:  # every split kernel (v3 falls back to v1)
             SPLIT_VERSION = version
             for key in splits:
                 fn, sig = _build_split(*key)
@@ -1176,28 +567,73 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                          workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
                          num_splits)
+    for kernel, grid, block, args, _names in decode_launches(
+            q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse, workspace,
+            config, scale, quantized_len, residual_len, q_dtype, res_dtype, num_splits):
+        launch(kernel, grid, block, stream, *args)
+
+
+def decode_launches(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
+                    workspace, config, scale, quantized_len, residual_len, q_dtype, res_dtype,
+                    num_splits):
+    """What :func:`decode_attention` launches, in order: ``[(kernel, grid, block, args)]``.
+
+    The one place that decides which compiled kernels run for a step (the split kernel, with or
+    without residual blocks and the fused merge, then the merge kernel unless fused), their
+    grids and their argument lists. ``decode_attention`` launches them through Numba's
+    dispatcher; oscar's launch plans (oscar/_launch.py) pack the same argument lists once and
+    launch them through the driver.
+    """
     batch, nq, q_len, d = (int(s) for s in q.shape)
     nkv = int(k_codes.shape[1])
     out_dtype = "float32" if _dtype_name(out) == "float32" else q_dtype
     skey = _split_key(config, d, nq // nkv, q_len, q_dtype, res_dtype, out_dtype)
-    # block rows of residual blocks before the splits (0: the merge scores the residual)
-    rows = residual_block_rows(skey, batch, nkv, int(residual_len), int(num_splits))
-    # the split kernel's last blocks merge (no merge launch) when few blocks feed each merge
-    # and the merge kernel need not score the residual tokens
-    fuse = merge_in_split(skey, rows, quantized_len, residual_len, num_splits)
+    rows, fuse = launch_shape(skey, batch, nkv, quantized_len, residual_len, num_splits)
     split = _split_kernel(*skey[:-1], fuse)
     scale32 = np.float32(scale)
     ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)
     ws_max, ws_sum, ws_acc = workspace["split_max"], workspace["split_sum"], workspace["split_acc"]
-    split[(batch * nkv, rows + int(num_splits)), NUM_THREADS, stream](
-        q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum, ws_acc,
-        scale32, ql, rl, ns, np.int32(rows), out, lse, workspace["split_count"],
-        np.int32(1 if fuse else 0))
+    launches = [(split, (batch * nkv, rows + int(num_splits)), NUM_THREADS,
+                 (q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum,
+                  ws_acc, scale32, ql, rl, ns, np.int32(rows), out, lse, workspace["split_count"],
+                  np.int32(1 if fuse else 0)), SPLIT_ARGS)]
     if not fuse:
         merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype, out_dtype))
-        merge[batch * nq * q_len, NUM_THREADS, stream](
-            q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns,
-            np.int32(1 if rows else 0))
+        launches.append((merge, batch * nq * q_len, NUM_THREADS,
+                         (q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns,
+                          np.int32(1 if rows else 0)), MERGE_ARGS))
+    return launches
+
+
+def decode_kernels(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=None):
+    """Compile (or load from the kernel cache) every kernel a decode loop of this query shape
+    can launch: the split kernel with and without the fused merge (which one runs changes with
+    the cache length and the residual tokens, :func:`launch_shape`) and the merge kernel.
+    Returns them, for warm-up."""
+    skey = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype)
+    kernels = [_split_kernel(*skey[:-1], False)]
+    if FUSED_MERGE and _uses_v3(skey):
+        kernels.append(_split_kernel(*skey[:-1], True))
+    out = q_dtype if out_dtype is None else out_dtype
+    kernels.append(_merge_kernel(*_merge_key(config, head_dim, q_dtype, res_dtype, out)))
+    _blocks_per_sm(skey[:-1] + (False,), SPLIT_VERSION, V3_MAX_REGISTERS)
+    return kernels
+
+
+def launch_shape(split_key, batch, num_kv_heads, quantized_len, residual_len, num_splits):
+    """``(residual_rows, fused)`` of a step: the block rows of residual blocks before the
+    splits (0: the merge kernel scores the residual tokens, :func:`residual_block_rows`), and
+    whether the split kernel's last blocks merge (no merge launch, :func:`merge_in_split`)."""
+    rows = residual_block_rows(split_key, batch, num_kv_heads, int(residual_len), int(num_splits))
+    return rows, merge_in_split(split_key, rows, quantized_len, residual_len, num_splits)
+
+
+#: Parameter names of the split and merge kernels, in order (:func:`decode_launches`).
+SPLIT_ARGS = ("q", "k_codes", "k_params", "v_codes", "v_params", "norms", "k_res", "v_res",
+              "split_max", "split_sum", "split_acc", "scale", "quantized_len", "residual_len",
+              "num_splits", "residual_rows", "out", "lse", "split_count", "fused")
+MERGE_ARGS = ("q", "k_res", "v_res", "split_max", "split_sum", "split_acc", "out", "lse", "scale",
+              "quantized_len", "residual_len", "num_splits", "residual_slot")
 
 
 def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,

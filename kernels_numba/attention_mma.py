@@ -1,9 +1,9 @@
 """Split kernel v3 of decode attention: tensor cores through inline PTX (``mma.sync``).
 
-Computes the same partials as the v1/v2 split kernels (per (batch, query head, row, split): running
-max, sum of exps, unnormalized rotated value sum) for
+Computes the same partials as the v1 split kernel (attention_v1.py; per (batch, query head, row,
+split): running max, sum of exps, unnormalized rotated value sum) for
 :func:`oscar.reference.attention.decode_attention`; ``attention._build_split`` uses it when
-:func:`unsupported` returns None. The merge kernel is shared.
+:func:`unsupported` returns None. The merge kernel (attention_merge.py) is shared.
 
 Grid ``(batch * num_kv_heads, num_splits)``, 128 threads = 4 warps; a split is a contiguous range
 of whole key groups, warp w takes the key groups w, w + 4, ... of it with its own online-softmax

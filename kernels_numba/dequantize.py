@@ -31,6 +31,7 @@ import functools
 
 from ..reference.hadamard import hadamard_scale
 from ._compat import cuda, np
+from .kernel_cache import jit, launch
 from .common import check_threads, fwht_shared, mul_rn, value_code_location, value_param_location
 from .quantize import PARAM_TYPES, TILE, check_block_arrays
 
@@ -134,7 +135,7 @@ def _dequantize_key(config, head_dim: int, threads: int = THREADS) -> tuple:
 @functools.lru_cache(maxsize=None)
 def _dequantize_kernel(key: tuple):
     fn, sig = _dequantize_source(*key)
-    return cuda.jit(sig)(fn)
+    return jit(fn, sig, name="dequantize", key=key)
 
 
 def dequantize_block(k_codes, k_params, v_codes, v_params, norms, k_out, v_out, config, stream=0,
@@ -152,8 +153,8 @@ def dequantize_block(k_codes, k_params, v_codes, v_params, norms, k_out, v_out, 
     if seq == 0 or bsz == 0 or heads == 0:
         return
     kernel = _dequantize_kernel(_dequantize_key(config, d, threads))
-    kernel[(seq // TILE, heads, bsz), threads, stream](k_codes, k_params, v_codes, v_params, norms,
-                                                       k_out, v_out)
+    launch(kernel, (seq // TILE, heads, bsz), threads, stream, k_codes, k_params, v_codes,
+           v_params, norms, k_out, v_out)
 
 
 def compile_signatures():

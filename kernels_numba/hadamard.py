@@ -26,6 +26,7 @@ import functools
 
 from ..reference.hadamard import hadamard_scale
 from ._compat import cuda, np
+from .kernel_cache import jit, launch
 from .common import INPUT_ELEMENT_TYPES, check_threads, float32_loader, fwht_shared, mul_rn
 
 #: Threads per block: 8 warps, enough to hide shared-memory latency of the butterflies while
@@ -76,7 +77,7 @@ def _hadamard_source(head_dim: int, in_dtype: str, threads: int = THREADS):
 @functools.lru_cache(maxsize=None)
 def _hadamard_kernel(head_dim: int, in_dtype: str, threads: int):
     fn, sig = _hadamard_source(head_dim, in_dtype, threads)
-    return cuda.jit(sig)(fn)
+    return jit(fn, sig, name="hadamard", key=(head_dim, in_dtype, threads))
 
 
 def hadamard_transform(x, out, in_dtype: str, stream=0, *, threads: int = THREADS) -> None:
@@ -101,7 +102,7 @@ def hadamard_transform(x, out, in_dtype: str, stream=0, *, threads: int = THREAD
         return
     rt = rows_per_block(d)
     kernel = _hadamard_kernel(d, in_dtype, threads)
-    kernel[(rows + rt - 1) // rt, threads, stream](x, out)
+    launch(kernel, (rows + rt - 1) // rt, threads, stream, x, out)
 
 
 def compile_signatures():

@@ -60,6 +60,7 @@ from ..reference.hadamard import hadamard_scale
 from ..reference.pack import TILE_TOKENS
 from ..reference.quantize import FLOAT16_MAX
 from ._compat import SIMULATOR, cuda, np
+from .kernel_cache import jit, launch
 from .common import (INPUT_ELEMENT_TYPES, arithmetic_device, device_pointer, fwht_lanes, mul_rn,
                      value_code_location, value_param_location)
 
@@ -604,7 +605,7 @@ MAX_REGISTERS = 128
 def _quantize_kernel(key: tuple):
     fn, sig = _quantize_source(*key)
     opts = {} if SIMULATOR else {"max_registers": MAX_REGISTERS}  # the simulator takes no cap
-    return cuda.jit(sig, **opts)(fn)
+    return jit(fn, sig, name="quantize", key=key, **opts)
 
 
 # --- launch wrapper -------------------------------------------------------------------------------
@@ -684,13 +685,39 @@ def quantize_block(k, v, k_codes, k_params, v_codes, v_params, norms, status, co
         return
     _check_input_layout("k", k)
     _check_input_layout("v", v)
+    kernel, grid, block, args = quantize_launch(k, v, k_codes, k_params, v_codes, v_params, norms,
+                                                status, config, in_dtype)
+    launch(kernel, grid, block, stream, *args)
+
+
+def quantize_kernels(config, head_dim: int, in_dtype: str, num_kv_heads: int, batch: int,
+                     prefill: bool = True) -> list:
+    """Compile (or load from the kernel cache) the quantize kernels a cache of this shape uses:
+    the flush of one residual window at this batch size and, with ``prefill``, both variants a
+    prompt can take (heads split across blocks or not: :func:`_quantize_key`). For warm-up."""
+    groups = config.residual_length // config.key_group_size
+    keys = {_quantize_key(config, head_dim, in_dtype, num_kv_heads, groups * batch)}
+    if prefill:
+        keys |= {_quantize_key(config, head_dim, in_dtype, num_kv_heads, blocks)
+                 for blocks in (1, HEAD_SPLIT_BELOW)}
+    return [_quantize_kernel(key) for key in sorted(keys)]
+
+
+#: Parameter names of the quantize kernel, in order (:func:`quantize_launch`).
+QUANTIZE_ARGS = ("k", "v", "k_codes", "k_params", "v_codes", "v_params", "norms", "status")
+
+
+def quantize_launch(k, v, k_codes, k_params, v_codes, v_params, norms, status, config, in_dtype):
+    """The launch of :func:`quantize_block` on validated arrays (seq_len > 0):
+    ``(kernel, grid, block, args)``, args in :data:`QUANTIZE_ARGS` order."""
+    bsz, heads, seq, d = (int(x) for x in k.shape)
     groups = seq // config.key_group_size
     key = _quantize_key(config, d, in_dtype, heads, groups * bsz)
     all_heads = config.scale_tokens and not key[10]
     grid_y = heads if key[12] or not all_heads else 1
     kernel = _quantize_kernel(key)
-    kernel[(seq // config.key_group_size, grid_y, bsz), threads_per_block(d), stream](
-        k, v, k_codes, k_params, v_codes, v_params, norms, status)
+    return (kernel, (groups, grid_y, bsz), threads_per_block(d),
+            (k, v, k_codes, k_params, v_codes, v_params, norms, status))
 
 
 # --- compile registry -----------------------------------------------------------------------------

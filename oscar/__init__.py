@@ -12,7 +12,8 @@ NumPy arrays and CPU tensors run on the NumPy reference; CUDA tensors on the Num
 from .config import OScaRConfig
 from .cache import QuantizedKVCache
 from .api import quantize_kv, decode_attention, dequantize_kv
+from .runtime import warmup
 
 __version__ = "0.1.0"
 __all__ = ["OScaRConfig", "QuantizedKVCache", "quantize_kv", "decode_attention",
-           "dequantize_kv", "__version__"]
+           "dequantize_kv", "warmup", "__version__"]

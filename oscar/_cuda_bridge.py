@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import _launch
 from .cache import QuantizedKVCache
 from .config import OScaRConfig
 from .kernels_numba._compat import cuda
@@ -107,7 +108,6 @@ class NumbaStore:
         tdt = _TORCH_DTYPE[dtype]
         self.k_res = torch.zeros((batch, num_kv_heads, r, head_dim), dtype=tdt, device=device)
         self.v_res = torch.zeros_like(self.k_res)
-        self.k_res_nb, self.v_res_nb = _nb(self.k_res), _nb(self.v_res)
         self.residual_len = 0
         self.quantized_len = 0
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
@@ -115,7 +115,38 @@ class NumbaStore:
         self.capacity = 0
         self._dec_cache: dict = {}
         self._q_cache = None
+        # launch plans (oscar/_launch.py): per-step decisions, prepared launches, and the
+        # generation of the buffers they point into (bumped by every reallocation)
+        self._gen = 0
+        self._decisions: dict = {}
+        self._steps: dict = {}
+        self._flush_plan = None
+        self.plans, self.plan_reason = _launch.plan_support()
+        self._warmed: set = set()
+        self._warmed_shapes: set = set()
         self._alloc(_round_up(max(capacity, r), r))
+
+    # --- warm-up -----------------------------------------------------------------------------
+    def warm(self, num_q_heads: int | None = None, q_lens=(1,), q_dtype: str | None = None):
+        """Compile or load every kernel this cache's decode loop launches: the flush of one
+        residual window and, given ``num_q_heads``, the decode kernels of each q_len (in
+        ``q_dtype``, default the cache's dtype). Kernels come from the persistent kernel cache
+        when they were compiled before on this machine."""
+        with _Launch(self.device):
+            _quant.quantize_kernels(self.config, self.head_dim, self.dtype, self.num_kv_heads,
+                                    self.batch, prefill=False)
+        if num_q_heads is not None:
+            for q_len in q_lens:
+                self._warm_decode(int(num_q_heads), int(q_len), q_dtype or self.dtype)
+
+    def _warm_decode(self, num_q_heads: int, q_len: int, q_dtype: str) -> None:
+        key = (num_q_heads, q_len, q_dtype)
+        if key in self._warmed:
+            return
+        with _Launch(self.device):
+            _attn.decode_kernels(self.config, self.head_dim, num_q_heads // self.num_kv_heads,
+                                 q_len, q_dtype, self.dtype)
+        self._warmed.add(key)
 
     # --- buffers -----------------------------------------------------------------------------
     def _shapes(self, cap):
@@ -146,8 +177,28 @@ class NumbaStore:
             buf[name] = t
         self.buf = buf
         self.capacity = cap
+        self._rewrap()
+
+    def _rewrap(self) -> None:
+        """Rebuild the Numba views of the long-lived buffers after any of them was replaced
+        (``self.buf[...]``, ``self.k_res``, ``self.v_res``, ``self.status``: growth, batch
+        selection, a copy) and drop everything derived from the old ones: the cached query
+        view, the decode workspaces (a copy must not share them), and the launch plans, which
+        hold the old pointers. New containers, not cleared ones: a copy starts from a shallow
+        copy of this store's attributes."""
         self.nb = {n: (_nb_u32(t) if n.endswith("codes") else cuda.as_cuda_array(t))
-                   for n, t in buf.items()}
+                   for n, t in self.buf.items()}
+        self.k_res_nb, self.v_res_nb = _nb(self.k_res), _nb(self.v_res)
+        self.status_nb = cuda.as_cuda_array(self.status)
+        self._q_cache = None
+        self._dec_cache = {}
+        self._gen += 1
+        self._steps = {}
+        self._flush_plan = None
+
+    def _plan_failed(self, exc) -> None:
+        """Launch plans are not usable here: fall back to the dispatcher for this store."""
+        self.plans, self.plan_reason = False, f"{type(exc).__name__}: {exc}"
 
     def _tokens_to_len(self, name, tokens):
         """Length along the token axis of array ``name`` for ``tokens`` tokens."""
@@ -192,6 +243,49 @@ class NumbaStore:
         self._launch_quantize(k, v, self.quantized_len, stream)
         self.quantized_len += n
 
+    def _flush(self) -> None:
+        """Quantize the full residual window after the quantized tokens (a decode loop's flush):
+        through a prepared launch whose five packed-array pointers are moved to the window's
+        place, or through the dispatcher."""
+        r = self.config.residual_length
+        self._ensure(self.quantized_len + r)
+        if self.plans:
+            try:
+                plan = self._flush_plan
+                if plan is None:
+                    plan = self._flush_plan = self._build_flush_plan()
+                launch, fields = plan
+                start = self.quantized_len
+                for field, base, per_token, div in fields:
+                    field.value = base + (start // div) * per_token
+                launch.launch(_launch.current_stream(self.device.index))
+                self.quantized_len += r
+                return
+            except _launch.PlanUnavailable as exc:
+                self._plan_failed(exc)
+        with _Launch(self.device) as stream:
+            self._quantize(self.k_res, self.v_res, stream)
+
+    def _build_flush_plan(self):
+        """The prepared launch of one window's quantize at token 0, and for each packed array the
+        pointer field to move: ``(field, base pointer, bytes per step, tokens per step)``."""
+        r = self.config.residual_length
+        views = self._views(0, r)
+        kernel, grid, block, args = _quant.quantize_launch(
+            self.k_res_nb, self.v_res_nb, views["k_codes"], views["k_params"], views["v_codes"],
+            views["v_params"], views["norms"], self.status_nb, self.config, self.dtype)
+        with _Launch(self.device):
+            launch = _launch.PreparedLaunch(kernel, grid, block, args)
+        fields = []
+        for name in ("k_codes", "k_params", "v_codes", "v_params", "norms"):
+            if name == "norms" and not self.config.scale_tokens:
+                continue
+            t = self.buf[name]
+            div = {"k_codes": 32, "k_params": self.config.key_group_size}.get(name, 1)
+            fields.append((launch.pointer_field(_quant.QUANTIZE_ARGS.index(name)), t.data_ptr(),
+                           t.stride(2) * t.element_size(), div))
+        return launch, fields
+
     def _launch_quantize(self, k, v, start, stream) -> None:
         """One launch of the fused quantize kernel into tokens [start, start + n) (in capacity)."""
         views = self._views(start, start + k.shape[2])
@@ -208,26 +302,26 @@ class NumbaStore:
         r = self.config.residual_length
         n = k.shape[2]
         pos = 0
-        with _Launch(self.device) as stream:
-            if self.residual_len:
-                take = min(r - self.residual_len, n)
-                sl = slice(self.residual_len, self.residual_len + take)
-                self.k_res[:, :, sl].copy_(k[:, :, :take])
-                self.v_res[:, :, sl].copy_(v[:, :, :take])
-                self.residual_len += take
-                pos = take
-                if self.residual_len == r:
-                    self._quantize(self.k_res, self.v_res, stream)
-                    self.residual_len = 0
-            whole = (n - pos) // r * r
-            if whole:
+        if self.residual_len:
+            take = min(r - self.residual_len, n)
+            sl = slice(self.residual_len, self.residual_len + take)
+            self.k_res[:, :, sl].copy_(k[:, :, :take])
+            self.v_res[:, :, sl].copy_(v[:, :, :take])
+            self.residual_len += take
+            pos = take
+            if self.residual_len == r:
+                self._flush()
+                self.residual_len = 0
+        whole = (n - pos) // r * r
+        if whole:
+            with _Launch(self.device) as stream:
                 self._quantize(k[:, :, pos: pos + whole], v[:, :, pos: pos + whole], stream)
-                pos += whole
-            rest = n - pos
-            if rest:
-                self.k_res[:, :, :rest].copy_(k[:, :, pos:])
-                self.v_res[:, :, :rest].copy_(v[:, :, pos:])
-                self.residual_len = rest
+            pos += whole
+        rest = n - pos
+        if rest:
+            self.k_res[:, :, :rest].copy_(k[:, :, pos:])
+            self.v_res[:, :, :rest].copy_(v[:, :, pos:])
+            self.residual_len = rest
 
     def read_status(self) -> int:
         """Synchronize and return the status word (bit 1: non-finite, bit 2: fp16 overflow)."""
@@ -281,6 +375,89 @@ class NumbaStore:
         return self._q_cache[1]
 
     def decode_attention(self, q: torch.Tensor, scale: float, return_lse: bool):
+        # the first step of a query shape loads or compiles every variant the loop can launch
+        # (no compile later in the loop when the split plan changes)
+        if (q.shape[1], q.shape[2], q.dtype) not in self._warmed_shapes:
+            self._warm_decode(int(q.shape[1]), int(q.shape[2]), _dtype_name(q))
+            self._warmed_shapes.add((q.shape[1], q.shape[2], q.dtype))
+        if self.plans:
+            try:
+                return self._decode_planned(q, scale, return_lse)
+            except _launch.PlanUnavailable as exc:
+                self._plan_failed(exc)
+        return self._decode_dispatched(q, scale, return_lse)
+
+    def _decision(self, q: torch.Tensor):
+        """``(num_splits, residual_rows, fused)`` of a decode step of q's shape at the current
+        lengths (cached: they change only with quantized_len and whether residual tokens
+        exist)."""
+        key = (q.shape, q.dtype, self.quantized_len, self.residual_len > 0)
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) > 4096:
+                self._decisions.clear()
+            b, hq, q_len, d = (int(x) for x in q.shape)
+            qdt = _dtype_name(q)
+            splits = _attn.plan_splits(self.config, b, self.num_kv_heads, d,
+                                       hq // self.num_kv_heads, q_len, qdt, self.dtype,
+                                       self.quantized_len, self.residual_len, self._num_sms)
+            skey = _attn._split_key(self.config, d, hq // self.num_kv_heads, q_len, qdt,
+                                    self.dtype, qdt)
+            decision = self._decisions[key] = (splits,) + _attn.launch_shape(
+                skey, b, self.num_kv_heads, self.quantized_len, self.residual_len, splits)
+        return decision
+
+    def _decode_planned(self, q: torch.Tensor, scale: float, return_lse: bool):
+        """One decode step through prepared launches: patch q/out/lse pointers, lengths and
+        scale, launch on torch's current stream. Bit-identical to the dispatcher path (same
+        kernels, same packed parameters)."""
+        decision = self._decision(q)
+        key = (q.shape, q.dtype, decision, return_lse)
+        step = self._steps.get(key)
+        if step is None:
+            if len(self._steps) > 256:
+                self._steps.clear()
+            step = self._steps[key] = self._build_step(q, decision[0], return_lse)
+        out = torch.empty(q.shape, dtype=q.dtype, device=self.device)
+        lse = (torch.empty(q.shape[:3], dtype=torch.float32, device=self.device)
+               if return_lse else None)
+        qp, op = q.data_ptr(), out.data_ptr()
+        lp = lse.data_ptr() if return_lse else None
+        stream = _launch.current_stream(self.device.index)
+        ql, rl, sc = self.quantized_len, self.residual_len, float(scale)
+        for launch, f_q, f_out, f_lse, f_ql, f_rl, f_scale in step:
+            f_q.value, f_out.value, f_ql.value, f_rl.value, f_scale.value = qp, op, ql, rl, sc
+            if lp is not None:
+                f_lse.value = lp
+            launch.launch(stream)
+        return (out, lse) if return_lse else out
+
+    def _build_step(self, q: torch.Tensor, splits: int, return_lse: bool):
+        """Prepared launches of one decode step shape (the kernels :func:`decode_launches`
+        picks), each with the fields patched per call."""
+        bufs = self._decode_buffers(q, splits)
+        out = torch.empty(q.shape, dtype=q.dtype, device=self.device)
+        lse_nb = (cuda.as_cuda_array(torch.empty(q.shape[:3], dtype=torch.float32,
+                                                 device=self.device))
+                  if return_lse else bufs["lse_nb"])
+        step = []
+        with _Launch(self.device):
+            launches = _attn.decode_launches(
+                _nb(q), self.nb["k_codes"], self.nb["k_params"], self.nb["v_codes"],
+                self.nb["v_params"], self.nb["norms"], self.k_res_nb, self.v_res_nb, _nb(out),
+                lse_nb, bufs["ws_nb"], self.config, 1.0, self.quantized_len, self.residual_len,
+                _dtype_name(q), self.dtype, splits)
+            for kernel, grid, block, args, names in launches:
+                launch = _launch.PreparedLaunch(kernel, grid, block, args)
+                step.append((launch, launch.pointer_field(names.index("q")),
+                             launch.pointer_field(names.index("out")),
+                             launch.pointer_field(names.index("lse")),
+                             launch.field(names.index("quantized_len")),
+                             launch.field(names.index("residual_len")),
+                             launch.field(names.index("scale"))))
+        return step
+
+    def _decode_dispatched(self, q: torch.Tensor, scale: float, return_lse: bool):
         d, q_len = int(q.shape[3]), int(q.shape[2])
         splits = _attn.plan_splits(self.config, int(q.shape[0]), self.num_kv_heads, d,
                                    int(q.shape[1]) // self.num_kv_heads, q_len, _dtype_name(q),
@@ -317,22 +494,84 @@ class NumbaStore:
         tdt = _TORCH_DTYPE[self.dtype]
         return (torch.cat((k_hat.to(tdt), k_res), dim=2), torch.cat((v_hat.to(tdt), v_res), dim=2))
 
+    # --- batch and length edits, copies, loading (beam search, crop, save/load) ----------------
+    def select_batch(self, idx: np.ndarray) -> None:
+        """Rows ``idx`` (validated host int64) of every buffer: one ``index_select`` each."""
+        index = torch.as_tensor(idx, dtype=torch.long).to(self.device)
+        for name, t in list(self.buf.items()):
+            if name == "norms" and not self.config.scale_tokens:
+                continue  # a (1, 1, 1) placeholder, not per row
+            self.buf[name] = t.index_select(0, index)
+        self.k_res = self.k_res.index_select(0, index)
+        self.v_res = self.v_res.index_select(0, index)
+        self.batch = int(index.numel())
+        self._rewrap()
+
+    def truncate(self, seq_len: int) -> None:
+        """Drop residual tokens after ``seq_len`` (validated: ``quantized_len <= seq_len``)."""
+        self.residual_len = seq_len - self.quantized_len
+
+    def __deepcopy__(self, memo):
+        """Clone every buffer (same device, same capacity) and rewrap; plain attributes are
+        shared (they are immutable: config, device, sizes)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.buf = {n: t.clone() for n, t in self.buf.items()}
+        new.k_res, new.v_res = self.k_res.clone(), self.v_res.clone()
+        new.status = self.status.clone()
+        new._rewrap()
+        memo[id(self)] = new
+        return new
+
+    def load_state(self, packed: dict, k_res: np.ndarray, v_res: np.ndarray,
+                   quantized_len: int) -> None:
+        """Install validated host arrays (``PackedBlock.arrays()`` names; codes uint32,
+        residual ``[B, H, residual_len, D]`` float) into the buffers, in place."""
+        self.reserve(quantized_len)
+        for name, a in packed.items():
+            if name.endswith("codes"):
+                a = np.ascontiguousarray(a).view(np.int32)
+            n = self._tokens_to_len(name, quantized_len)
+            self.buf[name][:, :, :n].copy_(torch.from_numpy(np.ascontiguousarray(a)))
+        self.quantized_len = quantized_len
+        r = k_res.shape[2]
+        tdt = _TORCH_DTYPE[self.dtype]
+        self.k_res[:, :, :r].copy_(torch.from_numpy(np.ascontiguousarray(k_res)).to(tdt))
+        self.v_res[:, :, :r].copy_(torch.from_numpy(np.ascontiguousarray(v_res)).to(tdt))
+        self.residual_len = r
+
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
+def empty(batch: int, num_kv_heads: int, head_dim: int, dtype: str, config: OScaRConfig,
+          device, max_seq_len: int | None = None, num_q_heads: int | None = None):
+    """An empty Numba-backed cache on a CUDA device, its kernels warmed (:meth:`NumbaStore.warm`)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device: expected a CUDA device for backend='numba', got {device}")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    store = NumbaStore(batch, num_kv_heads, head_dim, dtype, config, device,
+                       capacity=max_seq_len or 0)
+    store.warm(num_q_heads)
+    return QuantizedKVCache(store, batch, num_kv_heads, head_dim, dtype, config, device=str(device))
+
+
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OScaRConfig,
-                max_seq_len: int | None = None) -> QuantizedKVCache:
+                max_seq_len: int | None = None, num_q_heads: int | None = None) -> QuantizedKVCache:
     """Quantize CUDA tensors (validated by the caller) into a Numba-backed cache.
 
     Synchronizes once at the end to raise ValueError on NaN/Inf inputs or float16 overflow.
+    Warms the kernels of the cache's decode loop first (:meth:`NumbaStore.warm`).
     """
     b, h, t, d = k.shape
     dt = _dtype_name(k)
     r = config.residual_length
     store = NumbaStore(b, h, d, dt, config, k.device, capacity=max(t // r * r,
                                                                    max_seq_len or 0))
+    store.warm(num_q_heads)
     cache = QuantizedKVCache(store, b, h, d, dt, config, device=str(k.device))
     if t:
         store.append(k, v)

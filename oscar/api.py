@@ -47,7 +47,8 @@ def _numba_backend():
 
 
 def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = None,
-                max_seq_len: int | None = None) -> QuantizedKVCache:
+                max_seq_len: int | None = None,
+                num_q_heads: int | None = None) -> QuantizedKVCache:
     """Quantize keys and values ``[batch, num_kv_heads, seq_len, head_dim]`` into a cache.
 
     The first ``floor(seq_len / R) * R`` tokens are rotated, scaled, quantized and packed; the
@@ -59,6 +60,10 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
         backend: None (by input), ``"reference"`` or ``"numba"``.
         max_seq_len: optional number of tokens to reserve packed storage for (CUDA caches grow
             geometrically otherwise; see :meth:`QuantizedKVCache.reserve`).
+        num_q_heads: optional number of query heads of the decode loop. On CUDA the kernels the
+            loop will launch (one window's flush; with ``num_q_heads`` also the q_len=1 decode
+            kernels) are compiled or loaded from the kernel cache here, not in the loop
+            (docs/api.md, "Kernel cache and warm-up"). Ignored by the reference backend.
 
     On CUDA this synchronizes once, at the end, to raise on NaN/Inf or float16 overflow.
     """
@@ -71,13 +76,24 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
     if max_seq_len is not None and (isinstance(max_seq_len, bool)
                                     or not isinstance(max_seq_len, int) or max_seq_len < 0):
         raise ValueError(f"max_seq_len: expected a non-negative int or None, got {max_seq_len!r}")
+    check_num_q_heads(num_q_heads, h)
     backend = _pick_backend(backend, k, "k")
     if backend == "numba":
-        return _numba_backend().quantize_kv(k, v, config, max_seq_len)
+        return _numba_backend().quantize_kv(k, v, config, max_seq_len, num_q_heads)
     cache = QuantizedKVCache.empty(b, h, d, dt, config)
     if t:
         cache.append(k, v)
     return cache
+
+
+def check_num_q_heads(num_q_heads, num_kv_heads) -> None:
+    """``num_q_heads``: None or a positive multiple of ``num_kv_heads`` (GQA)."""
+    if num_q_heads is None:
+        return
+    if (isinstance(num_q_heads, bool) or not isinstance(num_q_heads, (int, np.integer))
+            or num_q_heads <= 0 or num_q_heads % num_kv_heads):
+        raise ValueError(f"num_q_heads: expected None or a positive multiple of num_kv_heads "
+                         f"({num_kv_heads}), got {num_q_heads!r}")
 
 
 def _check_scale(scale, head_dim):
@@ -111,13 +127,44 @@ def check_query(q, cache: QuantizedKVCache):
     return dt
 
 
+def _check_start(start, cache: QuantizedKVCache, q_len: int):
+    """``start`` as an int64 NumPy ``[batch]`` (None stays None); ValueError/TypeError if bad."""
+    if start is None:
+        return None
+    if V.is_torch(start):
+        start = start.detach().cpu().numpy()
+    if isinstance(start, (list, tuple)):
+        start = np.asarray(start)
+    if not isinstance(start, np.ndarray):
+        raise TypeError(f"start: expected an int array/tensor [batch] or None, got "
+                        f"{type(start).__name__}")
+    if start.dtype.kind not in "iu":
+        raise TypeError(f"start: expected an integer dtype, got {start.dtype}")
+    if start.shape != (cache.batch,):
+        raise ValueError(f"start: expected shape [batch] = [{cache.batch}], got {start.shape}")
+    start = start.astype(np.int64)
+    hi = cache.seq_len - q_len  # the first query's position: every query must see a token
+    bad = (start < 0) | (start > hi)
+    if bad.any():
+        b = int(np.argmax(bad))
+        raise ValueError(f"start: expected 0 <= start[b] <= seq_len - q_len = {hi} (every query "
+                         f"must see at least one token), got start[{b}] = {int(start[b])}")
+    return start
+
+
 def decode_attention(q, cache: QuantizedKVCache, scale: float | None = None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, *, start=None):
     """Attention of ``q [batch, num_q_heads, q_len, head_dim]`` over a quantized cache.
 
     Query head h reads KV head ``h // (num_q_heads // num_kv_heads)`` (GQA). With q_len > 1 the
     queries are the last q_len tokens of the cache and attend causally. Equivalent to exact
     softmax attention over :func:`dequantize_kv` of the cache.
+
+    ``start`` (optional, int ``[batch]``, NumPy array, list or torch tensor): row b attends only
+    tokens ``start[b] .. `` (the first valid token of a left-padded row, or the first key of a
+    sliding window for one query); ``0 <= start[b] <= seq_len - q_len``. The reference backend
+    takes it; the CUDA kernels do not yet, so a CUDA cache raises ValueError for any
+    ``start[b] > 0`` (all zeros is the same as None).
 
     Returns ``out [batch, num_q_heads, q_len, head_dim]`` in q's dtype and container, and with
     ``return_lse=True`` also the float32 natural-log log-sum-exp ``[batch, num_q_heads, q_len]``.
@@ -126,7 +173,15 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float | None = None,
     scale = _check_scale(scale, cache.head_dim)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    start = _check_start(start, cache, int(q.shape[2]))
+    if start is not None and not start.any():
+        start = None
     if cache.backend == "numba":
+        if start is not None:
+            raise ValueError(
+                "start: per-row first tokens (left-padded batches, sliding windows) on CUDA need "
+                "per-row starts in the decode kernels: not supported yet; run such batches on "
+                "the reference backend (CPU tensors) or without padding")
         return _numba_backend().decode_attention(q, cache, scale, return_lse)
     if V.is_torch(q) and q.is_cuda:
         raise ValueError(f"q: expected a host array for a reference-backend cache, got a "
@@ -135,7 +190,7 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float | None = None,
     V.check_finite("q", q32)
     k_res, v_res = cache.residual()
     out, lse = _ref_decode_attention(q32, cache.packed(), k_res, v_res, cache.config, scale,
-                                     return_lse=True)
+                                     return_lse=True, start=start)
     out = _like(q, out, dt)
     return (out, _like(q, lse, "float32")) if return_lse else out
 

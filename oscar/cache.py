@@ -101,6 +101,32 @@ class ReferenceStore:
         res = 2 * self.k_res[:, :, : self.residual_len].size * _ITEMSIZE[self.dtype]
         return self.block.nbytes + res
 
+    # --- batch and length edits, loading (beam search, crop, save/load) ------------------------
+    def select_batch(self, idx: np.ndarray) -> None:
+        """Rows ``idx`` (int64 ``[new_batch]``, validated) of every array, as new arrays."""
+        b = self.block
+        self.block = PackedBlock(k_codes=b.k_codes[idx], k_params=b.k_params[idx],
+                                 v_codes=b.v_codes[idx], v_params=b.v_params[idx],
+                                 norms=None if b.norms is None else b.norms[idx])
+        self.k_res = self.k_res[idx]
+        self.v_res = self.v_res[idx]
+
+    def truncate(self, seq_len: int) -> None:
+        """Drop residual tokens after ``seq_len`` (validated: ``quantized_len <= seq_len``)."""
+        self.residual_len = seq_len - self.quantized_len
+
+    def load_state(self, packed: dict, k_res: np.ndarray, v_res: np.ndarray,
+                   quantized_len: int) -> None:
+        """Install validated arrays: ``packed`` as in ``PackedBlock.arrays()``, residual tokens
+        ``[B, H, residual_len, D]`` (float32 or the residual dtype)."""
+        self.block = PackedBlock(k_codes=packed["k_codes"], k_params=packed["k_params"],
+                                 v_codes=packed["v_codes"], v_params=packed["v_params"],
+                                 norms=packed.get("norms"))
+        n = k_res.shape[2]
+        self.k_res[:, :, :n] = k_res
+        self.v_res[:, :, :n] = v_res
+        self.residual_len = n
+
 
 class QuantizedKVCache:
     """Packed 2/4/8-bit keys and values of one layer, plus an unquantized residual window.
@@ -126,8 +152,14 @@ class QuantizedKVCache:
 
     @classmethod
     def empty(cls, batch, num_kv_heads, head_dim, dtype="float32", config=None,
-              backend="reference"):
-        """An empty cache on the reference backend (use quantize_kv for CUDA tensors)."""
+              backend="reference", device=None, max_seq_len=None, num_q_heads=None):
+        """An empty cache: on the host (``backend="reference"``, the default) or on a CUDA device
+        (``backend="numba"``, ``device`` e.g. ``"cuda"`` or ``"cuda:1"``).
+
+        On CUDA, ``max_seq_len`` reserves packed storage for that many tokens and the kernels
+        of the decode loop are compiled or loaded now (with ``num_q_heads``, the q_len=1 decode
+        kernels too), as :func:`oscar.quantize_kv` does.
+        """
         config = OScaRConfig() if config is None else config
         if not isinstance(config, OScaRConfig):
             raise TypeError(f"config: expected OScaRConfig, got {type(config).__name__}")
@@ -137,9 +169,26 @@ class QuantizedKVCache:
         config.check_head_dim(head_dim)
         if dtype not in V.FLOAT_DTYPES:
             raise TypeError(f"dtype: expected one of {V.FLOAT_DTYPES}, got {dtype!r}")
+        if max_seq_len is not None and (isinstance(max_seq_len, bool)
+                                        or not isinstance(max_seq_len, int) or max_seq_len < 0):
+            raise ValueError(f"max_seq_len: expected a non-negative int or None, "
+                             f"got {max_seq_len!r}")
+        from .api import check_num_q_heads
+
+        check_num_q_heads(num_q_heads, num_kv_heads)
+        if backend == "numba":
+            if device is None:
+                raise ValueError("device: expected a CUDA device (e.g. 'cuda') for "
+                                 "backend='numba', got None")
+            from .api import _numba_backend
+
+            return _numba_backend().empty(batch, num_kv_heads, head_dim, dtype, config, device,
+                                          max_seq_len, num_q_heads)
         if backend != "reference":
-            raise ValueError(f"backend: expected 'reference' for an empty host cache, "
-                             f"got {backend!r}")
+            raise ValueError(f"backend: expected 'reference' or 'numba', got {backend!r}")
+        if device is not None and str(device) != "cpu":
+            raise ValueError(f"device: expected None or 'cpu' for backend='reference', "
+                             f"got {device!r}")
         store = ReferenceStore(batch, num_kv_heads, head_dim, dtype, config)
         return cls(store, batch, num_kv_heads, head_dim, dtype, config)
 
@@ -244,6 +293,73 @@ class QuantizedKVCache:
                 f"head_dim={self.head_dim}, seq_len={self.seq_len} (quantized "
                 f"{self.quantized_len}, residual {self.residual_len}), dtype={self.dtype}, "
                 f"backend={self.backend!r}, {self.bits_per_element:.2f} bits/element)")
+
+
+    # --- batch and length edits, copies, files (added for generate(): beam search, crop) -------
+    def select_batch(self, indices) -> "QuantizedKVCache":
+        """Keep, reorder or repeat batch rows: row i becomes old row ``indices[i]``; returns self.
+
+        ``indices``: 1-D integers in ``[0, batch)`` (NumPy array, list or torch tensor; any
+        length >= 1, repeats allowed). Beam search's reorder, ``num_return_sequences``' repeat
+        and batch selection are all this one gather: fancy indexing on the host,
+        ``index_select`` along the batch axis on CUDA. Packed arrays and residual alike.
+        """
+        if V.is_torch(indices):
+            idx = indices.detach().cpu().numpy()
+        else:
+            idx = np.asarray(indices)
+        if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu":
+            raise ValueError(f"indices: expected a non-empty 1-D integer array, got shape "
+                             f"{idx.shape} dtype {idx.dtype}")
+        idx = idx.astype(np.int64)
+        if idx.min() < 0 or idx.max() >= self.batch:
+            raise ValueError(f"indices: expected values in [0, {self.batch}) (the cache's "
+                             f"batch), got min {idx.min()} max {idx.max()}")
+        self._store.select_batch(idx)
+        self.batch = int(idx.size)
+        return self
+
+    def truncate(self, seq_len: int) -> "QuantizedKVCache":
+        """Keep the first ``seq_len`` tokens (speculative decoding's rollback); returns self.
+
+        Only residual tokens can be dropped: ``quantized_len <= seq_len <= self.seq_len``, else
+        ValueError (quantized windows are packed as a whole and cannot be un-quantized).
+        """
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+            raise TypeError(f"seq_len: expected an int, got {type(seq_len).__name__}")
+        if not self.quantized_len <= seq_len <= self.seq_len:
+            raise ValueError(
+                f"seq_len: expected {self.quantized_len} <= seq_len <= {self.seq_len}: only the "
+                f"{self.residual_len} residual tokens can be dropped (the first "
+                f"{self.quantized_len} are quantized in windows of residual_length="
+                f"{self.config.residual_length}), got {seq_len}")
+        self._store.truncate(seq_len)
+        return self
+
+    def copy(self) -> "QuantizedKVCache":
+        """An independent deep copy (same backend and device)."""
+        import copy
+
+        return copy.deepcopy(self)
+
+    def save(self, path) -> None:
+        """Write the cache to a safetensors file (oscar/_serialize.py, docs/integrations.md)."""
+        from . import _serialize
+
+        _serialize.save_caches(path, [_serialize.layer_entry(self)])
+
+    @classmethod
+    def load(cls, path, device=None) -> "QuantizedKVCache":
+        """Read a cache written by :meth:`save`; ``device`` None/"cpu": reference backend, a CUDA
+        device: Numba backend. Bit-exact round trip; a file of another format version, a
+        truncated file or arrays of the wrong shape or dtype raise ValueError."""
+        from . import _serialize
+
+        layers, _ = _serialize.load_caches(path, device)
+        if len(layers) != 1 or not isinstance(layers[0], cls):
+            raise ValueError(f"{path}: expected a file with one quantized layer, got "
+                             f"{len(layers)} layers (use OScaRCache.load for model caches)")
+        return layers[0]
 
 
 def dequantize_reference(store: ReferenceStore):

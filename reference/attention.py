@@ -56,7 +56,7 @@ def attention_dense(q, k, v, scale=None, return_lse=False):
 
 
 def decode_attention(q, block: PackedBlock, k_residual, v_residual, config, scale=None,
-                     return_lse=False):
+                     return_lse=False, start=None):
     """Attention of ``q [B, num_q_heads, q_len, D]`` over a packed block plus residual tokens.
 
     Args:
@@ -67,6 +67,10 @@ def decode_attention(q, block: PackedBlock, k_residual, v_residual, config, scal
         config: the cache's :class:`oscar.OScaRConfig`.
         scale: logit scale, default ``1 / sqrt(D)``.
         return_lse: also return the natural-log log-sum-exp ``[B, num_q_heads, q_len]``.
+        start: optional int ``[B]``: row b attends only tokens ``start[b] ..`` (the first valid
+            token of a left-padded row, or the first key of a sliding window); tokens before it
+            get zero weight. None (default) is the same as all zeros, bit for bit. The caller
+            keeps ``start[b] <= seq_len - q_len`` so that every query sees a token.
 
     Returns float64 ``out [B, num_q_heads, q_len, D]`` (and ``lse``).
     """
@@ -88,7 +92,11 @@ def decode_attention(q, block: PackedBlock, k_residual, v_residual, config, scal
         s_q = s_q * n
     s_r = np.einsum("bhld,bhtd->bhlt", q, _expand_heads(k_res, group))
     s = scale * np.concatenate((s_q, s_r), axis=-1)
-    p, lse = _softmax(s, _causal_mask(q_len, t_q + t_r))
+    mask = _causal_mask(q_len, t_q + t_r)
+    if start is not None:  # [B, 1, q_len, T]: causal and at or after the row's first token
+        first = np.asarray(start, np.int64).reshape(b, 1, 1, 1)
+        mask = mask[None, None] & (np.arange(t_q + t_r)[None, None, None, :] >= first)
+    p, lse = _softmax(s, mask)
 
     out_rot = np.einsum("bhlt,bhtd->bhld", p[..., :t_q], _expand_heads(v_rot, group))
     if config.rotate_values:

@@ -282,7 +282,9 @@ def test_bad_max_seq_len(value):
     (dict(head_dim=33), ValueError, r"head_dim must be a power of two"),
     (dict(dtype="int8"), TypeError, r"dtype: expected one of"),
     (dict(dtype=np.float32), TypeError, r"dtype: expected one of"),
-    (dict(backend="numba"), ValueError, r"backend: expected 'reference'"),
+    (dict(backend="numba"), ValueError, r"device: expected a CUDA device"),
+    (dict(backend="gpu"), ValueError, r"backend: expected 'reference' or 'numba'"),
+    (dict(device="cuda"), ValueError, r"device: expected None or 'cpu'"),
 ])
 def test_bad_empty_cache(kwargs, exc, match):
     args = dict(batch=1, num_kv_heads=2, head_dim=32, dtype="float32", config=CFG)

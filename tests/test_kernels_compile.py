@@ -49,7 +49,26 @@ except Exception as exc:  # no CUDA toolkit / NVVM: nothing can be compiled here
 
 from numba import cuda
 
+from numba.cuda.core import sigutils
+
+from oscar._launch import packed_sizes
 from oscar.kernels_numba import all_kernel_signatures
+
+PARAM_BYTES = {"8": 1, "16": 2, "32": 4, "64": 8}
+
+
+def ptx_param_sizes(ptx):
+    # sizes of the .param list of the PTX's one .entry (an aligned .b8 array counts whole)
+    head = ptx[ptx.index(".entry"):]
+    head = head[head.index("(") + 1:head.index(")")]
+    sizes = []
+    for decl in head.split(","):
+        m = re.search(r"\.param\s+(?:\.align\s+\d+\s+)?\.[a-z]+?(8|16|32|64)\s+\w+(?:\[(\d+)\])?",
+                      decl)
+        if m:
+            sizes.append(PARAM_BYTES[m.group(1)] * int(m.group(2) or 1))
+    return sizes
+
 
 for name, fn, sig in all_kernel_signatures():
     try:
@@ -60,7 +79,9 @@ for name, fn, sig in all_kernel_signatures():
         rec = {"name": name, "ok": True,
                "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
                "mul_f32": len(re.findall(r"\bmul\.f32\b", ptx)),
-               "mul_rn_f32": len(re.findall(r"\bmul\.rn\.f32\b", ptx))}
+               "mul_rn_f32": len(re.findall(r"\bmul\.rn\.f32\b", ptx)),
+               "ptx_params": ptx_param_sizes(ptx),
+               "plan_params": packed_sizes(sigutils.normalize_signature(sig)[0])}
     print(json.dumps(rec), flush=True)
 """
 
@@ -88,6 +109,18 @@ def compiled():
 def test_every_kernel_compiles_for_sm90(compiled):
     failures = [f"{r['name']}: {r['error']}" for r in compiled if not r["ok"]]
     assert not failures, "\n\n".join(failures)
+
+
+def test_launch_plan_layout_matches_compiled_parameters(compiled):
+    """A launch plan (oscar/_launch.py) packs each argument as Numba's calling convention does:
+    the sizes of its packed words, in order, equal the kernel's PTX parameter list, for every
+    kernel of the registry (the GPU check at plan build compares them with the driver's)."""
+    ok = [r for r in compiled if r["ok"]]
+    assert ok
+    bad = [f"{r['name']}: ptx {r['ptx_params']} != plan {r['plan_params']}"
+           for r in ok if r["ptx_params"] != r["plan_params"]]
+    assert not bad, "\n".join(bad[:5])
+    assert all(len(r["ptx_params"]) > 8 for r in ok)
 
 
 def test_registry_covers_every_kernel(compiled):

@@ -1,0 +1,571 @@
+"""Hugging Face transformers 5.x: ``generate()`` on a packed OScaR cache, no model-file fork.
+
+    from oscar.integrations.transformers import OScaRCache   # registers "oscar" on import
+    model.set_attn_implementation("oscar")
+    out = model.generate(**inputs, past_key_values=OScaRCache(model.config, oscar.OScaRConfig()))
+
+How it plugs in (public transformers interfaces only: ``Cache``, ``CacheLayerMixin``,
+``AttentionInterface``, ``AttentionMaskInterface``, ``sdpa_mask``, ``sdpa_attention_forward``):
+
+* ``OScaRCache`` is a ``Cache`` of one :class:`OScaRLayer` per quantized layer (a plain
+  ``DynamicLayer`` where the per-layer configuration is ``None``). ``OScaRLayer.update()`` only
+  records the new K/V and returns the layer itself; Llama, Qwen2, Qwen3 and Mistral hand that
+  result untouched to the registered attention function, so the history is never dequantized.
+* The ``"oscar"`` mask function returns an :class:`OScaRMask`: the arguments transformers gave
+  it, the dense boolean mask that ``attn_implementation="sdpa"`` would get (built on demand by
+  transformers' own ``sdpa_mask``), and the per-row structure the packed path needs.
+* The ``"oscar"`` attention function then runs, per layer:
+
+  - **prefill** (empty layer): exact SDPA over the prompt's own K/V with the SDPA mask (the same
+    call as ``attn_implementation="sdpa"``), then quantizes the prompt (``oscar.quantize_kv``);
+    left-padded positions are first overwritten by a copy of the row's first valid token, so
+    they never widen a key group's range (keys: per channel over 32-token groups; norms and
+    values per token);
+  - **decode** (q_len >= 1 over a non-empty layer: plain decoding, chunked-prefill
+    continuation, assisted/speculative verification): append, then ``oscar.decode_attention``
+    on the packed cache, with a per-row first visible token (``start``) for left padding and,
+    with one query, for a sliding window; used when the mask is "causal from a per-row start"
+    and ``G * q_len <= MAX_DECODE_ROWS``;
+  - **chunk path** (larger query blocks, or masks with a different start per query, e.g. a
+    sliding window with several queries): dequantize the history once for this chunk
+    (``oscar.dequantize_kv``) and run exact SDPA over it with the dense mask.
+
+CUDA: the decode kernels take no per-row start yet, so a left-padded batch, or a window that
+cuts into the history, raises ValueError (never a silently wrong result). docs/integrations.md
+has the details, the limits and the file format of :meth:`OScaRCache.save`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+try:
+    import torch
+    import transformers
+    from transformers import AttentionInterface
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("oscar.integrations.transformers needs torch and transformers 5.x: "
+                      f"pip install 'oscar-kv[transformers]' ({exc})") from exc
+
+from .. import _serialize
+from ..api import decode_attention, dequantize_kv, quantize_kv
+from ..config import OScaRConfig
+
+if int(transformers.__version__.split(".")[0]) != 5:  # pragma: no cover
+    raise ImportError(f"oscar.integrations.transformers needs transformers 5.x, got "
+                      f"{transformers.__version__}")
+
+#: The name registered in transformers' AttentionInterface and AttentionMaskInterface.
+ATTN_IMPLEMENTATION = "oscar"
+#: Model families whose attention hands ``Cache.update()``'s result untouched to the registered
+#: attention function (checked in their transformers 5.x sources) and that the tests cover.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+#: Query rows per KV head (``num_q_heads / num_kv_heads * q_len``) up to which a step runs
+#: ``decode_attention`` on the packed cache. The CUDA split kernel takes at most 32 rows at
+#: head_dim 128 and 16 at head_dim 256 (kernels_numba/attention.py, "Limits"), so 16 fits every
+#: head_dim; larger blocks take the chunk path (dequantize once, exact SDPA). The reference
+#: backend uses the same threshold so that CPU tests exercise both paths.
+MAX_DECODE_ROWS = 16
+#: attention-function keyword arguments that change the attention math in ways the packed path
+#: does not implement (logit soft-capping, attention sinks, additive position biases).
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+LAYER_CONFIGS_FORMAT = "oscar-layer-configs"
+LAYER_CONFIGS_VERSION = 1
+
+
+# --- the mask ---------------------------------------------------------------------------------
+class OScaRMask:
+    """What the ``"oscar"`` mask function hands the attention function.
+
+    Holds transformers' mask arguments; :meth:`dense` is exactly the mask that
+    ``attn_implementation="sdpa"`` gets (None where SDPA may use ``is_causal``);
+    :meth:`padding` the per-row first valid token of the 2-D padding mask; :meth:`row_start`
+    the per-row first visible key if the mask is "causal from a per-row start" (what
+    ``decode_attention(start=...)`` expresses). Shared by all layers of one type in a forward,
+    so each is computed once.
+    """
+
+    def __init__(self, kwargs: dict):
+        self.kwargs = kwargs
+        self.attention_mask = kwargs.get("attention_mask")
+        self.q_length = int(kwargs["q_length"])
+        self.kv_length = int(kwargs["kv_length"])
+        self.kv_offset = int(kwargs.get("kv_offset", 0) or 0)
+        self.window = kwargs.get("local_size")
+        self._dense = self._full = self._pad = None
+        self._have = set()
+        self._starts: dict = {}
+
+    def dense(self, materialize: bool = False):
+        """Boolean ``[B or 1, 1, q_len, kv_len]`` (True = attend) or None (plain causal; only
+        when ``materialize`` is False)."""
+        if materialize:
+            if "full" not in self._have:
+                self._full = self.dense() if self.dense() is not None else sdpa_mask(
+                    **{**self.kwargs, "allow_is_causal_skip": False})
+                self._have.add("full")
+            return self._full
+        if "dense" not in self._have:
+            self._dense = sdpa_mask(**self.kwargs)
+            self._have.add("dense")
+        return self._dense
+
+    def padding(self):
+        """int64 ``[B]``: the first valid (unpadded) position of each row, or None without
+        padding. ValueError unless every row is left padding (zeros, then ones)."""
+        if "pad" in self._have:
+            return self._pad
+        am = self.attention_mask
+        pad = None
+        if am is not None:
+            if not isinstance(am, torch.Tensor) or am.ndim != 2:
+                raise ValueError(f"attention_mask: expected a 2-D padding mask [batch, seq_len], "
+                                 f"got {type(am).__name__} {tuple(getattr(am, 'shape', ()))}")
+            am = am.to(torch.bool).cpu()
+            if am.shape[1] > 1 and bool((am[:, 1:].int() < am[:, :-1].int()).any()):
+                raise ValueError("attention_mask: OScaRCache supports left padding only (each "
+                                 "row: zeros, then ones); got right padding or a gap")
+            # a row with no valid token yet (a prefill chunk inside its padding) gets the mask's
+            # length: _fill_padding then raises for the tokens it cannot fill
+            p = (~am).sum(dim=1).numpy().astype(np.int64)
+            pad = p if p.any() else None
+        self._pad = pad
+        self._have.add("pad")
+        return pad
+
+    def row_start(self, q_len: int, seq_len: int):
+        """``(ok, start)``: ok if query i of row b sees exactly tokens ``start[b] ..
+        seq_len - q_len + i`` (start: int64 ``[B]``, None for all zeros)."""
+        key = (q_len, seq_len)
+        if key in self._starts:
+            return self._starts[key]
+        d = self.dense()
+        if d is None:
+            res = (True, None)  # SDPA may use is_causal: plain causal, no padding
+        elif d.shape[-1] != seq_len or d.shape[-2] != q_len:
+            res = (False, None)
+        else:
+            d = d[:, 0].cpu()  # [B or 1, q_len, seq_len]
+            first = d[:, 0, :].to(torch.int8).argmax(dim=-1)  # first visible key of query 0
+            j = torch.arange(seq_len)
+            last = seq_len - q_len + torch.arange(q_len)
+            want = (j[None, None, :] >= first[:, None, None]) & (j[None, None, :]
+                                                                 <= last[None, :, None])
+            ok = bool(d[:, 0, :].any(dim=-1).all()) and torch.equal(d, want)
+            start = first.numpy().astype(np.int64)
+            res = (ok, start if ok and start.any() else None)
+        self._starts[key] = res
+        return res
+
+
+def oscar_mask(**kwargs):
+    """The ``"oscar"`` entry of transformers' AttentionMaskInterface: an :class:`OScaRMask`."""
+    return OScaRMask(kwargs)
+
+
+# --- one layer --------------------------------------------------------------------------------
+class OScaRLayer(CacheLayerMixin):
+    """One quantized attention layer: an :class:`oscar.QuantizedKVCache` plus the per-row first
+    valid token of a left-padded batch. ``update()`` returns the layer itself (a handle); the
+    ``"oscar"`` attention function does the rest (:meth:`attend`)."""
+
+    is_compileable = False
+    is_croppable = True  # inside the residual window; beyond it crop raises
+    is_sliding = False  # keeps every token: windows are applied by the mask (module docstring)
+
+    def __init__(self, config: OScaRConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.cache = None  # oscar.QuantizedKVCache once the prompt is in
+        self.pad = None  # int64 [batch] first valid token per row, None without padding
+        self._pending = None  # (k, v) of the current forward, until attend() consumes them
+
+    def __repr__(self):
+        return f"OScaRLayer({self.layer_idx}, {self.cache!r})"
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self._pending is not None:
+            raise RuntimeError(
+                f"layer {self.layer_idx}: update() called twice without attention in between: "
+                "the model's attention did not run through attn_implementation='oscar'")
+        self.is_initialized = True
+        self._pending = (key_states, value_states)
+        return self, self
+
+    def get_seq_length(self) -> int:
+        n = self.cache.seq_len if self.cache is not None else 0
+        return n + (self._pending[0].shape[-2] if self._pending is not None else 0)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cache, self.pad, self._pending = None, None, None
+        self.is_initialized = False
+
+    # batch edits: one gather on the packed arrays, the residual and the padding together
+    def batch_select_indices(self, indices) -> None:
+        if self.cache is None:
+            return
+        idx = torch.as_tensor(indices).detach().cpu()
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().flatten()
+        idx = idx.numpy().astype(np.int64)
+        self.cache.select_batch(idx)
+        if self.pad is not None:
+            self.pad = self.pad[idx]
+
+    def reorder_cache(self, beam_idx) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.cache is not None:
+            self.batch_select_indices(np.repeat(np.arange(self.cache.batch), repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: remove that many tokens; positive: keep that many (older transformers)."""
+        if self.cache is None or tokens_to_remove == 0:
+            return
+        n = self.cache.seq_len
+        keep = n + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, n)
+        try:
+            self.cache.truncate(max(keep, 0))
+        except ValueError as exc:
+            raise ValueError(f"layer {self.layer_idx}: cannot crop {n} tokens to {keep}: "
+                             f"{exc}") from None
+
+    # the attention of one forward
+    def attend(self, module, query, mask, scaling, kwargs):
+        k_new, v_new = self._pending
+        self._pending = None
+        i = self.layer_idx
+        if mask is not None and not isinstance(mask, OScaRMask):
+            raise ValueError(f"layer {i}: expected the mask built by the 'oscar' mask function, "
+                             f"got {type(mask).__name__} (custom 4-D masks are not supported "
+                             "by OScaRCache)")
+        pad = mask.padding() if mask is not None else None
+        on_cuda = k_new.is_cuda
+        if self.cache is None:  # prefill: exact attention over the prompt, then quantize
+            if on_cuda and pad is not None:
+                raise ValueError(_cuda_start_message(i, "a left-padded batch"))
+            out, _ = sdpa_attention_forward(module, query, k_new, v_new,
+                                            mask.dense() if mask is not None else None,
+                                            dropout=0.0, scaling=scaling, **kwargs)
+            k_s, v_s = _fill_padding(i, k_new, v_new, 0, pad)
+            self.cache = quantize_kv(k_s, v_s, self.config)
+            self.pad = pad
+            return out
+        if not _same_padding(self.pad, pad):
+            raise ValueError(f"layer {i}: the attention mask's left padding {_fmt(pad)} differs "
+                             f"from the one the cache was built with {_fmt(self.pad)}")
+        t0 = self.cache.seq_len
+        k_s, v_s = _fill_padding(i, k_new, v_new, t0, pad)
+        self.cache.append(k_s, v_s)
+        q_len, seq_len = int(query.shape[2]), self.cache.seq_len
+        ok, start = mask.row_start(q_len, seq_len) if mask is not None else (True, None)
+        rows = int(query.shape[1]) // self.cache.num_kv_heads * q_len
+        if on_cuda and (start is not None or not ok):
+            what = "a left-padded batch" if pad is not None else (
+                f"a sliding window of {mask.window} tokens over {seq_len} tokens")
+            raise ValueError(_cuda_start_message(i, what))
+        if ok and rows <= MAX_DECODE_ROWS:
+            out = decode_attention(query, self.cache, scale=scaling, start=start)
+            return out.transpose(1, 2).contiguous()
+        # chunk path: the history dequantized once for this chunk, exact SDPA with the mask
+        k_all, v_all = dequantize_kv(self.cache)
+        k_all = k_all.to(device=query.device, dtype=query.dtype)
+        v_all = v_all.to(device=query.device, dtype=query.dtype)
+        out, _ = sdpa_attention_forward(module, query, k_all, v_all,
+                                        mask.dense(materialize=True) if mask is not None
+                                        else _causal(q_len, seq_len, query.device),
+                                        dropout=0.0, scaling=scaling, **kwargs)
+        return out
+
+
+def _cuda_start_message(layer_idx, what):
+    return (f"layer {layer_idx}: {what} on CUDA needs per-row starts in the decode kernels: not "
+            "supported yet; run it on the CPU (reference backend), one prompt at a time or with "
+            "prompts of equal length, or make this layer unquantized (None in the per-layer "
+            "configurations)")
+
+
+def _causal(q_len, seq_len, device):
+    j = torch.arange(seq_len, device=device)
+    last = seq_len - q_len + torch.arange(q_len, device=device)
+    return (j[None, :] <= last[:, None])[None, None]
+
+
+def _fmt(pad):
+    return "none" if pad is None else f"first valid tokens {pad.tolist()}"
+
+
+def _same_padding(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def _fill_padding(layer_idx, k, v, t0, pad):
+    """Positions ``t0 ..`` of row b before ``pad[b]`` (left padding) become copies of the row's
+    first valid token: inside every key group's range, equal norm, masked in attention."""
+    if pad is None or not (pad > t0).any():
+        return k, v
+    n = k.shape[2]
+    k, v = k.clone(), v.clone()
+    for b in np.nonzero(pad > t0)[0]:
+        p = int(pad[b]) - t0
+        if p >= n:
+            raise ValueError(
+                f"layer {layer_idx}: row {b}: the {n} tokens at positions {t0}..{t0 + n - 1} are "
+                f"all left padding (first valid token at {int(pad[b])}); OScaRCache needs each "
+                "row's first valid token in the first prefill chunk (use a longer chunk)")
+        k[b, :, :p] = k[b, :, p:p + 1]
+        v[b, :, :p] = v[b, :, p:p + 1]
+    return k, v
+
+
+# --- the attention function -------------------------------------------------------------------
+def oscar_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                    scaling: float | None = None, **kwargs):
+    """The ``"oscar"`` entry of transformers' AttentionInterface.
+
+    ``query [batch, num_q_heads, q_len, head_dim]``; ``key``/``value``: an :class:`OScaRLayer`
+    (quantized layer) or dense tensors (an unquantized layer). Returns ``(out [batch, q_len,
+    num_q_heads, head_dim], None)``.
+    """
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"layer {getattr(module, 'layer_idx', '?')}: attention with "
+                             f"{name!r} is not supported by the 'oscar' attention")
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        raise ValueError("the 'oscar' attention supports causal decoder attention only")
+    if dropout and module.training:
+        raise ValueError("the 'oscar' attention is for inference: got dropout in training mode")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    kwargs.pop("is_causal", None)
+    if isinstance(key, OScaRLayer):
+        return key.attend(module, query, attention_mask, float(scaling), kwargs), None
+    mask = attention_mask.dense() if isinstance(attention_mask, OScaRMask) else attention_mask
+    if isinstance(attention_mask, OScaRMask) and mask is None and query.shape[2] > 1 \
+            and key.shape[2] > query.shape[2]:
+        mask = attention_mask.dense(materialize=True)  # no is_causal slicing with a history
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=0.0,
+                                  scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, oscar_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, oscar_mask)
+
+
+# --- the cache --------------------------------------------------------------------------------
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _model_layout(config):
+    """``(num_layers, head_dim)`` of a supported model config; ValueError otherwise."""
+    text = _text_config(config)
+    model_type = getattr(text, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"OScaRCache: model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (their attention hands the cache's update() "
+            "result untouched to the registered attention function)")
+    if not getattr(text, "is_causal", True) or getattr(text, "is_encoder_decoder", False):
+        raise ValueError("OScaRCache: only causal decoder-only models are supported")
+    if getattr(text, "attention_chunk_size", None) is not None:
+        raise ValueError("OScaRCache: chunked attention (attention_chunk_size) is not supported")
+    layer_types = getattr(text, "layer_types", None) or []
+    bad = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+    if bad:
+        raise ValueError(f"OScaRCache: layer types {bad} are not supported; supported: "
+                         f"{SUPPORTED_LAYER_TYPES}")
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % kv_heads:
+        raise ValueError(f"OScaRCache: num_attention_heads ({heads}) must be a multiple of "
+                         f"num_key_value_heads ({kv_heads})")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return int(text.num_hidden_layers), int(head_dim)
+
+
+def layer_configs(spec, num_layers: int) -> list:
+    """One ``OScaRConfig`` or None per layer from: None (the default config everywhere), one
+    ``OScaRConfig``, a list (None = unquantized layer), or the per-layer JSON of
+    ``oscar report --model`` (a dict, or a path to it)."""
+    if spec is None:
+        return [OScaRConfig()] * num_layers
+    if isinstance(spec, OScaRConfig):
+        return [spec] * num_layers
+    where = "oscar_config"
+    if isinstance(spec, (str, os.PathLike)):
+        where = os.fspath(spec)
+        try:
+            with open(spec) as f:
+                spec = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{where}: cannot read the per-layer configurations ({exc})") from exc
+    if isinstance(spec, dict):
+        if spec.get("format") != LAYER_CONFIGS_FORMAT:
+            raise ValueError(f"{where}: expected format {LAYER_CONFIGS_FORMAT!r}, got "
+                             f"{spec.get('format')!r}")
+        if spec.get("version") != LAYER_CONFIGS_VERSION:
+            raise ValueError(f"{where}: expected version {LAYER_CONFIGS_VERSION}, got "
+                             f"{spec.get('version')!r}")
+        layers = spec.get("layers")
+        if spec.get("num_layers") != num_layers or not isinstance(layers, list) \
+                or len(layers) != num_layers:
+            raise ValueError(f"{where}: expected {num_layers} layers (the model's), got "
+                             f"num_layers={spec.get('num_layers')!r} and "
+                             f"{len(layers) if isinstance(layers, list) else layers!r} entries")
+        out = []
+        for i, entry in enumerate(layers):
+            if entry is None:
+                out.append(None)
+                continue
+            try:
+                out.append(OScaRConfig(**entry))
+            except TypeError as exc:
+                raise ValueError(f"{where}: layer {i}: {exc}") from exc
+        return out
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != num_layers:
+            raise ValueError(f"{where}: expected {num_layers} per-layer configurations (the "
+                             f"model's layers), got {len(spec)}")
+        for i, c in enumerate(spec):
+            if c is not None and not isinstance(c, OScaRConfig):
+                raise TypeError(f"{where}[{i}]: expected OScaRConfig or None, got "
+                                f"{type(c).__name__}")
+        return list(spec)
+    raise TypeError(f"{where}: expected OScaRConfig, a list of them (None = unquantized), a "
+                    f"per-layer JSON dict or a path, got {type(spec).__name__}")
+
+
+class OScaRCache(Cache):
+    """A transformers ``Cache`` whose layers hold packed OScaR K/V (module docstring).
+
+    Args:
+        config: the model's config (``model.config``): Llama, Qwen2, Qwen3, Mistral families.
+        oscar_config: one :class:`oscar.OScaRConfig` for every layer (default: the paper's
+            INT2), a list with one per layer (``None``: that layer stays unquantized, a plain
+            ``DynamicLayer``), or the per-layer JSON written by ``oscar report --model`` (a dict
+            or a path).
+
+    The model must run ``attn_implementation="oscar"`` (``model.set_attn_implementation``).
+    Beam search, ``num_return_sequences``, continuation over several ``generate()`` calls,
+    ``copy.deepcopy`` and ``crop`` inside the residual window work; :meth:`save` and
+    :meth:`load` write and read the packed cache (safetensors).
+    """
+
+    def __init__(self, config, oscar_config=None):
+        num_layers, head_dim = _model_layout(config)
+        configs = layer_configs(oscar_config, num_layers)
+        for i, c in enumerate(configs):
+            if c is not None:
+                try:
+                    c.check_head_dim(head_dim)
+                except ValueError as exc:
+                    raise ValueError(f"OScaRCache: layer {i}: {exc} (the model's "
+                                     f"head_dim)") from None
+        self.model_config = config
+        self.layer_configs = configs
+        super().__init__(layers=[OScaRLayer(c, i) if c is not None else DynamicLayer()
+                                 for i, c in enumerate(configs)])
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if isinstance(self.layers[layer_idx], OScaRLayer):
+            impl = getattr(_text_config(self.model_config), "_attn_implementation", None)
+            if impl != ATTN_IMPLEMENTATION:
+                raise ValueError(
+                    f"OScaRCache: the model runs attn_implementation={impl!r}; call "
+                    f"model.set_attn_implementation({ATTN_IMPLEMENTATION!r}) (the packed layers "
+                    "are read only by the 'oscar' attention function)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        memo[id(self.model_config)] = self.model_config  # share the model's config, copy data
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        return new
+
+    # --- files ---------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write every layer (packed arrays, residual, configuration, lengths, per-row padding;
+        dense layers as they are) to one safetensors file (docs/integrations.md)."""
+        entries = []
+        for layer in self.layers:
+            if isinstance(layer, OScaRLayer):
+                entries.append(None if layer.cache is None else _serialize.layer_entry(
+                    layer.cache, {"pad": None if layer.pad is None else layer.pad.tolist()}))
+            elif layer.is_initialized and layer.get_seq_length() > 0:
+                entries.append(_serialize.dense_entry(layer.keys, layer.values))
+            else:
+                entries.append(None)
+        configs = [None if c is None else dataclasses.asdict(c) for c in self.layer_configs]
+        _serialize.save_caches(path, entries, extra={"layer_configs": configs})
+
+    @classmethod
+    def load(cls, path, config, device=None) -> "OScaRCache":
+        """Read a file written by :meth:`save` for the model of ``config``; ``device``: None or
+        ``"cpu"`` (reference backend) or a CUDA device. Bit-exact; a file of another format
+        version, a truncated file or mismatched shapes raise ValueError."""
+        layers, extra = _serialize.load_caches(path, device)
+        stored = extra.get("layer_configs")
+        if not isinstance(stored, list) or len(stored) != len(layers):
+            raise ValueError(f"{path}: expected one configuration per layer in the header")
+        configs = [None if c is None else OScaRConfig(**c) for c in stored]
+        num_layers, _ = _model_layout(config)
+        if num_layers != len(configs):
+            raise ValueError(f"{path}: the file holds {len(configs)} layers, the model has "
+                             f"{num_layers}")
+        cache = cls(config, configs)
+        dev = torch.device("cpu" if device is None else device)
+        for i, (layer, data) in enumerate(zip(cache.layers, layers)):
+            if data is None:
+                continue
+            if isinstance(layer, OScaRLayer):
+                if not hasattr(data, "packed") or data.config != configs[i]:
+                    raise ValueError(f"{path}: layer {i}: expected a quantized layer with the "
+                                     "header's configuration")
+                layer.cache = data
+                pad = extra["layer_extra"][i].get("pad")
+                layer.pad = None if pad is None else np.asarray(pad, np.int64)
+                if layer.pad is not None and layer.pad.shape != (data.batch,):
+                    raise ValueError(f"{path}: layer {i}: padding of {layer.pad.shape} rows for "
+                                     f"a batch of {data.batch}")
+                layer.is_initialized = True
+            else:
+                if hasattr(data, "packed"):
+                    raise ValueError(f"{path}: layer {i}: a quantized layer where the header "
+                                     "says unquantized")
+                k, v, dt = data
+                tdt = getattr(torch, dt)
+                k = torch.from_numpy(k).to(device=dev, dtype=tdt)
+                v = torch.from_numpy(v).to(device=dev, dtype=tdt)
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+        return cache
+
+
+__all__ = ["OScaRCache", "OScaRLayer", "OScaRMask", "oscar_attention", "oscar_mask",
+           "layer_configs", "ATTN_IMPLEMENTATION", "MAX_DECODE_ROWS", "SUPPORTED_MODEL_TYPES"]

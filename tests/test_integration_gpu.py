@@ -1,0 +1,124 @@
+"""CUDA (Numba backend) side of the cache operations the transformers integration needs, and the
+integration on a tiny model on the GPU. All ``gpu``-marked: they skip without a CUDA GPU.
+
+Exact checks: ``select_batch``, ``truncate``, ``copy`` and save/load keep the packed bytes of the
+Numba store equal to the reference's (the two backends are bit-exact on packed data).
+"""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import oscar  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+INT2 = oscar.OScaRConfig(residual_length=32)
+NEVER = oscar.OScaRConfig(residual_length=1024)
+
+
+def _host(a):
+    a = a.detach().cpu()
+    if a.dtype == torch.bfloat16:
+        a = a.float()
+    a = a.numpy()
+    return a.view(np.uint32) if a.dtype == np.int32 else a
+
+
+def _same_packed(cuda_cache, ref_cache):
+    g, r = cuda_cache.packed().arrays(), ref_cache.packed().arrays()
+    assert set(g) == set(r)
+    for name in r:
+        assert np.array_equal(_host(g[name]), r[name]), name
+    for x, y in zip(cuda_cache.residual(), ref_cache.residual()):
+        assert np.array_equal(_host(x).astype(np.float32), np.asarray(y, np.float32))
+
+
+def _kv(batch=3, seq=70, dtype=torch.float16):
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(batch, 2, seq, 64, generator=g).to(dtype)
+    v = torch.randn(batch, 2, seq, 64, generator=g).to(dtype)
+    return k, v
+
+
+def test_select_batch_truncate_copy_cuda():
+    k, v = _kv()
+    idx = [2, 2, 0, 1]
+    c = oscar.quantize_kv(k.cuda(), v.cuda(), INT2).select_batch(idx)
+    ref = oscar.quantize_kv(k[idx], v[idx], INT2)
+    _same_packed(c, ref)
+    d = c.copy()
+    d.append(k[idx, :, :30].cuda(), v[idx, :, :30].cuda())  # flushes a window into the copy
+    _same_packed(c, ref)  # the original is untouched
+    c.truncate(65)
+    ref.truncate(65)
+    _same_packed(c, ref)
+    q = torch.randn(4, 4, 1, 64, dtype=torch.float16)
+    got = oscar.decode_attention(q.cuda(), c).float().cpu()
+    want = oscar.decode_attention(q, ref).float()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # tensor-core kernel, fp16 out
+
+
+def test_deepcopy_cuda_store_is_independent():
+    k, v = _kv()
+    c = oscar.quantize_kv(k.cuda(), v.cuda(), INT2)
+    d = copy.deepcopy(c)
+    assert d._store.buf["k_codes"].data_ptr() != c._store.buf["k_codes"].data_ptr()
+    d.select_batch([0])
+    assert c.batch == 3 and d.batch == 1
+    _same_packed(c, oscar.quantize_kv(k, v, INT2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_save_load_cuda_bit_exact(tmp_path, dtype):
+    k, v = _kv(dtype=dtype)
+    c = oscar.quantize_kv(k.cuda(), v.cuda(), INT2)
+    c.save(tmp_path / "c.st")
+    d = oscar.QuantizedKVCache.load(tmp_path / "c.st", device="cuda")
+    assert d.backend == "numba" and d.dtype == c.dtype
+    ref = oscar.quantize_kv(k, v, INT2)
+    _same_packed(d, ref)
+    h = oscar.QuantizedKVCache.load(tmp_path / "c.st")  # the same file on the host
+    _same_packed(d, h)
+
+
+def test_decode_attention_start_on_cuda_raises():
+    k, v = _kv()
+    c = oscar.quantize_kv(k.cuda(), v.cuda(), INT2)
+    q = torch.randn(3, 4, 1, 64, dtype=torch.float16, device="cuda")
+    oscar.decode_attention(q, c, start=[0, 0, 0])  # all zeros: the plain kernel
+    with pytest.raises(ValueError, match="per-row starts in the decode kernels"):
+        oscar.decode_attention(q, c, start=[0, 3, 0])
+
+
+def test_transformers_on_cuda():
+    transformers = pytest.importorskip("transformers")
+    from oscar.integrations.transformers import OScaRCache
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, initializer_range=0.2)
+    model = transformers.LlamaForCausalLM(cfg).eval().cuda()
+    ids = torch.randint(0, 128, (2, 40), device="cuda")
+
+    def run(impl, cache, **kw):
+        model.set_attn_implementation(impl)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model.generate(input_ids=ids, max_new_tokens=8, do_sample=False,
+                                  past_key_values=cache, **kw)
+
+    ref = run("sdpa", transformers.DynamicCache(config=model.config))
+    out = run("oscar", OScaRCache(model.config, NEVER))
+    assert torch.equal(ref, out)
+    out = run("oscar", OScaRCache(model.config, INT2), num_beams=2)  # packed path + reorder
+    assert out.shape == (2, 48)
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    with pytest.raises(ValueError, match="left-padded batch on CUDA needs per-row starts"):
+        run("oscar", OScaRCache(model.config, INT2), attention_mask=am)
