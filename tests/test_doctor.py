@@ -10,6 +10,7 @@ run before the computation).
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -285,25 +286,32 @@ def test_cli_report_json_plots(llama_dir, tmp_path, capsys):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plan_loads_into_caches(llama_dir, tmp_path):
-    """The recommended per-layer configurations build a quantized cache of every layer's
-    captured K/V (the per-layer cache of the transformers integration is such a cache)."""
+def test_plan_loads_into_the_integration(llama_dir, tmp_path):
+    """The --json file (plan plus report) is what OScaRCache of the transformers integration
+    takes as oscar_config; a plan with an unquantized layer too; the model then generates."""
+    from oscar.integrations.transformers import OScaRCache
+
     rep = doctor.diagnose(llama_dir, tokens=TOKENS, progress=False)
     path = tmp_path / "plan.json"
     with open(path, "w") as f:
         json.dump(doctor.to_json(rep), f, allow_nan=False)
     configs = load_layer_configs(path)
     assert configs == rep.recommendation.configs
-    _, _, _, layers = _captured(llama_dir)
-    for cfg, layer in zip(configs, layers):
+    model, ids, _, layers = _captured(llama_dir)
+    assert OScaRCache(model.config, str(path)).layer_configs == configs
+    for cfg, layer in zip(configs, layers):  # and a plain quantized cache of every layer
         if cfg is not None:
-            cache = oscar.quantize_kv(layer.k, layer.v, cfg)
-            assert cache.seq_len == TOKENS and cache.config == cfg
-    try:
-        from oscar.integrations import transformers as integration  # built in parallel
-    except ImportError:
-        return
-    assert integration is not None
+            assert oscar.quantize_kv(layer.k, layer.v, cfg).seq_len == TOKENS
+    mixed = [None, *configs[1:]]
+    save_layer_configs(tmp_path / "mixed.json", mixed, 9.0)
+    cache = OScaRCache(model.config, str(tmp_path / "mixed.json"))
+    assert cache.layer_configs == mixed
+    model.set_attn_implementation("oscar")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' deprecation of past_key_values
+        out = model.generate(torch.as_tensor(ids[:140])[None], past_key_values=cache,
+                             max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 142)
 
 
 def test_builtin_text_with_tokenizer(llama_tok_dir):
