@@ -72,7 +72,7 @@ print(json.dumps({"torch_cuda_init_s": t_ctx - t0, "import_s": t_imp - t_ctx,
 """
 
 
-def cold_start(out):
+def cold_start(out, profile_dir=None):
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ, OSCAR_CACHE_DIR=d)
         rows = []
@@ -82,6 +82,14 @@ def cold_start(out):
             if proc.returncode:
                 raise RuntimeError(proc.stderr[-3000:])
             rows.append(dict(case=label, **json.loads(proc.stdout.strip().splitlines()[-1])))
+        if profile_dir:  # where the warm start's time goes (cProfile, cumulative)
+            script = ("import cProfile, pstats, io\npr = cProfile.Profile(); pr.enable()\n"
+                      + COLD + "\npr.disable(); s = io.StringIO()\n"
+                      "pstats.Stats(pr, stream=s).sort_stats('cumulative').print_stats(45)\n"
+                      f"open({os.path.join(profile_dir, 'cold_profile.txt')!r}, 'w')"
+                      ".write(s.getvalue())\n")
+            subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=900)
     out["cold"] = rows
 
 
@@ -104,7 +112,7 @@ def _host_loop(cache, q, kn, vn, n=300):
     return step, dec, app
 
 
-def host_cost(out):
+def host_cost(out, profile_dir=None):
     rows = []
     for batch in (1, 8):
         q, k, v = decode_inputs(batch, 4096, seed=batch)
@@ -115,6 +123,19 @@ def host_cost(out):
             step, dec, app = _host_loop(cache, q, kn, vn)
             rows.append(dict(batch=batch, path="plans" if plans else "dispatcher",
                              step_us=step, decode_us=dec, append_us=app))
+            if profile_dir and plans and batch == 8:
+                import cProfile
+                import io
+                import pstats
+
+                pr = cProfile.Profile()
+                pr.enable()
+                _host_loop(cache, q, kn, vn, n=200)
+                pr.disable()
+                s = io.StringIO()
+                pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
+                with open(os.path.join(profile_dir, "step_profile.txt"), "w") as f:
+                    f.write(s.getvalue())
     # the torch floor: two small torch ops, the cost of any eager call through torch
     x = torch.zeros(8, device="cuda")
     t0 = time.perf_counter()
@@ -208,9 +229,24 @@ def growth(out):
             torch.cuda.synchronize()
             times.append((time.perf_counter() - s) * 1e3)
         grow_step = times[127]  # the 128th append flushes into new capacity
+        # where a growth's time goes: the reallocation + copy, then the first step after it
+        # (its launch plans are rebuilt for the new buffers)
+        st = cache._store
+
+        def timed(fn):
+            torch.cuda.synchronize()
+            s = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - s) * 1e3
+
+        alloc_ms = timed(lambda: st._alloc(st.capacity * 2))
+        first_ms = timed(lambda: oscar.decode_attention(q, cache))
+        next_ms = timed(lambda: oscar.decode_attention(q, cache))
         rows.append(dict(batch=batch, growth_step_ms=grow_step,
                          median_step_ms=statistics.median(times),
-                         capacity=cache._store.capacity))
+                         capacity=cache._store.capacity, realloc_ms=alloc_ms,
+                         first_decode_after_ms=first_ms, next_decode_ms=next_ms))
     out["growth"] = rows
 
 
@@ -249,10 +285,12 @@ def markdown(out) -> str:
                          f"{r['oscar_kv_gb']:.2f} | {r['bf16_kv_gb']:.2f} |")
         lines.append("")
     if "growth" in out:
-        lines += ["| growth B | step with growth ms | median step ms |", "|---|---|---|"]
+        lines += ["| growth B | step with growth ms | median step ms | realloc ms | first decode "
+                  "after ms | next decode ms |", "|---|---|---|---|---|---|"]
         for r in out["growth"]:
             lines.append(f"| {r['batch']} | {r['growth_step_ms']:.2f} | "
-                         f"{r['median_step_ms']:.3f} |")
+                         f"{r['median_step_ms']:.3f} | {r['realloc_ms']:.2f} | "
+                         f"{r['first_decode_after_ms']:.2f} | {r['next_decode_ms']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -261,6 +299,8 @@ def main(argv=None):
     p.add_argument("--out", default="runtime_out")
     p.add_argument("--quick", action="store_true", help="fewer shapes, B=1 loop only")
     p.add_argument("--skip", default="", help="comma-separated sections to skip")
+    p.add_argument("--profile", action="store_true",
+                   help="also write cProfile listings of the warm cold start and of a B=8 step")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -269,7 +309,8 @@ def main(argv=None):
     out = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat())
     cases = ([(1, 4096), (1, 32768), (8, 32768)] if args.quick else
              [(1, 4096), (1, 32768), (8, 32768), (8, 131072), (16, 131072)])
-    steps = [("cold", lambda: cold_start(out)), ("host", lambda: host_cost(out)),
+    steps = [("cold", lambda: cold_start(out, args.out if args.profile else None)),
+             ("host", lambda: host_cost(out, args.out if args.profile else None)),
              ("eager", lambda: eager_steps(out, cases)),
              ("loop", lambda: decode_loop(out, (1,) if args.quick else (1, 8))),
              ("growth", lambda: growth(out))]

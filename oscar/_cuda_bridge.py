@@ -28,6 +28,7 @@ from . import _launch
 from .cache import QuantizedKVCache
 from .config import OScaRConfig
 from .kernels_numba._compat import cuda
+from .kernels_numba import append as _append
 from .kernels_numba import attention as _attn
 from .kernels_numba import dequantize as _deq
 from .kernels_numba import quantize as _quant
@@ -135,6 +136,7 @@ class NumbaStore:
         with _Launch(self.device):
             _quant.quantize_kernels(self.config, self.head_dim, self.dtype, self.num_kv_heads,
                                     self.batch, prefill=False)
+            _append._append_kernel(2 if self.dtype != "float32" else 4)
         if num_q_heads is not None:
             for q_len in q_lens:
                 self._warm_decode(int(num_q_heads), int(q_len), q_dtype or self.dtype)
@@ -195,6 +197,7 @@ class NumbaStore:
         self._gen += 1
         self._steps = {}
         self._flush_plan = None
+        self._append_plans = {}
 
     def _plan_failed(self, exc) -> None:
         """Launch plans are not usable here: fall back to the dispatcher for this store."""
@@ -304,9 +307,8 @@ class NumbaStore:
         pos = 0
         if self.residual_len:
             take = min(r - self.residual_len, n)
-            sl = slice(self.residual_len, self.residual_len + take)
-            self.k_res[:, :, sl].copy_(k[:, :, :take])
-            self.v_res[:, :, sl].copy_(v[:, :, :take])
+            self._copy_residual(k if take == n else k[:, :, :take],
+                                v if take == n else v[:, :, :take], self.residual_len)
             self.residual_len += take
             pos = take
             if self.residual_len == r:
@@ -319,9 +321,40 @@ class NumbaStore:
             pos += whole
         rest = n - pos
         if rest:
-            self.k_res[:, :, :rest].copy_(k[:, :, pos:])
-            self.v_res[:, :, :rest].copy_(v[:, :, pos:])
+            self._copy_residual(k if pos == 0 else k[:, :, pos:], v if pos == 0 else v[:, :, pos:],
+                                0)
             self.residual_len = rest
+
+    def _copy_residual(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
+        """Copy ``k, v [B, H, n, D]`` into the residual window at token ``pos``: one prepared
+        launch of the append kernel (patched pointers and position), or two torch copies."""
+        if self.plans:
+            try:
+                key = (k.shape, k.stride(), v.stride())
+                plan = self._append_plans.get(key)
+                if plan is None:
+                    if len(self._append_plans) > 64:
+                        self._append_plans = {}
+                    plan = self._append_plans[key] = self._build_append_plan(k, v)
+                launch, f_k, f_v, f_pos = plan
+                f_k.value, f_v.value, f_pos.value = k.data_ptr(), v.data_ptr(), pos
+                launch.launch(_launch.current_stream(self.device.index))
+                return
+            except _launch.PlanUnavailable as exc:
+                self._plan_failed(exc)
+        n = k.shape[2]
+        self.k_res[:, :, pos:pos + n].copy_(k)
+        self.v_res[:, :, pos:pos + n].copy_(v)
+
+    def _build_append_plan(self, k: torch.Tensor, v: torch.Tensor):
+        bits = torch.int16 if k.element_size() == 2 else torch.int32
+        args = [cuda.as_cuda_array(t.view(bits)) for t in (k, v, self.k_res, self.v_res)]
+        with _Launch(self.device):
+            kernel, grid, block, largs = _append.append_launch(*args, 0)
+            launch = _launch.PreparedLaunch(kernel, grid, block, largs)
+        names = _append.APPEND_ARGS
+        return (launch, launch.pointer_field(names.index("k_new")),
+                launch.pointer_field(names.index("v_new")), launch.field(names.index("pos")))
 
     def read_status(self) -> int:
         """Synchronize and return the status word (bit 1: non-finite, bit 2: fp16 overflow)."""
