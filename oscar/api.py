@@ -77,6 +77,8 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
     cache = QuantizedKVCache.empty(b, h, d, dt, config)
     if t:
         cache.append(k, v)
+    else:  # no tokens yet: the inputs' container is still the cache's (see append)
+        cache._store.adopt_container("k", k)
     return cache
 
 

@@ -44,7 +44,24 @@ class ReferenceStore:
         self.k_res = np.zeros((batch, num_kv_heads, r, head_dim), rdt)
         self.v_res = np.zeros((batch, num_kv_heads, r, head_dim), rdt)
         self.residual_len = 0
-        self.torch_inputs = False  # dequantize_kv returns torch tensors for torch-built caches
+        # The container of the first tokens ("numpy" or "torch"; None before any): fixed for
+        # the cache's life, so that dequantize_kv's output container never changes under it.
+        self.container = None
+
+    @property
+    def torch_inputs(self) -> bool:
+        """True for a torch-built cache (dequantize_kv then returns torch tensors)."""
+        return self.container == "torch"
+
+    def adopt_container(self, name, x) -> None:
+        """Fix the cache's container from its first input ``x``; TypeError for a different one."""
+        kind = "torch" if V.is_torch(x) else "numpy"
+        if self.container is None:
+            self.container = kind
+        elif kind != self.container:
+            want = "torch.Tensor" if self.container == "torch" else "numpy.ndarray"
+            raise TypeError(f"{name}: expected a {want} (the cache was built from "
+                            f"{self.container} inputs), got {type(x).__name__}")
 
     @property
     def quantized_len(self) -> int:
@@ -54,6 +71,8 @@ class ReferenceStore:
         if V.is_torch(x) and x.is_cuda:
             raise ValueError(f"{name}: expected a CPU tensor or NumPy array for a "
                              f"reference-backend cache, got a tensor on {x.device}")
+        if self.container is not None:
+            self.adopt_container(name, x)
 
     def append(self, k, v) -> None:
         """Append validated tokens ``[B, H, n, D]`` (NumPy or CPU torch)."""
@@ -88,7 +107,7 @@ class ReferenceStore:
         self.k_res[:, :, filled : filled + rest] = k32[:, :, take:]
         self.v_res[:, :, filled : filled + rest] = v32[:, :, take:]
         self.residual_len = filled + rest
-        self.torch_inputs = self.torch_inputs or V.is_torch(k)
+        self.adopt_container("k", k)
 
     def residual(self):
         return (self.k_res[:, :, : self.residual_len].astype(np.float32),

@@ -193,6 +193,38 @@ def test_numpy_and_torch_mixed():
         oscar.quantize_kv(k, torch.from_numpy(v), CFG)
 
 
+@pytest.mark.parametrize("first", ["numpy", "torch"])
+@pytest.mark.parametrize("t", [0, 5, R + 3])
+def test_append_keeps_the_cache_container(first, t):
+    """A host cache keeps the container of its first tokens: appending the other one is a
+    TypeError that leaves the cache as it was (dequantize_kv's output type never changes)."""
+    k, v = _kv(t) if t else _kv(1)
+    k, v = (k[:, :, :t], v[:, :, :t])
+    kn, vn = _kv(3)
+    as_torch = lambda *xs: [torch.from_numpy(np.ascontiguousarray(x)) for x in xs]
+    if first == "torch":
+        k, v = as_torch(k, v)
+        other, same, want = (kn, vn), as_torch(kn, vn), "torch.Tensor"
+    else:
+        other, same, want = as_torch(kn, vn), (kn, vn), "numpy.ndarray"
+    cache = oscar.quantize_kv(k, v, CFG)
+    with pytest.raises(TypeError, match=rf"k_new: expected a {want} \(the cache was built from "
+                                        rf"{first} inputs\), got "):
+        cache.append(*other)
+    assert cache.seq_len == t
+    cache.append(*same)
+    k_hat, _ = oscar.dequantize_kv(cache)
+    assert isinstance(k_hat, torch.Tensor) == (first == "torch")
+
+
+def test_empty_cache_takes_the_container_of_its_first_append():
+    cache = oscar.QuantizedKVCache.empty(2, 2, 32, "float32", CFG)
+    k, v = _kv(3)
+    cache.append(torch.from_numpy(k), torch.from_numpy(v))
+    with pytest.raises(TypeError, match=r"k_new: expected a torch.Tensor"):
+        cache.append(k, v)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("which", ["k", "v"])
 @pytest.mark.parametrize("t", [5, R + 3])  # residual only, and quantized part
