@@ -302,7 +302,7 @@ class NumbaStore:
                 stream=stream, check=False)
         return (out, lse) if return_lse else out
 
-    def dequantize(self):
+    def dequantize(self, out_dtype=None):
         b, h, d, t = self.batch, self.num_kv_heads, self.head_dim, self.quantized_len
         k_hat = torch.empty((b, h, t, d), dtype=torch.float32, device=self.device)
         v_hat = torch.empty_like(k_hat)
@@ -314,8 +314,9 @@ class NumbaStore:
                                       cuda.as_cuda_array(k_hat), cuda.as_cuda_array(v_hat),
                                       self.config, stream=stream)
         k_res, v_res = self.residual()
-        tdt = _TORCH_DTYPE[self.dtype]
-        return (torch.cat((k_hat.to(tdt), k_res), dim=2), torch.cat((v_hat.to(tdt), v_res), dim=2))
+        tdt = _TORCH_DTYPE[out_dtype or self.dtype]
+        return (torch.cat((k_hat.to(tdt), k_res.to(tdt)), dim=2),
+                torch.cat((v_hat.to(tdt), v_res.to(tdt)), dim=2))
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -356,5 +357,5 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float, return_lse: bool)
     return cache._store.decode_attention(q, scale, return_lse)
 
 
-def dequantize_kv(cache: QuantizedKVCache):
-    return cache._store.dequantize()
+def dequantize_kv(cache: QuantizedKVCache, dtype: str | None = None):
+    return cache._store.dequantize(dtype)
