@@ -53,3 +53,60 @@ def test_dequantize_dtype_argument():
     assert oscar.dequantize_kv(cache, dtype="float32")[0].dtype == np.float32
     with pytest.raises(ValueError, match=r"dtype: expected one of .* or None, got 'float64'"):
         oscar.dequantize_kv(cache, dtype="float64")
+
+
+# --- item 3: float16 params underflow -------------------------------------------------------------
+
+from oscar.reference import quantize_groups, dequantize_groups  # noqa: E402
+from oscar.reference.quantize import FLOAT16_TINY  # noqa: E402
+
+TINY = np.float32(FLOAT16_TINY)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantizer_rejects_groups_below_float16_normal_range(bits):
+    below = np.nextafter(TINY, np.float32(0))
+    groups = [
+        np.linspace(0, 1e-6, 32, dtype=np.float32),                 # all tiny, not constant
+        np.where(np.arange(32) % 2, -below, below).astype(np.float32),  # just below, both signs
+    ]
+    for x in groups:
+        with pytest.raises(ValueError, match=r"^x: a quantization group is not constant but all "
+                                             r"its values are below 6.1e-05 .*float32"):
+            quantize_groups(x, bits, "float16")
+        codes, params = quantize_groups(x, bits, "float32")  # float32 holds it
+        err = np.abs(dequantize_groups(codes, params) - x).max()
+        assert err <= (x.max() - x.min()) / (2**bits - 1) / 2 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantizer_accepts_what_float16_holds(bits):
+    accepted = [
+        np.full(32, 1e-7, np.float32),                   # constant tiny group: exact codes 0
+        np.zeros(32, np.float32),
+        np.linspace(0, TINY, 32, dtype=np.float32),     # reaches the smallest normal
+        np.float32(0.5) + np.linspace(0, 1e-8, 32, dtype=np.float32),  # tiny range, normal size
+    ]
+    for x in accepted:
+        codes, params = quantize_groups(x, bits, "float16")
+        assert np.isfinite(params.astype(np.float32)).all()
+
+
+def test_issue_examples_tiny_values_and_keys():
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((1, 2, 2 * R, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 2 * R, 32)).astype(np.float32)
+    int8 = CFG.replace(key_bits=8, value_bits=8)
+    # values scaled by 1e-6: float16 params would give a relative error of 2.3 -> an error
+    with pytest.raises(ValueError, match=r"^v: .*not constant .*param_dtype='float32'"):
+        oscar.quantize_kv(k, v * 1e-6, int8)
+    cache = oscar.quantize_kv(k, v * 1e-6, int8.replace(param_dtype="float32"))
+    v_hat = oscar.dequantize_kv(cache)[1][:, :, :R]
+    assert np.linalg.norm(v_hat - v[:, :, :R] * 1e-6) / np.linalg.norm(v[:, :, :R] * 1e-6) < 0.01
+    # keys scaled by 1e-30: the squares underflow, the norm is replaced by 1 and the tiny scaled
+    # keys cannot be held by float16 params -> an error, never a silent cache of zeros
+    with pytest.raises(ValueError, match=r"^k: .*not constant"):
+        oscar.quantize_kv(k * 1e-30, v, CFG)
+    cache = oscar.quantize_kv(k * 1e-30, v, CFG.replace(param_dtype="float32"))
+    k_hat = oscar.dequantize_kv(cache)[0][:, :, :R].astype(np.float64) * 1e30
+    assert np.linalg.norm(k_hat - k[:, :, :R]) / np.linalg.norm(k[:, :, :R]) < 0.5
