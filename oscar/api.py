@@ -76,7 +76,7 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
         return _numba_backend().quantize_kv(k, v, config, max_seq_len)
     cache = QuantizedKVCache.empty(b, h, d, dt, config)
     if t:
-        cache.append(k, v)
+        cache._store.append(k, v)  # validated above; errors name k and v (append: k_new, v_new)
     else:  # no tokens yet: the inputs' container is still the cache's (see append)
         cache._store.adopt_container("k", k)
     return cache

@@ -18,6 +18,7 @@ from . import _validate as V
 from .config import OScaRConfig
 from .reference.block import (
     PackedBlock,
+    check_residual_tokens,
     concat_blocks,
     dequantize_block,
     empty_block,
@@ -74,12 +75,13 @@ class ReferenceStore:
         if self.container is not None:
             self.adopt_container(name, x)
 
-    def append(self, k, v) -> None:
-        """Append validated tokens ``[B, H, n, D]`` (NumPy or CPU torch)."""
+    def append(self, k, v, names=("k", "v")) -> None:
+        """Append validated tokens ``[B, H, n, D]`` (NumPy or CPU torch); ``names`` are the
+        caller's argument names for error messages."""
         k32 = V.to_numpy_f32(k)
         v32 = V.to_numpy_f32(v)
-        V.check_finite("k", k32)
-        V.check_finite("v", v32)
+        V.check_finite(names[0], k32)
+        V.check_finite(names[1], v32)
         # Residual storage in the input dtype: values are rounded to it before quantization,
         # exactly as a cache holding them in that dtype would see them.
         rdt = self.k_res.dtype
@@ -93,13 +95,18 @@ class ReferenceStore:
         # state changes, so that an append the quantizer rejects (float16 range) leaves the
         # cache as it was.
         take = max(0, (filled + n) // r * r - filled)
+        # Tokens that stay in the residual are checked now against what their flush will need
+        # (float16 range): an unquantizable token is rejected by the append that brings it, not
+        # by a later flush that it would then block forever.
+        check_residual_tokens(self.k_res[:, :, : 0 if take else filled].astype(np.float32),
+                              k32[:, :, take:], v32[:, :, take:], self.config, names)
         if take:
-            new = quantize_block(
+            new = self._quantize_named(
+                names,
                 np.concatenate((self.k_res[:, :, :filled].astype(np.float32),
                                 k32[:, :, :take]), axis=2),
                 np.concatenate((self.v_res[:, :, :filled].astype(np.float32),
                                 v32[:, :, :take]), axis=2),
-                self.config,
             )
             self.block = new if self.block.seq_len == 0 else concat_blocks([self.block, new])
             filled = 0
@@ -108,6 +115,17 @@ class ReferenceStore:
         self.v_res[:, :, filled : filled + rest] = v32[:, :, take:]
         self.residual_len = filled + rest
         self.adopt_container("k", k)
+
+    def _quantize_named(self, names, k, v) -> PackedBlock:
+        """quantize_block, its errors naming the caller's arguments (``k_new:`` for append)."""
+        try:
+            return quantize_block(k, v, self.config)
+        except ValueError as exc:
+            msg = str(exc)
+            for plain, name in zip(("k", "v"), names):
+                if msg.startswith(plain + ":") and name != plain:
+                    raise ValueError(name + msg[len(plain):]) from None
+            raise
 
     def residual(self):
         return (self.k_res[:, :, : self.residual_len].astype(np.float32),
@@ -219,7 +237,10 @@ class QuantizedKVCache:
         if dt != self.dtype:
             raise TypeError(f"k_new: expected dtype {self.dtype} (the cache's), got {dt}")
         self._store.check_device("k_new", k_new)
-        self._store.append(k_new, v_new)
+        if isinstance(self._store, ReferenceStore):
+            self._store.append(k_new, v_new, names=("k_new", "v_new"))
+        else:
+            self._store.append(k_new, v_new)
         return self
 
     def reserve(self, seq_len: int) -> "QuantizedKVCache":

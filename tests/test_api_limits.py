@@ -110,3 +110,95 @@ def test_issue_examples_tiny_values_and_keys():
     cache = oscar.quantize_kv(k * 1e-30, v, CFG.replace(param_dtype="float32"))
     k_hat = oscar.dequantize_kv(cache)[0][:, :, :R].astype(np.float64) * 1e30
     assert np.linalg.norm(k_hat - k[:, :, :R]) / np.linalg.norm(k[:, :, :R]) < 0.5
+
+
+# --- item 2: a token that cannot be quantized is rejected by the append that brings it ---------
+
+
+def _snapshot(cache):
+    k_res, v_res = cache.residual()
+    return (cache.seq_len, cache.quantized_len, np.array(k_res), np.array(v_res),
+            {n: a.copy() for n, a in cache.packed().arrays().items()})
+
+
+def _assert_unchanged(cache, snap):
+    now = _snapshot(cache)
+    assert now[:2] == snap[:2]
+    assert np.array_equal(now[2], snap[2]) and np.array_equal(now[3], snap[3])
+    assert now[4].keys() == snap[4].keys()
+    for name in now[4]:
+        assert np.array_equal(now[4][name], snap[4][name]), name
+
+
+def _big_token(which, cfg):
+    """One token whose (rotated) values exceed float16 once quantized, and a good one."""
+    rng = np.random.default_rng(1)
+    k = rng.standard_normal((1, 2, 1, 32)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 1, 32)).astype(np.float32)
+    bad_k, bad_v = k.copy(), v.copy()
+    if which == "v":
+        bad_v[0, 1, 0, :] = 2e4  # rotation puts 2e4 * sqrt(32) ~ 1.1e5 on channel 0
+    else:
+        bad_k[0, 0, 0, 3] = 1e5  # KIVI keys: the raw value is the quantizer's input
+    return (k, v), (bad_k, bad_v)
+
+
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("fill", [0, 5, R - 1])
+def test_append_rejects_unquantizable_residual_token(which, fill):
+    cfg = KIVI if which == "k" else CFG
+    rng = np.random.default_rng(fill)
+    k0 = rng.standard_normal((1, 2, R + fill, 32)).astype(np.float32)
+    cache = oscar.quantize_kv(k0, k0.copy(), cfg)
+    (k, v), (bad_k, bad_v) = _big_token(which, cfg)
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match=rf"^{which}_new: .*outside the float16 range"):
+        cache.append(bad_k, bad_v)
+    _assert_unchanged(cache, snap)
+    # the cache still grows, through any number of flushes
+    for _ in range(2 * R):
+        cache.append(k, v)
+    assert cache.seq_len == R + fill + 2 * R
+    cache.check()
+
+
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_quantize_kv_rejects_unquantizable_residual_token(which):
+    """The same token in quantize_kv's residual part: an error naming k or v, not a later one."""
+    cfg = KIVI if which == "k" else CFG
+    rng = np.random.default_rng(3)
+    k0 = rng.standard_normal((1, 2, R + 3, 32)).astype(np.float32)
+    _, (bad_k, bad_v) = _big_token(which, cfg)
+    k = np.concatenate((k0, bad_k), axis=2)
+    v = np.concatenate((k0, bad_v), axis=2)
+    with pytest.raises(ValueError, match=rf"^{which}: .*outside the float16 range"):
+        oscar.quantize_kv(k, v, cfg)
+    # float32 params hold it
+    assert oscar.quantize_kv(k, v, cfg.replace(param_dtype="float32")).seq_len == R + 4
+
+
+def test_flushing_append_names_k_new():
+    cache = oscar.quantize_kv(*[np.ones((1, 2, R - 1, 32), np.float32)] * 2, CFG)
+    _, (bad_k, bad_v) = _big_token("v", CFG)
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match=r"^v_new: .*outside the float16 range"):
+        cache.append(bad_k, bad_v)  # completes the window: the flush itself rejects it
+    _assert_unchanged(cache, snap)
+
+
+def test_key_group_underflow_rejected_by_the_append_that_completes_the_group():
+    """A key group's underflow is known when its last token arrives: that append is rejected
+    (the cache as it was), earlier ones are not, and other tokens can still complete it."""
+    cfg = KIVI.replace(residual_length=2 * R)
+    tiny = np.full((1, 2, 1, 32), 1e-6, np.float32)
+    cache = oscar.QuantizedKVCache.empty(1, 2, 32, "float32", cfg)
+    for i in range(R - 1):
+        cache.append(tiny * (1 + i / R), np.ones_like(tiny))  # group 0 not complete: accepted
+    snap = _snapshot(cache)
+    with pytest.raises(ValueError, match=r"^k_new: a quantization group is not constant"):
+        cache.append(tiny * 2, np.ones_like(tiny))
+    _assert_unchanged(cache, snap)
+    cache.append(np.ones_like(tiny), np.ones_like(tiny))  # a normal token completes the group
+    for _ in range(R):
+        cache.append(np.ones_like(tiny), np.ones_like(tiny))
+    assert cache.quantized_len == 2 * R and cache.residual_len == 0
