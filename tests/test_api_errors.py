@@ -379,7 +379,7 @@ def test_append_mismatched_dtype_and_pair():
     with pytest.raises(TypeError, match=r"k_new: expected dtype float32 .*got bfloat16"):
         cache.append(bf16, bf16)
     k[0, 0, 1, 2] = np.nan
-    with pytest.raises(ValueError, match=r"k: expected finite values"):
+    with pytest.raises(ValueError, match=r"^k_new: expected finite values"):
         cache.append(k, v)
     assert cache.seq_len == R + 3
 
