@@ -34,6 +34,7 @@ from .reference.block import PackedBlock
 
 #: status bits written by the quantize kernel (kernels_numba/quantize.py)
 STATUS_NONFINITE, STATUS_FP16_OVERFLOW = 1, 2
+STATUS_FP16_UNDERFLOW = 4  # a non-constant group entirely below float16's normal range
 
 _TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -230,7 +231,8 @@ class NumbaStore:
                 self.residual_len = rest
 
     def read_status(self) -> int:
-        """Synchronize and return the status word (bit 1: non-finite, bit 2: fp16 overflow)."""
+        """Synchronize and return the status word (bit 1: non-finite, bit 2: fp16 overflow,
+        bit 4: fp16 underflow)."""
         return int(self.status.item())
 
     def residual(self):
@@ -347,6 +349,10 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OScaRConfig,
         if status & STATUS_FP16_OVERFLOW:
             raise ValueError("k, v: a quantization group has min/max/scale outside the float16 "
                              "range of param_dtype='float16'; use param_dtype='float32'")
+        if status & STATUS_FP16_UNDERFLOW:
+            raise ValueError("k, v: a quantization group is not constant but all its values are "
+                             "below 6.1e-05 in magnitude, where param_dtype='float16' stores its "
+                             "scale and min as subnormals or zeros; use param_dtype='float32'")
     return cache
 
 

@@ -256,11 +256,14 @@ class QuantizedKVCache:
         return self
 
     def check(self) -> "QuantizedKVCache":
-        """Raise ValueError if a flush met NaN/Inf or float16 overflow (synchronizes on CUDA).
+        """Raise ValueError if a flush met NaN/Inf or float16 overflow or underflow (synchronizes
+        on CUDA).
 
-        The reference backend raises eagerly in :meth:`append`; the CUDA backend does not
-        synchronize there, writes NaN (scale, min) for the affected groups, and records the event
-        in a device status word that this method reads.
+        The reference backend raises eagerly in :meth:`append`, at the append that brings a
+        value it cannot store (so its cache never holds one); the CUDA backend does not
+        synchronize there: the token waits in the residual window, the flush that quantizes it
+        writes NaN (scale, min) for the affected groups and records the event in a device status
+        word that this method reads (and later flushes go on).
         """
         status = self._store.read_status() if hasattr(self._store, "read_status") else 0
         if status & 1:
@@ -269,6 +272,10 @@ class QuantizedKVCache:
         if status & 2:
             raise ValueError("cache: a flush met values outside the float16 range of "
                              "param_dtype='float16'")
+        if status & 4:
+            raise ValueError("cache: a flush met a group below the float16 normal range (all "
+                             "|x| < 6.1e-05, not constant) of param_dtype='float16'; the "
+                             "affected groups hold NaN parameters")
         return self
 
     def packed(self) -> PackedBlock:
