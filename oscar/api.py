@@ -60,7 +60,8 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
         max_seq_len: optional number of tokens to reserve packed storage for (CUDA caches grow
             geometrically otherwise; see :meth:`QuantizedKVCache.reserve`).
 
-    On CUDA this synchronizes once, at the end, to raise on NaN/Inf or float16 overflow.
+    On CUDA this synchronizes once, at the end, to raise on NaN/Inf or float16 overflow or
+    underflow (the reference raises at once, also for the tokens left in the residual window).
     """
     config = OScaRConfig() if config is None else config
     if not isinstance(config, OScaRConfig):
