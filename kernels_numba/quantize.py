@@ -43,7 +43,12 @@ quantizer input is not finite (any non-finite element of k or v; also finite flo
 large that the rotation overflows) -- that group gets NaN scale and min and codes 0 (NaN spreads
 through the rotation to the whole (head, token) row, and through a non-finite norm the token is
 stored unscaled, as in the reference); ``status[0] |= STATUS_FLOAT16_RANGE`` when param_dtype is
-float16 and a finite group's min, max or scale exceeds 65504 in magnitude -- NaN params, codes 0.
+float16 and a finite group's min, max or scale exceeds 65504 in magnitude -- NaN params, codes 0;
+``status[0] |= STATUS_FLOAT16_UNDERFLOW`` when param_dtype is float16 and a finite group that is
+not constant lies entirely below the smallest normal float16 (``max(|min|, |max|) < 2**-14``,
+:data:`oscar.reference.quantize.FLOAT16_TINY`: its scale and min would be subnormal or zero) --
+NaN params, codes 0. The reference raises ValueError for both float16 cases; every group it
+accepts gets the same bits here.
 
 Limits: D in {32, 64, 128, 256}; T a multiple of key_group_size; H <= 65535 and B <= 65535 (grid
 y / z); the input rows (the last axis) contiguous, and the input base address and strides
@@ -58,7 +63,7 @@ import math
 
 from ..reference.hadamard import hadamard_scale
 from ..reference.pack import TILE_TOKENS
-from ..reference.quantize import FLOAT16_MAX
+from ..reference.quantize import FLOAT16_MAX, FLOAT16_TINY
 from ._compat import SIMULATOR, cuda, np
 from .kernel_cache import jit, launch
 from .common import (INPUT_ELEMENT_TYPES, arithmetic_device, device_pointer, fwht_lanes, mul_rn,
@@ -128,12 +133,14 @@ FULL = 0xFFFFFFFF
 #: status[0] bits (the bridge turns them into errors).
 STATUS_NONFINITE = 1
 STATUS_FLOAT16_RANGE = 2
+STATUS_FLOAT16_UNDERFLOW = 4
 
 _F32_INF = np.float32(np.inf)
 _F32_NAN = np.float32(np.nan)
 _F32_ZERO = np.float32(0.0)
 _F32_ONE = np.float32(1.0)
 _F16_MAX = np.float32(FLOAT16_MAX)
+_F16_TINY = np.float32(FLOAT16_TINY)
 
 
 def _levels(n: int) -> int:
@@ -173,6 +180,8 @@ def _param_fn(param_dtype: str):
         if f16:
             if abs(mn) > _F16_MAX or abs(mx) > _F16_MAX or abs(scale) > _F16_MAX:
                 return _F32_NAN, _F32_NAN, STATUS_FLOAT16_RANGE
+            if mx > mn and abs(mn) < _F16_TINY and abs(mx) < _F16_TINY:
+                return _F32_NAN, _F32_NAN, STATUS_FLOAT16_UNDERFLOW
             return np.float32(np.float16(scale)), np.float32(np.float16(mn)), 0
         return scale, mn, 0
 
@@ -674,7 +683,8 @@ def quantize_block(k, v, k_codes, k_params, v_codes, v_params, norms, status, co
 
     Equals :func:`oscar.reference.block.quantize_block` on ``float32(k), float32(v)`` bit for bit
     (see the module spec sheet for the error groups). ``status`` (int32[1], device) is OR-ed with
-    ``STATUS_NONFINITE`` / ``STATUS_FLOAT16_RANGE``; it is not cleared here.
+    ``STATUS_NONFINITE`` / ``STATUS_FLOAT16_RANGE`` / ``STATUS_FLOAT16_UNDERFLOW``; it is not
+    cleared here.
     """
     bsz, heads, seq, d = check_block_arrays(k, v, k_codes, k_params, v_codes, v_params, norms,
                                             config, in_dtype)

@@ -9,10 +9,17 @@
 NumPy arrays and CPU tensors run on the NumPy reference; CUDA tensors on the Numba kernels.
 """
 
-from .config import OScaRConfig
-from .cache import QuantizedKVCache
-from .api import quantize_kv, decode_attention, dequantize_kv
-from .runtime import warmup
+from . import _source_tree
+
+# In a checkout, reference/ and kernels_numba/ sit beside oscar/ (pyproject's package-dir maps
+# them into the package when installed): let oscar.reference resolve when Python runs from the
+# repository root, where the checkout's oscar/ shadows an installed copy (issue 23).
+_source_tree.install(__file__)
+
+from .config import OScaRConfig  # noqa: E402
+from .cache import QuantizedKVCache  # noqa: E402
+from .api import quantize_kv, decode_attention, dequantize_kv  # noqa: E402
+from .runtime import warmup  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["OScaRConfig", "QuantizedKVCache", "quantize_kv", "decode_attention",

@@ -36,6 +36,7 @@ from .reference.block import PackedBlock
 
 #: status bits written by the quantize kernel (kernels_numba/quantize.py)
 STATUS_NONFINITE, STATUS_FP16_OVERFLOW = 1, 2
+STATUS_FP16_UNDERFLOW = 4  # a non-constant group entirely below float16's normal range
 
 _TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -357,7 +358,8 @@ class NumbaStore:
                 launch.pointer_field(names.index("v_new")), launch.field(names.index("pos")))
 
     def read_status(self) -> int:
-        """Synchronize and return the status word (bit 1: non-finite, bit 2: fp16 overflow)."""
+        """Synchronize and return the status word (bit 1: non-finite, bit 2: fp16 overflow,
+        bit 4: fp16 underflow)."""
         return int(self.status.item())
 
     def residual(self):
@@ -512,7 +514,7 @@ class NumbaStore:
                 stream=stream, check=False)
         return (out, lse) if return_lse else out
 
-    def dequantize(self):
+    def dequantize(self, out_dtype=None):
         b, h, d, t = self.batch, self.num_kv_heads, self.head_dim, self.quantized_len
         k_hat = torch.empty((b, h, t, d), dtype=torch.float32, device=self.device)
         v_hat = torch.empty_like(k_hat)
@@ -524,8 +526,9 @@ class NumbaStore:
                                       cuda.as_cuda_array(k_hat), cuda.as_cuda_array(v_hat),
                                       self.config, stream=stream)
         k_res, v_res = self.residual()
-        tdt = _TORCH_DTYPE[self.dtype]
-        return (torch.cat((k_hat.to(tdt), k_res), dim=2), torch.cat((v_hat.to(tdt), v_res), dim=2))
+        tdt = _TORCH_DTYPE[out_dtype or self.dtype]
+        return (torch.cat((k_hat.to(tdt), k_res.to(tdt)), dim=2),
+                torch.cat((v_hat.to(tdt), v_res.to(tdt)), dim=2))
 
     # --- batch and length edits, copies, loading (beam search, crop, save/load) ----------------
     def select_batch(self, idx: np.ndarray) -> None:
@@ -618,6 +621,10 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OScaRConfig,
         if status & STATUS_FP16_OVERFLOW:
             raise ValueError("k, v: a quantization group has min/max/scale outside the float16 "
                              "range of param_dtype='float16'; use param_dtype='float32'")
+        if status & STATUS_FP16_UNDERFLOW:
+            raise ValueError("k, v: a quantization group is not constant but all its values are "
+                             "below 6.1e-05 in magnitude, where param_dtype='float16' stores its "
+                             "scale and min as subnormals or zeros; use param_dtype='float32'")
     return cache
 
 
@@ -628,5 +635,5 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float, return_lse: bool)
     return cache._store.decode_attention(q, scale, return_lse)
 
 
-def dequantize_kv(cache: QuantizedKVCache):
-    return cache._store.dequantize()
+def dequantize_kv(cache: QuantizedKVCache, dtype: str | None = None):
+    return cache._store.dequantize(dtype)

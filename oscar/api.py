@@ -65,7 +65,8 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
             kernels) are compiled or loaded from the kernel cache here, not in the loop
             (docs/api.md, "Kernel cache and warm-up"). Ignored by the reference backend.
 
-    On CUDA this synchronizes once, at the end, to raise on NaN/Inf or float16 overflow.
+    On CUDA this synchronizes once, at the end, to raise on NaN/Inf or float16 overflow or
+    underflow (the reference raises at once, also for the tokens left in the residual window).
     """
     config = OScaRConfig() if config is None else config
     if not isinstance(config, OScaRConfig):
@@ -82,7 +83,9 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
         return _numba_backend().quantize_kv(k, v, config, max_seq_len, num_q_heads)
     cache = QuantizedKVCache.empty(b, h, d, dt, config)
     if t:
-        cache.append(k, v)
+        cache._store.append(k, v)  # validated above; errors name k and v (append: k_new, v_new)
+    else:  # no tokens yet: the inputs' container is still the cache's (see append)
+        cache._store.adopt_container("k", k)
     return cache
 
 
@@ -195,20 +198,51 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float | None = None,
     return (out, _like(q, lse, "float32")) if return_lse else out
 
 
-def dequantize_kv(cache: QuantizedKVCache):
+def dequantize_kv(cache: QuantizedKVCache, dtype: str | None = None):
     """The cache's keys and values back as ``[batch, num_kv_heads, seq_len, head_dim]``.
 
     Quantized tokens are dequantized, un-scaled and un-rotated; residual tokens are returned as
-    stored. The result has the cache's dtype and lives where the cache lives (NumPy for
-    NumPy-built caches, torch for torch-built ones).
+    stored. The result lives where the cache lives (NumPy for NumPy-built caches, torch for
+    torch-built ones) and has the cache's dtype, or ``dtype`` (``"float16"``, ``"bfloat16"`` or
+    ``"float32"``; NumPy returns bfloat16 as float32) when given.
+
+    Raises ValueError when a dequantized value does not fit the output dtype (a float16 cache
+    of keys near the float16 limit 65504 can dequantize beyond it: quantization error); pass
+    ``dtype="float32"`` for such a cache. Checking this synchronizes a CUDA cache once.
     """
     if not isinstance(cache, QuantizedKVCache):
         raise TypeError(f"cache: expected QuantizedKVCache, got {type(cache).__name__}")
+    if dtype is not None and dtype not in V.FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected one of {V.FLOAT_DTYPES} or None, got {dtype!r}")
+    out_dtype = cache.dtype if dtype is None else dtype
     if cache.backend == "numba":
-        return _numba_backend().dequantize_kv(cache)
-    k_hat, v_hat = dequantize_reference(cache._store)
-    like = "torch" if getattr(cache._store, "torch_inputs", False) else None
-    return _to_output(k_hat, cache.dtype, like), _to_output(v_hat, cache.dtype, like)
+        k_out, v_out = _numba_backend().dequantize_kv(cache, out_dtype)
+    else:
+        k_hat, v_hat = dequantize_reference(cache._store)
+        like = "torch" if getattr(cache._store, "torch_inputs", False) else None
+        with np.errstate(over="ignore"):  # overflow is reported below, not as a warning
+            k_out = _to_output(k_hat, out_dtype, like)
+            v_out = _to_output(v_hat, out_dtype, like)
+    if out_dtype == "float16":
+        _check_fits("k", k_out, dtype)
+        _check_fits("v", v_out, dtype)
+    return k_out, v_out
+
+
+def _check_fits(name, out, dtype):
+    """ValueError if a float16 output of finite cache contents holds inf (overflow)."""
+    if V.is_torch(out):
+        import torch
+
+        over = bool(torch.isinf(out).any())
+    else:
+        over = bool(np.isinf(out).any())
+    if over:
+        given = "the cache's dtype float16" if dtype is None else "dtype='float16'"
+        raise ValueError(
+            f"dtype: the dequantized {name} exceeds the float16 range (|x| <= 65504) of "
+            f"{given} (quantization error near the limit); use dequantize_kv(cache, "
+            "dtype='float32')")
 
 
 def _to_output(x64, dtype, like):

@@ -18,6 +18,7 @@ from . import _validate as V
 from .config import OScaRConfig
 from .reference.block import (
     PackedBlock,
+    check_residual_tokens,
     concat_blocks,
     dequantize_block,
     empty_block,
@@ -44,7 +45,24 @@ class ReferenceStore:
         self.k_res = np.zeros((batch, num_kv_heads, r, head_dim), rdt)
         self.v_res = np.zeros((batch, num_kv_heads, r, head_dim), rdt)
         self.residual_len = 0
-        self.torch_inputs = False  # dequantize_kv returns torch tensors for torch-built caches
+        # The container of the first tokens ("numpy" or "torch"; None before any): fixed for
+        # the cache's life, so that dequantize_kv's output container never changes under it.
+        self.container = None
+
+    @property
+    def torch_inputs(self) -> bool:
+        """True for a torch-built cache (dequantize_kv then returns torch tensors)."""
+        return self.container == "torch"
+
+    def adopt_container(self, name, x) -> None:
+        """Fix the cache's container from its first input ``x``; TypeError for a different one."""
+        kind = "torch" if V.is_torch(x) else "numpy"
+        if self.container is None:
+            self.container = kind
+        elif kind != self.container:
+            want = "torch.Tensor" if self.container == "torch" else "numpy.ndarray"
+            raise TypeError(f"{name}: expected a {want} (the cache was built from "
+                            f"{self.container} inputs), got {type(x).__name__}")
 
     @property
     def quantized_len(self) -> int:
@@ -54,13 +72,16 @@ class ReferenceStore:
         if V.is_torch(x) and x.is_cuda:
             raise ValueError(f"{name}: expected a CPU tensor or NumPy array for a "
                              f"reference-backend cache, got a tensor on {x.device}")
+        if self.container is not None:
+            self.adopt_container(name, x)
 
-    def append(self, k, v) -> None:
-        """Append validated tokens ``[B, H, n, D]`` (NumPy or CPU torch)."""
+    def append(self, k, v, names=("k", "v")) -> None:
+        """Append validated tokens ``[B, H, n, D]`` (NumPy or CPU torch); ``names`` are the
+        caller's argument names for error messages."""
         k32 = V.to_numpy_f32(k)
         v32 = V.to_numpy_f32(v)
-        V.check_finite("k", k32)
-        V.check_finite("v", v32)
+        V.check_finite(names[0], k32)
+        V.check_finite(names[1], v32)
         # Residual storage in the input dtype: values are rounded to it before quantization,
         # exactly as a cache holding them in that dtype would see them.
         rdt = self.k_res.dtype
@@ -74,13 +95,18 @@ class ReferenceStore:
         # state changes, so that an append the quantizer rejects (float16 range) leaves the
         # cache as it was.
         take = max(0, (filled + n) // r * r - filled)
+        # Tokens that stay in the residual are checked now against what their flush will need
+        # (float16 range): an unquantizable token is rejected by the append that brings it, not
+        # by a later flush that it would then block forever.
+        check_residual_tokens(self.k_res[:, :, : 0 if take else filled].astype(np.float32),
+                              k32[:, :, take:], v32[:, :, take:], self.config, names)
         if take:
-            new = quantize_block(
+            new = self._quantize_named(
+                names,
                 np.concatenate((self.k_res[:, :, :filled].astype(np.float32),
                                 k32[:, :, :take]), axis=2),
                 np.concatenate((self.v_res[:, :, :filled].astype(np.float32),
                                 v32[:, :, :take]), axis=2),
-                self.config,
             )
             self.block = new if self.block.seq_len == 0 else concat_blocks([self.block, new])
             filled = 0
@@ -88,7 +114,18 @@ class ReferenceStore:
         self.k_res[:, :, filled : filled + rest] = k32[:, :, take:]
         self.v_res[:, :, filled : filled + rest] = v32[:, :, take:]
         self.residual_len = filled + rest
-        self.torch_inputs = self.torch_inputs or V.is_torch(k)
+        self.adopt_container("k", k)
+
+    def _quantize_named(self, names, k, v) -> PackedBlock:
+        """quantize_block, its errors naming the caller's arguments (``k_new:`` for append)."""
+        try:
+            return quantize_block(k, v, self.config)
+        except ValueError as exc:
+            msg = str(exc)
+            for plain, name in zip(("k", "v"), names):
+                if msg.startswith(plain + ":") and name != plain:
+                    raise ValueError(name + msg[len(plain):]) from None
+            raise
 
     def residual(self):
         return (self.k_res[:, :, : self.residual_len].astype(np.float32),
@@ -249,7 +286,10 @@ class QuantizedKVCache:
         if dt != self.dtype:
             raise TypeError(f"k_new: expected dtype {self.dtype} (the cache's), got {dt}")
         self._store.check_device("k_new", k_new)
-        self._store.append(k_new, v_new)
+        if isinstance(self._store, ReferenceStore):
+            self._store.append(k_new, v_new, names=("k_new", "v_new"))
+        else:
+            self._store.append(k_new, v_new)
         return self
 
     def reserve(self, seq_len: int) -> "QuantizedKVCache":
@@ -265,11 +305,14 @@ class QuantizedKVCache:
         return self
 
     def check(self) -> "QuantizedKVCache":
-        """Raise ValueError if a flush met NaN/Inf or float16 overflow (synchronizes on CUDA).
+        """Raise ValueError if a flush met NaN/Inf or float16 overflow or underflow (synchronizes
+        on CUDA).
 
-        The reference backend raises eagerly in :meth:`append`; the CUDA backend does not
-        synchronize there, writes NaN (scale, min) for the affected groups, and records the event
-        in a device status word that this method reads.
+        The reference backend raises eagerly in :meth:`append`, at the append that brings a
+        value it cannot store (so its cache never holds one); the CUDA backend does not
+        synchronize there: the token waits in the residual window, the flush that quantizes it
+        writes NaN (scale, min) for the affected groups and records the event in a device status
+        word that this method reads (and later flushes go on).
         """
         status = self._store.read_status() if hasattr(self._store, "read_status") else 0
         if status & 1:
@@ -278,6 +321,10 @@ class QuantizedKVCache:
         if status & 2:
             raise ValueError("cache: a flush met values outside the float16 range of "
                              "param_dtype='float16'")
+        if status & 4:
+            raise ValueError("cache: a flush met a group below the float16 normal range (all "
+                             "|x| < 6.1e-05, not constant) of param_dtype='float16'; the "
+                             "affected groups hold NaN parameters")
         return self
 
     def packed(self) -> PackedBlock:

@@ -14,6 +14,9 @@ OScaR INT2 (default)        ``OScaRConfig()``
 from __future__ import annotations
 
 import dataclasses
+import numbers
+
+import numpy as np
 
 #: Bit widths with a quantizer and a packed layout (codes per uint32 word = 32 // bits).
 SUPPORTED_BITS = (2, 4, 8)
@@ -30,16 +33,22 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
 
-def _check_int(name: str, value, allowed=None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _as_int(name: str, value, allowed=None) -> int:
+    """``value`` as a Python int: ints and NumPy integers are accepted, bools are not."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)  # NumPy integers become Python ints (hashing, JSON, equality stay plain)
     if allowed is not None and value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value}")
+    return value
 
 
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+def _as_bool(name: str, value) -> bool:
+    """``value`` as a Python bool: bools and ``numpy.bool_`` are accepted, ints are not."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} "
+                        f"{value!r}")
+    return bool(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +85,14 @@ class OScaRConfig:
     param_dtype: str = "float16"
 
     def __post_init__(self):
-        _check_int("key_bits", self.key_bits, SUPPORTED_BITS)
-        _check_int("value_bits", self.value_bits, SUPPORTED_BITS)
-        _check_int("key_group_size", self.key_group_size, SUPPORTED_KEY_GROUP_SIZES)
-        _check_int("value_group_size", self.value_group_size)
+        # NumPy integers and bools are accepted and stored as Python int/bool (frozen: setattr
+        # through object).
+        norm = lambda name, value: object.__setattr__(self, name, value)
+        norm("key_bits", _as_int("key_bits", self.key_bits, SUPPORTED_BITS))
+        norm("value_bits", _as_int("value_bits", self.value_bits, SUPPORTED_BITS))
+        norm("key_group_size",
+             _as_int("key_group_size", self.key_group_size, SUPPORTED_KEY_GROUP_SIZES))
+        norm("value_group_size", _as_int("value_group_size", self.value_group_size))
         if not _is_power_of_two(self.value_group_size) or self.value_group_size > MAX_HEAD_DIM:
             raise ValueError(
                 "value_group_size must be a power of two dividing head_dim (at most "
@@ -91,14 +104,14 @@ class OScaRConfig:
                 f"{self.value_bits} (one packed uint32 word never spans two groups), "
                 f"got {self.value_group_size}"
             )
-        _check_int("residual_length", self.residual_length)
+        norm("residual_length", _as_int("residual_length", self.residual_length))
         if self.residual_length <= 0 or self.residual_length % self.key_group_size:
             raise ValueError(
                 "residual_length must be a positive multiple of key_group_size "
                 f"({self.key_group_size}), got {self.residual_length}"
             )
         for name in ("rotate_keys", "scale_tokens", "rotate_values"):
-            _check_bool(name, getattr(self, name))
+            norm(name, _as_bool(name, getattr(self, name)))
         if self.norm_scope not in NORM_SCOPES:
             raise ValueError(f"norm_scope must be one of {NORM_SCOPES}, got {self.norm_scope!r}")
         if self.param_dtype not in PARAM_DTYPES:

@@ -46,6 +46,9 @@ CONFIGS = (
 #: Storage dtypes of the cache's residual window that the report offers. float16 stands for the
 #: 16-bit cache of a model (the same bytes as bfloat16); float32 keeps inputs exact.
 DTYPES = {"float16": np.float16, "float32": np.float32}
+#: Below this mean full-precision attention mass on the sinks, the sink attention error measures
+#: nothing (it is at most about this mass): the column shows "-" and the report says why.
+SINK_MASS_MIN = 1e-3
 
 
 @dataclasses.dataclass
@@ -106,11 +109,13 @@ def per_token_key_err(k_hat, k) -> np.ndarray:
     return num / np.where(den > 0, den, 1.0)
 
 
-def evaluate(data, dtype: str = "float16", configs=CONFIGS):
+def evaluate(data, dtype: str = "float16", configs=CONFIGS, progress=None):
     """Measure every configuration on ``data`` (a :class:`oscar.synthetic.SyntheticKV`).
 
+    ``progress(i, n, name, seconds)``, if given, is called after each configuration.
     Returns ``(rows, extras)``: a :class:`Row` per configuration, and a dict with the
-    full-precision sink mass and the per-token key errors (for the plots).
+    full-precision sink mass, the per-token key errors (for the plots) and ``sink_note`` (a
+    sentence when the sinks receive (almost) no attention, else None).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
@@ -118,6 +123,10 @@ def evaluate(data, dtype: str = "float16", configs=CONFIGS):
     out_fp = attention_dense(q, k, v)
     sinks = np.asarray(data.sink_positions, np.int64)
     p_fp = sink_mass(q, k, sinks)
+    sink_note = None
+    if sinks.size and float(p_fp.mean()) < SINK_MASS_MIN:
+        sink_note = (f"the sinks receive almost no attention in full precision (mean mass "
+                     f"{float(p_fp.mean()):.2g} < {SINK_MASS_MIN:g}): sink attn err not shown")
     with np.errstate(over="ignore"):
         k_in = k.astype(DTYPES[dtype])
         v_in = v.astype(DTYPES[dtype])
@@ -125,6 +134,14 @@ def evaluate(data, dtype: str = "float16", configs=CONFIGS):
         raise ValueError(f"dtype: the K/V values exceed the {dtype} range; use dtype='float32' "
                          "(--dtype float32)")
     rows, token_err, quantized_len = [], {}, k.shape[2]
+    skipped = []  # (name, reason) of configurations that this head_dim does not support
+    for name, cfg in configs:
+        try:
+            if cfg is not None:
+                cfg.check_head_dim(k.shape[3])
+        except ValueError as exc:
+            skipped.append((name, str(exc)))
+    configs = [(n, c) for n, c in configs if n not in dict(skipped)]
     for name, cfg in configs:
         t0 = time.perf_counter()
         if cfg is None:
@@ -147,11 +164,14 @@ def evaluate(data, dtype: str = "float16", configs=CONFIGS):
             sink_key_err=rel_err(k_hat[:, :, qs], k[:, :, qs]) if qs.size else math.nan,
             attn_err=err, sqnr_db=sqnr_db(err),
             sink_attn_err=float(np.mean(np.abs(sink_mass(q, k_hat, sinks) - p_fp)))
-            if sinks.size else math.nan,
+            if sinks.size and sink_note is None else math.nan,
             seconds=seconds))
+        if progress is not None:
+            progress(len(rows), len(configs), name, seconds)
         token_err[name] = per_token_key_err(k_hat[:, :, :tq], k[:, :, :tq])
     extras = dict(sink_mass_fp=float(p_fp.mean()) if sinks.size else math.nan,
-                  token_err=token_err, quantized_len=quantized_len)
+                  token_err=token_err, quantized_len=quantized_len, sink_note=sink_note,
+                  skipped=skipped)
     return rows, extras
 
 
@@ -190,6 +210,7 @@ def to_json(rows, data, extras, dtype: str) -> dict:
         "sink_positions": [int(s) for s in data.sink_positions],
         "sink_mass_fp": clean(extras["sink_mass_fp"]),
         "cache_dtype": dtype,
+        "sink_note": extras.get("sink_note"),
         "rows": [{key: clean(val) for key, val in dataclasses.asdict(r).items()} for r in rows],
     }
 

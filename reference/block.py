@@ -17,7 +17,8 @@ from .hadamard import hadamard_transform
 from .norms import safe_norms, token_norms
 from .pack import (pack_key_codes, pack_value_codes, pack_value_params, unpack_key_codes,
                    unpack_value_codes, unpack_value_params)
-from .quantize import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from .quantize import (check_storable, dequantize_keys, dequantize_values, quantize_keys,
+                       quantize_values)
 
 
 @dataclasses.dataclass
@@ -87,6 +88,43 @@ def quantize_block(k: np.ndarray, v: np.ndarray, config) -> PackedBlock:
         v_params=pack_value_params(vp),
         norms=norms,
     )
+
+
+def check_residual_tokens(k_before, k_new, v_new, config, names=("k", "v")) -> None:
+    """Raise ValueError now for tokens entering the residual window that a later flush would
+    reject (float16 params only; the cache calls this before it changes any state).
+
+    ``k_new, v_new [B, H, n, D]`` (float32, already rounded to the residual dtype) go to window
+    positions ``p .. p + n - 1``, after ``k_before [B, H, p, D]`` (the residual keys already
+    there). Every check is the flush's own (:func:`check_storable` on the same float32 values),
+    applied as early as the values allow: per token for overflow (a group's extremes are its
+    tokens' values) and for value groups (one token each); per key group once this append
+    completes it (a key group spans ``key_group_size`` tokens, so its underflow is only known
+    then). A key group left incomplete is checked by the append that completes it.
+    """
+    if config.param_dtype != "float16" or k_new.shape[2] == 0:
+        return
+    name_k, name_v = names
+    vr = hadamard_transform(v_new) if config.rotate_values else np.asarray(v_new, np.float32)
+    g = vr.reshape(vr.shape[:3] + (-1, config.value_group_size))
+    mn, mx = g.min(axis=-1) + np.float32(0.0), g.max(axis=-1) + np.float32(0.0)
+    levels = np.float32((1 << config.value_bits) - 1)
+    check_storable(mn, mx, (mx - mn) / levels, "float16", name_v)
+    u, _ = rotate_and_scale_keys(k_new, config)
+    levels = np.float32((1 << config.key_bits) - 1)
+    # overflow per element: a key group's extremes are values of its tokens (passed as a
+    # constant pseudo-group, which the underflow rule leaves alone)
+    top = np.abs(u).max(initial=np.float32(0.0))[None]
+    check_storable(top, top, np.zeros(1, np.float32), "float16", name_k)
+    gk, p, n = config.key_group_size, k_before.shape[2], k_new.shape[2]
+    first, end = p // gk * gk, (p + n) // gk * gk  # key groups completed by this append
+    if end > first:
+        u_all, _ = rotate_and_scale_keys(
+            np.concatenate((k_before[:, :, first:p], k_new[:, :, : end - p]), axis=2), config)
+        b, h, t, d = u_all.shape
+        grp = u_all.reshape(b, h, t // gk, gk, d)
+        mn, mx = grp.min(axis=3) + np.float32(0.0), grp.max(axis=3) + np.float32(0.0)
+        check_storable(mn, mx, (mx - mn) / levels, "float16", name_k)
 
 
 def dequantize_block_rotated(block: PackedBlock, config):

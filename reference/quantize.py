@@ -19,6 +19,12 @@ from __future__ import annotations
 import numpy as np
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger magnitudes round to inf
+#: The smallest normal float16, 2**-14 (6.1e-5). Below it float16 keeps an absolute precision
+#: of 2**-25 instead of a relative one: a group whose values all lie below it in magnitude gets a
+#: subnormal (or zero) scale and min, and its reconstruction error can exceed the values
+#: themselves (values of 1e-6 at INT8: relative error 2.3). Such a group, unless constant, is an
+#: error with float16 params (the kernels flag it the same way).
+FLOAT16_TINY = float(np.finfo(np.float16).tiny)
 
 
 def _storage_dtype(param_dtype: str):
@@ -29,8 +35,8 @@ def quantize_groups(x: np.ndarray, bits: int, param_dtype: str = "float16", name
     """Quantize ``x[..., group]`` (groups along the last axis).
 
     Returns ``(codes uint8 [..., group], params [..., 2])`` with params in the storage dtype.
-    Raises ValueError (naming ``name``) when float16 storage cannot hold a group's min, max or
-    scale.
+    Raises ValueError (naming ``name``) when the storage cannot hold a group's min, max or
+    scale (:func:`check_storable`: non-finite; float16 overflow or underflow).
     """
     x = np.asarray(x, dtype=np.float32)
     levels = np.float32((1 << bits) - 1)
@@ -40,17 +46,7 @@ def quantize_groups(x: np.ndarray, bits: int, param_dtype: str = "float16", name
     mx = x.max(axis=-1) + np.float32(0.0)
     scale = (mx - mn) / levels
     store = _storage_dtype(param_dtype)
-    if not (np.isfinite(mn).all() and np.isfinite(mx).all()):
-        raise ValueError(f"{name}: expected finite values in every quantization group, got "
-                         "NaN or Inf")
-    if store == np.float16:
-        worst = max(np.abs(mn).max(initial=0.0), np.abs(mx).max(initial=0.0))
-        if not worst <= FLOAT16_MAX or not np.abs(scale).max(initial=0.0) <= FLOAT16_MAX:
-            raise ValueError(
-                f"{name}: a quantization group has min/max/scale of magnitude up to {worst:.6g}, "
-                f"outside the float16 range (|x| <= {FLOAT16_MAX:g}) of param_dtype='float16'; "
-                "use param_dtype='float32' or rescale the input"
-            )
+    check_storable(mn, mx, scale, param_dtype, name)
     scale_s = scale.astype(store)
     mn_s = mn.astype(store)
     s32 = scale_s.astype(np.float32)[..., None]
@@ -59,6 +55,36 @@ def quantize_groups(x: np.ndarray, bits: int, param_dtype: str = "float16", name
     codes = np.clip(np.rint(q), 0, levels).astype(np.uint8)
     params = np.stack((scale_s, mn_s), axis=-1)
     return codes, params
+
+
+def check_storable(mn, mx, scale, param_dtype: str, name: str) -> None:
+    """Raise ValueError (naming ``name``) unless the storage dtype holds every group's pair.
+
+    ``mn``, ``mx``, ``scale``: float32 per group (the quantizer's step 1). Errors: a non-finite
+    extreme; with float16 storage, an extreme or scale beyond 65504 (overflow), or a group that
+    is not constant and lies entirely below FLOAT16_TINY in magnitude (underflow).
+    """
+    if not (np.isfinite(mn).all() and np.isfinite(mx).all()):
+        raise ValueError(f"{name}: expected finite values in every quantization group, got "
+                         "NaN or Inf")
+    if param_dtype != "float16":
+        return
+    mag = np.maximum(np.abs(mn), np.abs(mx))
+    worst = mag.max(initial=0.0)
+    if not worst <= FLOAT16_MAX or not np.abs(scale).max(initial=0.0) <= FLOAT16_MAX:
+        raise ValueError(
+            f"{name}: a quantization group has min/max/scale of magnitude up to {worst:.6g}, "
+            f"outside the float16 range (|x| <= {FLOAT16_MAX:g}) of param_dtype='float16'; "
+            "use param_dtype='float32' or rescale the input"
+        )
+    tiny = (mx > mn) & (mag < np.float32(FLOAT16_TINY))
+    if tiny.any():
+        raise ValueError(
+            f"{name}: a quantization group is not constant but all its values are below "
+            f"{FLOAT16_TINY:.3g} in magnitude (largest {float(mag[tiny].max()):.3g}), where "
+            "param_dtype='float16' stores its scale and min as subnormals or zeros and loses "
+            "the group; use param_dtype='float32' or rescale the input"
+        )
 
 
 def dequantize_groups(codes: np.ndarray, params: np.ndarray) -> np.ndarray:

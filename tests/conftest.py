@@ -41,6 +41,27 @@ def _cuda_available() -> tuple[bool, str]:
     return True, ""
 
 
+def pytest_collection_finish(session):
+    """Start the sm_90 compile of tests/test_kernels_compile.py now, in a subprocess, when its
+    tests are selected: it takes minutes of one core and overlaps with the simulator tests."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_compile"):
+            module.start_compile()
+            return
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """End the early compile subprocess if the session stops before waiting for it (-x, ^C)."""
+    module = sys.modules.get("test_kernels_compile")
+    started = getattr(module, "_STARTED", None)
+    if started is not None and started[0].poll() is None:
+        started[0].kill()
+        started[0].wait()
+
+
 def pytest_collection_modifyitems(config, items):
     import pytest
 

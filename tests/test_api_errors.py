@@ -39,7 +39,9 @@ def _cache(t=R + 3, **kw):
     (dict(key_bits="2"), TypeError, r"key_bits must be an int, got str"),
     (dict(value_bits=2.0), TypeError, r"value_bits must be an int, got float"),
     (dict(key_group_size=16), ValueError, r"key_group_size must be one of \(32, 64, 128\)"),
-    (dict(key_group_size=np.int64(32)), TypeError, r"key_group_size must be an int"),
+    (dict(key_group_size=np.int64(16)), ValueError, r"key_group_size must be one of"),
+    (dict(key_bits=np.bool_(True)), TypeError, r"key_bits must be an int, got bool"),
+    (dict(rotate_keys=np.int64(1)), TypeError, r"rotate_keys must be a bool \(True or False\)"),
     (dict(value_group_size=48), ValueError, r"value_group_size must be a power of two"),
     (dict(value_group_size=512), ValueError, r"value_group_size"),
     (dict(value_group_size=0), ValueError, r"value_group_size"),
@@ -53,7 +55,7 @@ def _cache(t=R + 3, **kw):
     (dict(residual_length=64, key_group_size=128), ValueError, r"residual_length"),
     (dict(residual_length=True), TypeError, r"residual_length must be an int"),
     (dict(residual_length="128"), TypeError, r"residual_length must be an int"),
-    (dict(rotate_keys=1), TypeError, r"rotate_keys must be a bool, got int"),
+    (dict(rotate_keys=1), TypeError, r"rotate_keys must be a bool \(True or False\), got int"),
     (dict(scale_tokens="yes"), TypeError, r"scale_tokens must be a bool"),
     (dict(rotate_values=None), TypeError, r"rotate_values must be a bool"),
     (dict(norm_scope="channel"), ValueError, r"norm_scope must be one of"),
@@ -64,6 +66,22 @@ def _cache(t=R + 3, **kw):
 def test_bad_config(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         OScaRConfig(**kwargs)
+
+
+def test_config_accepts_numpy_ints_and_bools():
+    """NumPy integers and bools (e.g. from a sweep over np.arange or a mask) are normalized to
+    Python int/bool, so the config equals, hashes and serializes like one built from literals."""
+    cfg = OScaRConfig(key_bits=np.int64(4), value_bits=np.uint8(2), key_group_size=np.int32(64),
+                      value_group_size=np.int16(32), residual_length=np.int64(128),
+                      rotate_keys=np.False_, scale_tokens=np.bool_(True), rotate_values=np.True_)
+    ref = OScaRConfig(key_bits=4, key_group_size=64, rotate_keys=False)
+    assert cfg == ref and hash(cfg) == hash(ref)
+    for name in ("key_bits", "value_bits", "key_group_size", "value_group_size",
+                 "residual_length"):
+        assert type(getattr(cfg, name)) is int
+    for name in ("rotate_keys", "scale_tokens", "rotate_values"):
+        assert type(getattr(cfg, name)) is bool
+    assert type(CFG.replace(key_bits=np.int8(4)).key_bits) is int
 
 
 def test_config_replace_validates_and_is_frozen():
@@ -173,6 +191,38 @@ def test_numpy_and_torch_mixed():
     k, v = _kv()
     with pytest.raises(ValueError, match=r"v: expected the device of k"):
         oscar.quantize_kv(k, torch.from_numpy(v), CFG)
+
+
+@pytest.mark.parametrize("first", ["numpy", "torch"])
+@pytest.mark.parametrize("t", [0, 5, R + 3])
+def test_append_keeps_the_cache_container(first, t):
+    """A host cache keeps the container of its first tokens: appending the other one is a
+    TypeError that leaves the cache as it was (dequantize_kv's output type never changes)."""
+    k, v = _kv(t) if t else _kv(1)
+    k, v = (k[:, :, :t], v[:, :, :t])
+    kn, vn = _kv(3)
+    as_torch = lambda *xs: [torch.from_numpy(np.ascontiguousarray(x)) for x in xs]
+    if first == "torch":
+        k, v = as_torch(k, v)
+        other, same, want = (kn, vn), as_torch(kn, vn), "torch.Tensor"
+    else:
+        other, same, want = as_torch(kn, vn), (kn, vn), "numpy.ndarray"
+    cache = oscar.quantize_kv(k, v, CFG)
+    with pytest.raises(TypeError, match=rf"k_new: expected a {want} \(the cache was built from "
+                                        rf"{first} inputs\), got "):
+        cache.append(*other)
+    assert cache.seq_len == t
+    cache.append(*same)
+    k_hat, _ = oscar.dequantize_kv(cache)
+    assert isinstance(k_hat, torch.Tensor) == (first == "torch")
+
+
+def test_empty_cache_takes_the_container_of_its_first_append():
+    cache = oscar.QuantizedKVCache.empty(2, 2, 32, "float32", CFG)
+    k, v = _kv(3)
+    cache.append(torch.from_numpy(k), torch.from_numpy(v))
+    with pytest.raises(TypeError, match=r"k_new: expected a torch.Tensor"):
+        cache.append(k, v)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -331,7 +381,7 @@ def test_append_mismatched_dtype_and_pair():
     with pytest.raises(TypeError, match=r"k_new: expected dtype float32 .*got bfloat16"):
         cache.append(bf16, bf16)
     k[0, 0, 1, 2] = np.nan
-    with pytest.raises(ValueError, match=r"k: expected finite values"):
+    with pytest.raises(ValueError, match=r"^k_new: expected finite values"):
         cache.append(k, v)
     assert cache.seq_len == R + 3
 

@@ -301,3 +301,49 @@ def test_growth_and_reserve_keep_contents():
     reserved = oscar.quantize_kv(k[:, :, :0], v[:, :, :0], cfg, max_seq_len=32 * 9)
     reserved.append(k, v)
     _assert_same_packed(grown, reserved)
+
+
+def test_unquantizable_residual_token_is_recorded_by_the_flush():
+    """Issue 23 (2), CUDA side: append does not synchronize, so a token that float16 params
+    cannot hold is accepted into the residual window; the flush that quantizes it writes NaN
+    params for its groups and sets the status word (check() raises), and later flushes go on.
+    The reference backend rejects the same append (tests/test_api_limits.py)."""
+    cfg = oscar.OScaRConfig(residual_length=32)
+    k = torch.randn(1, 2, 35, 64, device=DEV)
+    cache = oscar.quantize_kv(k, k.clone(), cfg)
+    bad_v = torch.randn(1, 2, 1, 64, device=DEV)
+    bad_v[0, 1, 0, :] = 2e4  # the rotation puts 2e4 * 8 = 1.6e5 on channel 0
+    cache.append(torch.randn(1, 2, 1, 64, device=DEV), bad_v)
+    cache.check()  # still in the residual window: nothing quantized yet
+    for _ in range(2 * 32):
+        cache.append(torch.randn(1, 2, 1, 64, device=DEV), torch.randn(1, 2, 1, 64, device=DEV))
+    assert cache.seq_len == 35 + 1 + 64 and cache.quantized_len == 96
+    with pytest.raises(ValueError, match="outside the float16 range"):
+        cache.check()
+
+
+def test_float16_underflow_raises_on_prefill_and_flags_flush():
+    """Issue 23 (3): a group entirely below 2**-14 cannot be stored in float16 params."""
+    cfg = oscar.OScaRConfig(residual_length=32, key_bits=8, value_bits=8)
+    k = torch.randn(1, 2, 64, 64, device=DEV)
+    v = torch.randn(1, 2, 64, 64, device=DEV)
+    with pytest.raises(ValueError, match="below 6.1e-05"):
+        oscar.quantize_kv(k, v * 1e-6, cfg)
+    ok = oscar.quantize_kv(k, v * 1e-6, cfg.replace(param_dtype="float32"))
+    ref = oscar.quantize_kv(k.cpu(), v.cpu() * 1e-6, cfg.replace(param_dtype="float32"))
+    _assert_same_packed(ok, ref)
+    cache = oscar.quantize_kv(k, v, cfg)
+    cache.append(k[:, :, :32], v[:, :, :32] * 1e-6)  # a flush inside append: recorded
+    with pytest.raises(ValueError, match="below the float16 normal range"):
+        cache.check()
+
+
+def test_dequantize_float16_overflow_raises():
+    """Issue 23 (4): float16 keys near 65504 dequantize beyond it: an error, or dtype=float32."""
+    torch.manual_seed(0)
+    k = (torch.randn(1, 2, 64, 64, device=DEV) * 3e4).clamp(-65504, 65504).half()
+    cache = oscar.quantize_kv(k, k / 100, oscar.OScaRConfig(residual_length=32))
+    with pytest.raises(ValueError, match="exceeds the float16 range"):
+        oscar.dequantize_kv(cache)
+    k_hat, _ = oscar.dequantize_kv(cache, dtype="float32")
+    assert k_hat.dtype == torch.float32 and torch.isfinite(k_hat).all()

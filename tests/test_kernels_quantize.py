@@ -8,8 +8,9 @@ minimum as +0, whereas NumPy's min returns +0 or -0 depending on its SIMD reduct
 (``test_zero_min_sign``); inputs here contain no -0.
 
 Error groups have their own oracle (:func:`poisoned_reference`): a group whose quantizer input is
-not finite, or (float16 params) whose min / max / scale exceeds 65504, gets NaN params and codes 0
-and sets a status bit; every other group equals the reference.
+not finite, or (float16 params) whose min / max / scale exceeds 65504, or that is not constant
+and lies entirely below the smallest normal float16 (underflow), gets NaN params and codes 0 and
+sets a status bit; every other group equals the reference.
 
 Where the kernels run:
 * CUDA simulator (CPU CI, ``NUMBA_ENABLE_CUDASIM=1``, set by conftest.py when no GPU is visible):
@@ -40,7 +41,7 @@ from oscar.kernels_numba._compat import SIMULATOR, cuda
 from oscar.reference import (hadamard_transform, pack_key_codes, pack_value_codes,
                              pack_value_params, unpack_value_params)
 from oscar.reference.block import dequantize_block, quantize_block, rotate_and_scale_keys
-from oscar.reference.quantize import FLOAT16_MAX, quantize_groups
+from oscar.reference.quantize import FLOAT16_MAX, FLOAT16_TINY, quantize_groups
 
 pytestmark = [
     pytest.mark.sim,
@@ -223,7 +224,7 @@ def assert_packed_equal(got: dict, want) -> None:
 def _poisoned_groups(x, bits, param_dtype):
     """quantize_groups on ``x[..., group]`` with the kernel's contract for error groups.
 
-    Returns codes, params, nonfinite mask, float16-range mask."""
+    Returns codes, params, nonfinite mask, float16-range mask, float16-underflow mask."""
     nonfinite = ~np.isfinite(x).all(axis=-1)
     clean = np.where(nonfinite[..., None], np.float32(0), x)
     mn, mx = clean.min(axis=-1), clean.max(axis=-1)
@@ -232,12 +233,16 @@ def _poisoned_groups(x, bits, param_dtype):
     if param_dtype == "float16":
         f16 = ~nonfinite & ((np.abs(mn) > FLOAT16_MAX) | (np.abs(mx) > FLOAT16_MAX)
                             | (np.abs(scale) > FLOAT16_MAX))
-    poison = nonfinite | f16
+    tiny = np.zeros_like(nonfinite)
+    if param_dtype == "float16":
+        tiny = ~nonfinite & ~f16 & (mx > mn) & (np.maximum(np.abs(mn), np.abs(mx))
+                                                < np.float32(FLOAT16_TINY))
+    poison = nonfinite | f16 | tiny
     codes, params = quantize_groups(np.where(poison[..., None], np.float32(0), clean), bits,
                                     param_dtype)
     codes[poison] = 0
     params[poison] = np.nan
-    return codes, params, nonfinite, f16
+    return codes, params, nonfinite, f16, tiny
 
 
 def poisoned_reference(k32, v32, cfg):
@@ -246,18 +251,19 @@ def poisoned_reference(k32, v32, cfg):
     u, norms = rotate_and_scale_keys(k32, cfg)
     gk, gv = cfg.key_group_size, cfg.value_group_size
     kg = u.reshape(b, h, t // gk, gk, d).transpose(0, 1, 2, 4, 3)
-    kc, kp, k_nf, k_f16 = _poisoned_groups(kg, cfg.key_bits, cfg.param_dtype)
+    kc, kp, k_nf, k_f16, k_uf = _poisoned_groups(kg, cfg.key_bits, cfg.param_dtype)
     kc = kc.transpose(0, 1, 2, 4, 3).reshape(b, h, t, d)
     vr = hadamard_transform(v32) if cfg.rotate_values else v32.astype(np.float32)
     vg = vr.reshape(b, h, t, d // gv, gv)
-    vc, vp, v_nf, v_f16 = _poisoned_groups(vg, cfg.value_bits, cfg.param_dtype)
+    vc, vp, v_nf, v_f16, v_uf = _poisoned_groups(vg, cfg.value_bits, cfg.param_dtype)
     arrays = {"k_codes": pack_key_codes(kc, cfg.key_bits), "k_params": kp,
               "v_codes": pack_value_codes(vc.reshape(b, h, t, d), cfg.value_bits),
               "v_params": pack_value_params(vp)}
     if norms is not None:
         arrays["norms"] = norms
     status = (kq.STATUS_NONFINITE * bool(k_nf.any() or v_nf.any())
-              | kq.STATUS_FLOAT16_RANGE * bool(k_f16.any() or v_f16.any()))
+              | kq.STATUS_FLOAT16_RANGE * bool(k_f16.any() or v_f16.any())
+              | kq.STATUS_FLOAT16_UNDERFLOW * bool(k_uf.any() or v_uf.any()))
     return arrays, status
 
 
@@ -431,19 +437,35 @@ def test_zero_min_sign():
     ("f16_range_key", dict(rotate_keys=False, scale_tokens=False), ("k", 0, 1, 33, 4), 1e5, 2),
     # ... nor a value of -7e4 (-65504 is the float16 limit).
     ("f16_range_value", dict(rotate_values=False), ("v", 1, 0, 8, 20), -7e4, 2),
+    # ... nor a value group that lies entirely below 2**-14 (scale and min would underflow)
+    ("f16_underflow_value", dict(rotate_values=False, value_group_size=16), ("v", 0, 1, 9, 4),
+     "tiny", 4),
+    # ... nor a key channel group below 2**-14 (KIVI keys: the raw values are quantized)
+    ("f16_underflow_key", dict(rotate_keys=False, scale_tokens=False), ("k", 1, 0, 32, 5),
+     "tiny", 4),
 ])
 def test_error_groups(name, changes, where, value, status):
     cfg = config(**changes)
     k, v = random_kv(np.random.default_rng(9), (2, 2, 64, 32))
     which, *idx = where
-    (k if which == "k" else v)[tuple(idx)] = value
+    x = k if which == "k" else v
+    if isinstance(value, str):  # "tiny": the whole group of that element, scaled by 1e-6
+        b, h, t, c = idx
+        if which == "k":  # a channel over one key group of tokens
+            g = cfg.key_group_size
+            x[b, h, t // g * g: t // g * g + g, c] *= np.float32(1e-6)
+        else:  # a token over one value group of channels
+            g = cfg.value_group_size
+            x[b, h, t, c // g * g: c // g * g + g] *= np.float32(1e-6)
+    else:
+        x[tuple(idx)] = value
     want, want_status = poisoned_reference(k, v, cfg)
     assert want_status == status
-    if status == 2:  # the reference refuses the whole block; the kernel flags it
+    if status in (2, 4):  # the reference refuses the whole block; the kernel flags it
         with pytest.raises(ValueError, match="float16"):
             quantize_block(k, v, cfg)
-    got = run_quantize(k, v, cfg, "float32", status0=4)
-    assert got["status"] == status | 4  # OR-ed into the existing status, never cleared
+    got = run_quantize(k, v, cfg, "float32", status0=8)
+    assert got["status"] == status | 8  # OR-ed into the existing status, never cleared
     for key, arr in want.items():
         assert_bits_equal(key, got[key], arr)
     params = got["k_params"] if which == "k" else got["v_params"]

@@ -51,13 +51,17 @@ def _spec_quantize_group(group, bits, param_dtype):
 def _random_groups(rng, n_groups, group, param_dtype):
     """Groups over many magnitudes, plus constant, two-valued and tiny-range groups."""
     top = 3e4 if param_dtype == "float16" else 1e30
-    mag = np.exp(rng.uniform(np.log(1e-6), np.log(top), (n_groups, 1)))
+    # float16 params reject groups that lie entirely below FLOAT16_TINY (tested separately)
+    low = 1e-3 if param_dtype == "float16" else 1e-6
+    mag = np.exp(rng.uniform(np.log(low), np.log(top), (n_groups, 1)))
     x = rng.standard_normal((n_groups, group)) * mag / 4 + rng.standard_normal((n_groups, 1)) * mag
     x[0] = 0.0
     x[1] = 0.37  # constant, not float16-exact
     x[2] = np.where(np.arange(group) % 2, 5.0, -5.0)
     x[3] = 1000.0 + rng.uniform(0, 1e-6, group)  # range far below the float16 ulp of 1000
-    x[4] = rng.uniform(0, 1e-9, group)  # scale underflows float16
+    x[4] = rng.uniform(0, 1e-9, group)  # scale underflows float16 (float32: no underflow)
+    if param_dtype == "float16":  # the scale underflows, the group's magnitude does not
+        x[4] += 1e-4
     return np.clip(x, -top, top).astype(np.float32)
 
 
