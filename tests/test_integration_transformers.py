@@ -380,10 +380,15 @@ def test_errors_configs(llama):
     spec = {"format": "oscar-layer-configs", "version": 1, "num_layers": 3, "layers": [None] * 3}
     with pytest.raises(ValueError, match="expected 2 layers"):
         OScaRCache(llama.config, spec)
-    with pytest.raises(ValueError, match="expected version 1"):
+    with pytest.raises(ValueError, match="'version': expected 1"):
         OScaRCache(llama.config, {**spec, "version": 2})
-    with pytest.raises(ValueError, match="layer 1: .*unexpected keyword"):
+    with pytest.raises(ValueError, match=r"layers\[1\]: unknown OScaRConfig fields"):
         OScaRCache(llama.config, {**spec, "num_layers": 2, "layers": [None, {"bitz": 2}]})
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="max_cache_len: expected a positive int"):
+            OScaRCache(llama.config, INT2, max_cache_len=bad)
+    cache = OScaRCache(llama.config, INT2, max_cache_len=4096)
+    assert all(layer.max_cache_len == 4096 for layer in cache.layers)
 
 
 def test_errors_at_run_time(llama):

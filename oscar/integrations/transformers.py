@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -79,8 +78,6 @@ MAX_DECODE_ROWS = 16
 #: does not implement (logit soft-capping, attention sinks, additive position biases).
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 
-LAYER_CONFIGS_FORMAT = "oscar-layer-configs"
-LAYER_CONFIGS_VERSION = 1
 
 
 # --- the mask ---------------------------------------------------------------------------------
@@ -183,10 +180,11 @@ class OScaRLayer(CacheLayerMixin):
     is_croppable = True  # inside the residual window; beyond it crop raises
     is_sliding = False  # keeps every token: windows are applied by the mask (module docstring)
 
-    def __init__(self, config: OScaRConfig, layer_idx: int):
+    def __init__(self, config: OScaRConfig, layer_idx: int, max_cache_len: int | None = None):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.max_cache_len = max_cache_len
         self.cache = None  # oscar.QuantizedKVCache once the prompt is in
         self.pad = None  # int64 [batch] first valid token per row, None without padding
         self._pending = None  # (k, v) of the current forward, until attend() consumes them
@@ -269,7 +267,10 @@ class OScaRLayer(CacheLayerMixin):
                                             mask.dense() if mask is not None else None,
                                             dropout=0.0, scaling=scaling, **kwargs)
             k_s, v_s = _fill_padding(i, k_new, v_new, 0, pad)
-            self.cache = quantize_kv(k_s, v_s, self.config)
+            # num_q_heads: the decode kernels are loaded (or compiled) now, not in the loop;
+            # max_seq_len: packed storage reserved up front (no reallocation while decoding)
+            self.cache = quantize_kv(k_s, v_s, self.config, max_seq_len=self.max_cache_len,
+                                     num_q_heads=int(query.shape[1]))
             self.pad = pad
             return out
         if not _same_padding(self.pad, pad):
@@ -416,36 +417,14 @@ def layer_configs(spec, num_layers: int) -> list:
     if isinstance(spec, OScaRConfig):
         return [spec] * num_layers
     where = "oscar_config"
-    if isinstance(spec, (str, os.PathLike)):
-        where = os.fspath(spec)
-        try:
-            with open(spec) as f:
-                spec = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{where}: cannot read the per-layer configurations ({exc})") from exc
-    if isinstance(spec, dict):
-        if spec.get("format") != LAYER_CONFIGS_FORMAT:
-            raise ValueError(f"{where}: expected format {LAYER_CONFIGS_FORMAT!r}, got "
-                             f"{spec.get('format')!r}")
-        if spec.get("version") != LAYER_CONFIGS_VERSION:
-            raise ValueError(f"{where}: expected version {LAYER_CONFIGS_VERSION}, got "
-                             f"{spec.get('version')!r}")
-        layers = spec.get("layers")
-        if spec.get("num_layers") != num_layers or not isinstance(layers, list) \
-                or len(layers) != num_layers:
+    if isinstance(spec, (str, os.PathLike, dict)):
+        from ..layer_configs import load_layer_configs
+
+        configs = load_layer_configs(spec)  # validates the file (ValueError naming it)
+        if len(configs) != num_layers:
             raise ValueError(f"{where}: expected {num_layers} layers (the model's), got "
-                             f"num_layers={spec.get('num_layers')!r} and "
-                             f"{len(layers) if isinstance(layers, list) else layers!r} entries")
-        out = []
-        for i, entry in enumerate(layers):
-            if entry is None:
-                out.append(None)
-                continue
-            try:
-                out.append(OScaRConfig(**entry))
-            except TypeError as exc:
-                raise ValueError(f"{where}: layer {i}: {exc}") from exc
-        return out
+                             f"{len(configs)} in the per-layer configurations")
+        return configs
     if isinstance(spec, (list, tuple)):
         if len(spec) != num_layers:
             raise ValueError(f"{where}: expected {num_layers} per-layer configurations (the "
@@ -468,6 +447,10 @@ class OScaRCache(Cache):
             INT2), a list with one per layer (``None``: that layer stays unquantized, a plain
             ``DynamicLayer``), or the per-layer JSON written by ``oscar report --model`` (a dict
             or a path).
+        max_cache_len: optional longest sequence (prompt + new tokens) the cache will hold. On
+            CUDA the packed storage for it is reserved when the prompt is quantized, so no
+            decode step reallocates; without it the storage doubles when a flush needs room
+            (one slower step per doubling; docs/integrations.md). No effect on the host.
 
     The model must run ``attn_implementation="oscar"`` (``model.set_attn_implementation``).
     Beam search, ``num_return_sequences``, continuation over several ``generate()`` calls,
@@ -475,7 +458,12 @@ class OScaRCache(Cache):
     :meth:`load` write and read the packed cache (safetensors).
     """
 
-    def __init__(self, config, oscar_config=None):
+    def __init__(self, config, oscar_config=None, max_cache_len: int | None = None):
+        if max_cache_len is not None and (isinstance(max_cache_len, bool)
+                                          or not isinstance(max_cache_len, int)
+                                          or max_cache_len <= 0):
+            raise ValueError(f"max_cache_len: expected a positive int or None, "
+                             f"got {max_cache_len!r}")
         num_layers, head_dim = _model_layout(config)
         configs = layer_configs(oscar_config, num_layers)
         for i, c in enumerate(configs):
@@ -487,8 +475,9 @@ class OScaRCache(Cache):
                                      f"head_dim)") from None
         self.model_config = config
         self.layer_configs = configs
-        super().__init__(layers=[OScaRLayer(c, i) if c is not None else DynamicLayer()
-                                 for i, c in enumerate(configs)])
+        self.max_cache_len = max_cache_len
+        super().__init__(layers=[OScaRLayer(c, i, max_cache_len) if c is not None
+                                 else DynamicLayer() for i, c in enumerate(configs)])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if isinstance(self.layers[layer_idx], OScaRLayer):
