@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One GPU session for the runtime and the transformers integration (device tool): install, the
+# GPU tests of the runtime/bridge/integration, compute-sanitizer memcheck on the plan path, then
+# benchmarks/runtime.py and benchmarks/generate.py. Every step has a time cap and the script goes
+# on after a failing step; logs and results go to $OUT (default ./gpu_out).
+#   bash benchmarks/gpu_runtime_check.sh [tests_cap_s] [bench_cap_s] [generate_cap_s]
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OSCAR_CACHE_DIR=${OSCAR_CACHE_DIR:-/tmp/oscar-kernel-cache}
+python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || {
+  tail -20 "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+t0=$SECONDS
+timeout "${1:-240}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu_runtime.py \
+  tests/test_kernels_append.py tests/test_integration_gpu.py tests/test_gpu_bridge.py \
+  >"$OUT/tests.log" 2>&1
+echo "tests exit $? in $((SECONDS - t0)) s"; grep -E "passed|failed|FAILED|^E " "$OUT/tests.log" | cut -c1-240 | tail -20
+t0=$SECONDS
+timeout 70 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q \
+  -p no:cacheprovider tests/test_gpu_runtime.py -k "plan_launches and dtype0" >"$OUT/memcheck.log" 2>&1
+echo "memcheck exit $? in $((SECONDS - t0)) s"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3
+t0=$SECONDS
+timeout "${2:-200}" python3 benchmarks/runtime.py --out "$OUT/runtime" --profile >"$OUT/runtime.log" 2>&1
+echo "runtime.py exit $? in $((SECONDS - t0)) s"; cat "$OUT/runtime/runtime.md" 2>/dev/null
+t0=$SECONDS
+timeout "${3:-150}" python3 benchmarks/generate.py --out "$OUT/generate" >"$OUT/generate.log" 2>&1
+echo "generate.py exit $? in $((SECONDS - t0)) s"; cat "$OUT/generate/generate.md" 2>/dev/null || tail -5 "$OUT/generate.log"
