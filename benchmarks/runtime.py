@@ -309,11 +309,11 @@ def main(argv=None):
     out = dict(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat())
     cases = ([(1, 4096), (1, 32768), (8, 32768)] if args.quick else
              [(1, 4096), (1, 32768), (8, 32768), (8, 131072), (16, 131072)])
-    steps = [("cold", lambda: cold_start(out, args.out if args.profile else None)),
-             ("host", lambda: host_cost(out, args.out if args.profile else None)),
+    steps = [("host", lambda: host_cost(out, args.out if args.profile else None)),
+             ("growth", lambda: growth(out)),
              ("eager", lambda: eager_steps(out, cases)),
-             ("loop", lambda: decode_loop(out, (1,) if args.quick else (1, 8))),
-             ("growth", lambda: growth(out))]
+             ("cold", lambda: cold_start(out, args.out if args.profile else None)),
+             ("loop", lambda: decode_loop(out, (1,) if args.quick else (1, 8)))]
     for name, fn in steps:
         if name in skip:
             continue
