@@ -21,6 +21,8 @@ status word that :meth:`QuantizedKVCache.check` reads.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -124,6 +126,10 @@ class NumbaStore:
         self._steps: dict = {}
         self._flush_plan = None
         self.plans, self.plan_reason = _launch.plan_support()
+        # the residual copy of append as one prepared kernel launch (kernels_numba/append.py)
+        # instead of two torch copies: simulator-verified, not yet run on a GPU, so opt-in
+        # (OSCAR_APPEND_KERNEL=1) until a GPU run of tests/test_gpu_runtime.py confirms it
+        self.append_kernel = os.environ.get("OSCAR_APPEND_KERNEL", "0") == "1"
         self._warmed: set = set()
         self._warmed_shapes: set = set()
         self._alloc(_round_up(max(capacity, r), r))
@@ -137,7 +143,8 @@ class NumbaStore:
         with _Launch(self.device):
             _quant.quantize_kernels(self.config, self.head_dim, self.dtype, self.num_kv_heads,
                                     self.batch, prefill=False)
-            _append._append_kernel(2 if self.dtype != "float32" else 4)
+            if self.append_kernel and self.plans:
+                _append._append_kernel(2 if self.dtype != "float32" else 4)
         if num_q_heads is not None:
             for q_len in q_lens:
                 self._warm_decode(int(num_q_heads), int(q_len), q_dtype or self.dtype)
@@ -329,7 +336,7 @@ class NumbaStore:
     def _copy_residual(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
         """Copy ``k, v [B, H, n, D]`` into the residual window at token ``pos``: one prepared
         launch of the append kernel (patched pointers and position), or two torch copies."""
-        if self.plans:
+        if self.plans and self.append_kernel:
             try:
                 key = (k.shape, k.stride(), v.stride())
                 plan = self._append_plans.get(key)
