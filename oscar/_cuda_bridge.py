@@ -96,6 +96,29 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+#: Headroom of a new cache without ``max_seq_len``: packed room for this share of the prompt's
+#: quantized tokens, and at least HEADROOM_WINDOWS residual windows, beyond them.
+HEADROOM_SHARE = 8  # 1/8 of the prompt
+HEADROOM_WINDOWS = 8
+
+
+def initial_capacity(tokens: int, residual_length: int, max_seq_len: int | None) -> int:
+    """Packed tokens a new CUDA cache allocates for a prompt of ``tokens`` tokens.
+
+    With ``max_seq_len``: exactly that (rounded up to whole windows, at least the prompt's
+    quantized tokens): a decode loop up to ``max_seq_len`` never reallocates. Without: the
+    prompt's quantized tokens plus ``max(1/8 of them, 8 windows)``, so that a generation of up to
+    that many tokens does not reallocate either; past it the capacity doubles in one step (a
+    reallocation and a copy of the cache: 20-130 ms measured at 32K tokens on an H200,
+    docs/benchmarks.md). The headroom costs 1/8 more packed memory on long prompts.
+    """
+    r = residual_length
+    quantized = tokens // r * r
+    if max_seq_len is not None:
+        return _round_up(max(max_seq_len, quantized, r), r)
+    return _round_up(quantized + max(quantized // HEADROOM_SHARE, HEADROOM_WINDOWS * r), r)
+
+
 class NumbaStore:
     """Packed capacity buffers + residual window of one layer on one CUDA device."""
 
@@ -597,7 +620,7 @@ def empty(batch: int, num_kv_heads: int, head_dim: int, dtype: str, config: OSca
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     store = NumbaStore(batch, num_kv_heads, head_dim, dtype, config, device,
-                       capacity=max_seq_len or 0)
+                       capacity=initial_capacity(0, config.residual_length, max_seq_len))
     store.warm(num_q_heads)
     return QuantizedKVCache(store, batch, num_kv_heads, head_dim, dtype, config, device=str(device))
 
@@ -612,8 +635,8 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OScaRConfig,
     b, h, t, d = k.shape
     dt = _dtype_name(k)
     r = config.residual_length
-    store = NumbaStore(b, h, d, dt, config, k.device, capacity=max(t // r * r,
-                                                                   max_seq_len or 0))
+    store = NumbaStore(b, h, d, dt, config, k.device,
+                       capacity=initial_capacity(t, r, max_seq_len))
     store.warm(num_q_heads)
     cache = QuantizedKVCache(store, b, h, d, dt, config, device=str(k.device))
     if t:

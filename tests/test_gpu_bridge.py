@@ -295,11 +295,13 @@ def test_growth_and_reserve_keep_contents():
     cfg = oscar.OScaRConfig(residual_length=32)
     k = torch.randn(1, 2, 32 * 9, 64, device=DEV)
     v = torch.randn_like(k)
-    grown = oscar.quantize_kv(k[:, :, :32], v[:, :, :32], cfg)
+    grown = oscar.quantize_kv(k[:, :, :32], v[:, :, :32], cfg, max_seq_len=32)  # no headroom
+    assert grown._store.capacity == 32
     for i in range(1, 9):
         grown.append(k[:, :, 32 * i: 32 * (i + 1)], v[:, :, 32 * i: 32 * (i + 1)])
     reserved = oscar.quantize_kv(k[:, :, :0], v[:, :, :0], cfg, max_seq_len=32 * 9)
     reserved.append(k, v)
+    assert grown._store.capacity > 32 * 4 and reserved._store.capacity == 32 * 9
     _assert_same_packed(grown, reserved)
 
 

@@ -61,11 +61,11 @@ def _packed_equal(a, b):
 ])
 def test_plan_launches_equal_dispatcher_launches(gqa, q_len, dtype, cfg):
     b, h, d = 2, 4, 128
-    planned, plain, g = _pair(b, h, 700, d, dtype, cfg, capacity=None)
+    planned, plain, g = _pair(b, h, 700, d, dtype, cfg, capacity=700)
     cap0 = planned._store.capacity
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        for step in range(300):  # crosses two flushes and (from capacity 640) a growth
+        for step in range(300):  # crosses two flushes and (from capacity 768) a growth
             kn = torch.randn(b, h, 1, d, device=DEV, dtype=dtype, generator=g)
             vn = torch.randn(b, h, 1, d, device=DEV, dtype=dtype, generator=g)
             planned.append(kn, vn)

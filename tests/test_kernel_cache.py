@@ -309,3 +309,20 @@ def test_packed_sizes_follow_numbas_array_abi():
                                   types.float32, types.Array(types.uint32, 1, "A"),
                                   types.float16, types.boolean))
     assert sizes == [8] * 13 + [4, 4] + [8] * 7 + [2, 1]
+
+
+def test_initial_capacity_policy():
+    """A new CUDA cache reserves max(1/8 of the prompt, 8 windows) beyond the prompt's quantized
+    tokens, or exactly max_seq_len (docs/api.md, capacity)."""
+    pytest.importorskip("torch")
+    try:
+        from oscar._cuda_bridge import initial_capacity
+    except ImportError as exc:  # numba-cuda's torch bridge unavailable here
+        pytest.skip(str(exc))
+    assert initial_capacity(0, 128, None) == 8 * 128
+    assert initial_capacity(700, 128, None) == 640 + 1024
+    assert initial_capacity(32768, 128, None) == 32768 + 4096
+    assert initial_capacity(32768 + 100, 128, None) == 32768 + 4096
+    assert initial_capacity(32768, 128, 32768) == 32768
+    assert initial_capacity(1000, 128, 10) == 896  # never less than the prompt's packed part
+    assert initial_capacity(0, 32, 33) == 64
