@@ -461,3 +461,24 @@ def test_select_batch_equals_quantizing_the_gathered_rows():
         assert np.array_equal(x, y)
     with pytest.raises(ValueError, match=r"values in \[0, 4\)"):
         got.select_batch([4])
+
+
+def test_sharded_heads_need_per_head_norms(llama):
+    """Under tensor parallelism a rank holds num_kv_heads / world_size KV heads (simulated here:
+    the cache is built from a config that declares twice the model's KV heads). The token norm
+    over a rank's heads would differ from one process: norm_scope='token' raises, naming
+    norm_scope='head'; norm_scope='head' runs."""
+    import copy as _copy
+
+    sharded = _copy.deepcopy(llama.config)
+    sharded.num_key_value_heads *= 2
+    sharded.num_attention_heads *= 2
+    ids, _ = prompts(1, 40, (0,))
+    with pytest.raises(ValueError, match=r"holds 2 of the model's 4 KV heads.*norm_scope='head'"):
+        gen(llama, "oscar", OScaRCache(sharded, INT2), input_ids=ids, max_new_tokens=2)
+    out = gen(llama, "oscar", OScaRCache(sharded, INT2.replace(norm_scope="head")),
+              input_ids=ids, max_new_tokens=2)
+    assert out.shape == (1, 42)
+    # KIVI-style (no token scaling) has no cross-head norm: sharding does not matter
+    gen(llama, "oscar", OScaRCache(sharded, INT2.replace(scale_tokens=False)), input_ids=ids,
+        max_new_tokens=2)

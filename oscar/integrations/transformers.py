@@ -180,11 +180,13 @@ class OScaRLayer(CacheLayerMixin):
     is_croppable = True  # inside the residual window; beyond it crop raises
     is_sliding = False  # keeps every token: windows are applied by the mask (module docstring)
 
-    def __init__(self, config: OScaRConfig, layer_idx: int, max_cache_len: int | None = None):
+    def __init__(self, config: OScaRConfig, layer_idx: int, max_cache_len: int | None = None,
+                 num_kv_heads: int | None = None):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.max_cache_len = max_cache_len
+        self.num_kv_heads = num_kv_heads  # the model's (all ranks'), for the sharding check
         self.cache = None  # oscar.QuantizedKVCache once the prompt is in
         self.pad = None  # int64 [batch] first valid token per row, None without padding
         self._pending = None  # (k, v) of the current forward, until attend() consumes them
@@ -261,6 +263,7 @@ class OScaRLayer(CacheLayerMixin):
         pad = mask.padding() if mask is not None else None
         on_cuda = k_new.is_cuda
         if self.cache is None:  # prefill: exact attention over the prompt, then quantize
+            _check_sharding(i, int(k_new.shape[1]), self.num_kv_heads, self.config)
             if on_cuda and pad is not None:
                 raise ValueError(_cuda_start_message(i, "a left-padded batch"))
             out, _ = sdpa_attention_forward(module, query, k_new, v_new,
@@ -298,6 +301,20 @@ class OScaRLayer(CacheLayerMixin):
                                         else _causal(q_len, seq_len, query.device),
                                         dropout=0.0, scaling=scaling, **kwargs)
         return out
+
+
+def _check_sharding(layer_idx, heads: int, model_heads, config: OScaRConfig) -> None:
+    """Tensor parallelism (transformers' ``tp_plan``) gives each rank ``num_kv_heads /
+    world_size`` KV heads. The default token norm spans all KV heads of a token, so on one rank it
+    would cover only that rank's heads: a different quantization than one process computes.
+    ``norm_scope="head"`` (one norm per token and head) is the same on any sharding."""
+    if (model_heads is not None and heads != model_heads and config.scale_tokens
+            and config.norm_scope == "token"):
+        raise ValueError(
+            f"layer {layer_idx}: this process holds {heads} of the model's {model_heads} KV heads "
+            "(tensor parallelism?); norm_scope='token' would normalize each token over these "
+            "heads only, unlike a single process. Use OScaRConfig(norm_scope='head'), which "
+            "keeps ranks independent (docs/integrations.md)")
 
 
 def _cuda_start_message(layer_idx, what):
@@ -476,7 +493,9 @@ class OScaRCache(Cache):
         self.model_config = config
         self.layer_configs = configs
         self.max_cache_len = max_cache_len
-        super().__init__(layers=[OScaRLayer(c, i, max_cache_len) if c is not None
+        text = _text_config(config)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+        super().__init__(layers=[OScaRLayer(c, i, max_cache_len, kv_heads) if c is not None
                                  else DynamicLayer() for i, c in enumerate(configs)])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
