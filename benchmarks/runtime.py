@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 import oscar  # noqa: E402
 from cases import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, decode_inputs  # noqa: E402
-from gpu_timing import flush_l2, sdpa_bf16, time_cuda, time_graph  # noqa: E402
+from gpu_timing import host_us_per_call, sdpa_bf16, time_cuda, time_graph  # noqa: E402
 
 COLD = r"""
 import json, time
@@ -95,20 +95,9 @@ def cold_start(out, profile_dir=None):
 
 def _host_loop(cache, q, kn, vn, n=300):
     """Host us per (append + decode) and per part; the queue is drained between parts."""
-    def run(fn):
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        return (t1 - t0) / n * 1e6
-
-    step = run(lambda: (cache.append(kn, vn), oscar.decode_attention(q, cache)))
-    dec = run(lambda: oscar.decode_attention(q, cache))
-    app = run(lambda: cache.append(kn, vn))
+    step = host_us_per_call(lambda: (cache.append(kn, vn), oscar.decode_attention(q, cache)), n)
+    dec = host_us_per_call(lambda: oscar.decode_attention(q, cache), n)
+    app = host_us_per_call(lambda: cache.append(kn, vn), n)
     return step, dec, app
 
 
