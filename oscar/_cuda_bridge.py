@@ -333,6 +333,11 @@ class NumbaStore:
             self._launch_quantize(k, v, start, stream)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if torch.cuda.current_device() != self.device.index:
+            # launch plans launch in the current CUDA context: make it this device's (a model
+            # spread over GPUs, device_map="auto", calls layers on several devices)
+            with torch.cuda.device(self.device):
+                return self.append(k, v)
         r = self.config.residual_length
         n = k.shape[2]
         pos = 0
@@ -440,6 +445,9 @@ class NumbaStore:
         return self._q_cache[1]
 
     def decode_attention(self, q: torch.Tensor, scale: float, return_lse: bool):
+        if torch.cuda.current_device() != self.device.index:  # see append
+            with torch.cuda.device(self.device):
+                return self.decode_attention(q, scale, return_lse)
         # the first step of a query shape loads or compiles every variant the loop can launch
         # (no compile later in the loop when the split plan changes)
         if (q.shape[1], q.shape[2], q.dtype) not in self._warmed_shapes:

@@ -172,3 +172,22 @@ def test_no_low_occupancy_warning_from_the_library(recwarn):
         oscar.dequantize_kv(cache)
         torch.cuda.synchronize()
     assert not [w for w in recwarn if issubclass(w.category, NumbaPerformanceWarning)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two GPUs")
+def test_cache_on_another_device_than_the_current_one():
+    """Plans launch in the current CUDA context; a cache on cuda:1 used while cuda:0 is current
+    (a model spread over GPUs) must still run on cuda:1 and equal the dispatcher."""
+    g = torch.Generator(device="cuda:1").manual_seed(5)
+    k = torch.randn(1, 4, 300, 64, device="cuda:1", dtype=torch.float16, generator=g)
+    q = torch.randn(1, 8, 1, 64, device="cuda:1", dtype=torch.float16, generator=g)
+    planned, plain = oscar.quantize_kv(k, k), oscar.quantize_kv(k, k)
+    plain._store.plans = False
+    with torch.cuda.device(0):
+        for i in range(140):
+            planned.append(k[:, :, i:i + 1], k[:, :, i:i + 1])
+            plain.append(k[:, :, i:i + 1], k[:, :, i:i + 1])
+        out = oscar.decode_attention(q, planned)
+        assert torch.equal(out, oscar.decode_attention(q, plain))
+    assert planned._store.plans and planned._store._steps
