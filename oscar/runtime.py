@@ -52,6 +52,14 @@ def warmup(config: OScaRConfig | None = None, *, num_kv_heads: int, head_dim: in
         if (not isinstance(val, (tuple, list)) or not val
                 or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in val)):
             raise ValueError(f"{name}: expected a non-empty tuple of positive ints, got {val!r}")
+    try:
+        import torch
+    except ImportError as exc:
+        raise ImportError("oscar.warmup prepares the CUDA kernels: it needs torch with CUDA "
+                          "and the numba extra (pip install 'oscar-kv[numba,torch]')") from exc
+    if not torch.cuda.is_available():
+        raise ValueError("device: oscar.warmup prepares CUDA kernels, but torch sees no CUDA "
+                         "device (the NumPy reference backend needs no warm-up)")
     kc = _kc()
     before = dict(kc.stats)
     t0 = time.perf_counter()

@@ -326,3 +326,18 @@ def test_initial_capacity_policy():
     assert initial_capacity(32768, 128, 32768) == 32768
     assert initial_capacity(1000, 128, 10) == 896  # never less than the prompt's packed part
     assert initial_capacity(0, 32, 33) == 64
+
+
+def test_warmup_argument_errors():
+    import oscar
+
+    with pytest.raises(TypeError, match="config: expected OScaRConfig"):
+        oscar.warmup("int2", num_kv_heads=8, head_dim=128)
+    with pytest.raises(ValueError, match="batch_sizes: expected a non-empty tuple"):
+        oscar.warmup(num_kv_heads=8, head_dim=128, batch_sizes=())
+    with pytest.raises(ValueError, match="q_lens: expected a non-empty tuple"):
+        oscar.warmup(num_kv_heads=8, head_dim=128, q_lens=(0,))
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            oscar.warmup(num_kv_heads=8, head_dim=128)
