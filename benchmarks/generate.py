@@ -1,6 +1,14 @@
-"""End-to-end generate() on a GPU: OScaRCache vs DynamicCache (bf16 SDPA), eager transformers.
+"""End-to-end generate() on a GPU: OScaRCache vs transformers' own caches.
 
     python benchmarks/generate.py --out DIR [--cases 1x8192,8x8192,1x32768] [--new 64]
+                                  [--kinds dynamic,oscar,static,quanto2,quanto4,hqq2,hqq4]
+
+Kinds: ``oscar`` (OScaRCache, eager), ``dynamic`` (DynamicCache + SDPA bf16, eager), ``static``
+(``cache_implementation="static"``: a preallocated bf16 cache whose decode step transformers
+compiles with torch.compile), ``quanto2/4`` and ``hqq2/4`` (``cache_implementation="quantized"``,
+transformers' QuantizedCache with the optimum-quanto or HQQ backend at 2/4 bits; their packages
+must be installed, on the device machine as carried wheels: a missing one is reported, not
+fatal).
 
 A Llama-3.1-8B configuration with random bf16 weights (speed does not depend on the weights):
 32 layers, 32 query heads, 8 KV heads, head_dim 128. For each (batch, prompt length) it runs
@@ -44,22 +52,33 @@ def run_case(model, batch, prompt, new, kind):
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda")
     mask = torch.ones_like(ids)
 
+    extra = {}
+    if kind == "static":
+        extra = dict(cache_implementation="static")
+    elif kind.startswith(("quanto", "hqq")):
+        backend, bits = kind[:-1], int(kind[-1])
+        extra = dict(cache_implementation="quantized",
+                     cache_config={"backend": backend, "nbits": bits})
+
     def cache():
         if kind == "oscar":
             from oscar.integrations.transformers import OScaRCache
 
-            return OScaRCache(model.config, oscar.OScaRConfig())
-        return DynamicCache(config=model.config)
+            return OScaRCache(model.config, oscar.OScaRConfig(), max_cache_len=prompt + new)
+        if kind == "dynamic":
+            return DynamicCache(config=model.config)
+        return None  # transformers builds it from cache_implementation
 
     model.set_attn_implementation("oscar" if kind == "oscar" else "sdpa")
-    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0)
+    kw = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, **extra)
 
     def gen(n):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad():
+            c = cache()
             out = model.generate(**kw, max_new_tokens=n, min_new_tokens=n,
-                                 past_key_values=cache())
+                                 **({} if c is None else {"past_key_values": c}))
         torch.cuda.synchronize()
         return time.perf_counter() - t0, out
 
@@ -94,6 +113,9 @@ def main(argv=None):
                 rows.append(run_case(model, batch, prompt, args.new, kind))
             except torch.OutOfMemoryError as exc:
                 rows.append(dict(kind=kind, batch=batch, prompt=prompt, error=f"OOM: {exc}"[:200]))
+            except (ImportError, ValueError, RuntimeError) as exc:  # e.g. quanto/hqq missing
+                rows.append(dict(kind=kind, batch=batch, prompt=prompt,
+                                 error=f"{type(exc).__name__}: {exc}"[:200]))
             torch.cuda.empty_cache()
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "tokens"}), flush=True)
             with open(os.path.join(args.out, "generate.json"), "w") as f:
