@@ -616,7 +616,7 @@ def decode_kernels(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=N
         kernels.append(_split_kernel(*skey[:-1], True))
     out = q_dtype if out_dtype is None else out_dtype
     kernels.append(_merge_kernel(*_merge_key(config, head_dim, q_dtype, res_dtype, out)))
-    _blocks_per_sm(skey[:-1] + (False,), SPLIT_VERSION, V3_MAX_REGISTERS)
+    _blocks_per_sm(skey, SPLIT_VERSION, V3_MAX_REGISTERS)  # the unfused key, as plan_splits
     return kernels
 
 

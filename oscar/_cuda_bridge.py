@@ -142,9 +142,8 @@ class NumbaStore:
         self.capacity = 0
         self._dec_cache: dict = {}
         self._q_cache = None
-        # launch plans (oscar/_launch.py): per-step decisions, prepared launches, and the
-        # generation of the buffers they point into (bumped by every reallocation)
-        self._gen = 0
+        # launch plans (oscar/_launch.py): per-step decisions and prepared launches (dropped by
+        # _rewrap whenever the buffers they point into are replaced)
         self._decisions: dict = {}
         self._steps: dict = {}
         self._flush_plan = None
@@ -225,7 +224,6 @@ class NumbaStore:
         self.status_nb = cuda.as_cuda_array(self.status)
         self._q_cache = None
         self._dec_cache = {}
-        self._gen += 1
         self._steps = {}
         self._flush_plan = None
         self._append_plans = {}

@@ -80,9 +80,8 @@ def _check(result, what):
 def param_sizes(kernel) -> list[int] | None:
     """Sizes in bytes of the compiled kernel's parameters, from the driver; None when the driver
     cannot say (then a plan is not built)."""
-    handle = kernel._codelibrary.get_cufunc().handle
-    info = getattr(getattr(kernel._codelibrary.get_cufunc(), "kernel", None), "arguments_info",
-                   None)
+    cufunc = kernel._codelibrary.get_cufunc()
+    info = getattr(getattr(cufunc, "kernel", None), "arguments_info", None)
     if info is not None:
         try:
             return [int(p.size) for p in info]
@@ -93,7 +92,7 @@ def param_sizes(kernel) -> list[int] | None:
     if query is None:
         return None
     sizes = []
-    h = drv.CUkernel(int(handle))
+    h = drv.CUkernel(int(cufunc.handle))
     for i in range(4096):
         res = query(h, i)
         if int(res[0]) != 0:

@@ -158,13 +158,13 @@ def test_warmup_then_no_compile_in_the_loop(tmp_path, monkeypatch):
     assert kc.stats["misses"] == before["misses"], "a kernel was compiled inside the loop"
 
 
-def test_no_low_occupancy_warning_from_the_library(recwarn):
+def test_no_low_occupancy_warning_from_the_library():
     import warnings
 
     from numba.core.errors import NumbaPerformanceWarning
 
     k = torch.randn(1, 2, 200, 64, device=DEV, dtype=torch.float16)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as recwarn:
         warnings.simplefilter("always")
         cache = oscar.quantize_kv(k, k)
         cache._store.plans = False  # the dispatcher path is the one that could warn
