@@ -13,9 +13,10 @@ if [[ -f .gpucache/kcache.tgz && ! -d $OSCAR_CACHE_DIR ]]; then
   mkdir -p "$OSCAR_CACHE_DIR" && tar -xzf .gpucache/kcache.tgz -C "$OSCAR_CACHE_DIR"
 fi
 trap 'tar -czf "$OUT/kcache.tgz" -C "$OSCAR_CACHE_DIR" . 2>/dev/null' EXIT
-python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || {
-  tail -20 "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# (the device tool returns at most 8 files from $OUT: the install log stays in /tmp)
+python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/oscar-install.log 2>&1 || {
+  tail -20 /tmp/oscar-install.log; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 t0=$SECONDS
 timeout "${1:-240}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu_runtime.py \
   tests/test_kernels_append.py tests/test_integration_gpu.py tests/test_gpu_bridge.py \
