@@ -41,7 +41,7 @@ from .config import OScaRConfig
 from .reference.attention import decode_attention as _ref_decode_attention
 from .reference.block import PackedBlock, check_residual_tokens, quantize_block
 from .reference.pack import TILE_TOKENS
-from .reference.paged import PageLayout, gather_pages, page_layout, page_runs, write_pages
+from .reference.paged import PageLayout, gather_pages, page_layout, write_pages
 from .reference.paged import slot_mapping as _slot_mapping
 
 #: Marks a padding token in a slot mapping (vLLM's PAD_SLOT_ID): the token is not written.
