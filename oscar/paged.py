@@ -82,6 +82,7 @@ class SeqWrite(NamedTuple):
     held: int  #: tokens in its residual window before the write
     windows: int  #: complete windows to quantize (of the held tokens, then the new ones)
     flush_slots: np.ndarray  #: int64 [windows * residual_length]: slots of those tokens
+    pages: np.ndarray  #: the pages its held and new tokens go to
 
 
 def slot_mapping(block_table_row, positions, page_size: int) -> np.ndarray:
@@ -110,6 +111,9 @@ class PagedKVCache:
         self.dtype = dtype
         self.device = device
         self._refcount = np.zeros(num_pages, np.int32)
+        # the sequence slot whose tokens a page holds (-1: none yet): two sequences' tokens in
+        # one page is an engine error, caught before it corrupts either
+        self._owner = np.full(num_pages, -1, np.int64)
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: lowest ids first
         self._quantized = np.zeros(max_seqs, np.int64)
         self._residual = np.zeros(max_seqs, np.int64)
@@ -210,6 +214,7 @@ class PagedKVCache:
         for p in np.unique(pages):
             if self._refcount[p] == 0:
                 self._free.append(int(p))
+                self._owner[p] = -1
 
     # --- sequences ---------------------------------------------------------------------------
     def _check_seq(self, name, seq):
@@ -295,7 +300,8 @@ class PagedKVCache:
         plan = self._plan_write(slots, seqs, live)
         self._store.write(k, v, plan)  # raises before changing anything (reference) or flags
         r = self.config.residual_length
-        for s, idx, held, windows, _ in plan:
+        for s, idx, held, windows, _, pages in plan:
+            self._owner[pages] = s
             seq_slots = np.concatenate((self._res_slots[s, :held], slots[idx]))
             rest = seq_slots[windows * r:]
             self._quantized[s] += windows * r
@@ -341,9 +347,18 @@ class PagedKVCache:
                 raise ValueError(
                     f"slot_mapping: expected pages allocated to one sequence, got page "
                     f"{int(page[j])} ({state}) for position {int(all_pos[j])} of sequence {s}")
+            other = (self._owner[page] != -1) & (self._owner[page] != s)
+            for t in plan:  # pages taken by sequences earlier in this write
+                other |= np.isin(page, t.pages) & (t.seq != s)
+            if other.any():
+                j = int(np.argmax(other))
+                raise ValueError(
+                    f"slot_mapping: expected each page to hold one sequence's tokens, got page "
+                    f"{int(page[j])} for position {int(all_pos[j])} of sequence {s}, which "
+                    f"holds tokens of another sequence")
             windows = len(all_slots) // r
             plan.append(SeqWrite(s, idx, int(self._residual[s]), windows,
-                                 all_slots[: windows * r]))
+                                 all_slots[: windows * r], np.unique(page)))
         return plan
 
     # --- reading -----------------------------------------------------------------------------

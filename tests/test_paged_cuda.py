@@ -95,16 +95,33 @@ def test_sim_write_path_equals_reference():
         [0, 64, 32], [0, 6, 1]]  # device lengths: quantized, residual per slot
 
 
+def _shared_prefix(backend):
+    """Sequence 1: 64 tokens in two pages (quantized). Sequence 2 shares its first page
+    (cached_len 32) and adds 37 tokens of its own (one window flushed, 5 left)."""
+    cfg = oscar.OScaRConfig(residual_length=32)
+    cache = PagedKVCache.empty(6, 32, 1, 32, max_seqs=3, config=cfg, backend=backend)
+    k, v = (x[0].transpose(1, 0, 2).copy() for x in make_kv(1, 1, 101, 32, seed=4))
+    tables = np.full((3, 4), -1, np.int32)
+    tables[1, :2] = cache.allocate(2)[::-1]
+    cache.reset(1)
+    cache.write(k[:64], v[:64], slot_mapping(tables[1], np.arange(64), 32), np.full(64, 1))
+    cache.retain(tables[1, :1])
+    tables[2, 0] = tables[1, 0]
+    tables[2, 1:3] = cache.allocate(2)
+    cache.reset(2, cached_len=32)
+    cache.write(k[64:], v[64:], slot_mapping(tables[2], np.arange(32, 69), 32), np.full(37, 2))
+    return cache, tables
+
+
 @pytest.mark.sim
 @pytest.mark.skipif(not SIMULATOR, reason="simulator shapes; the GPU test below covers a GPU")
 def test_sim_decode_through_block_table():
-    """Rows of different lengths (one with an empty residual window), GQA 2, q_len 1: the
-    interim decode matches the reference backend."""
-    cfg = oscar.OScaRConfig(residual_length=32)
-    args = (cfg, 1, 32, 32, [64, 37], "float32", [64, 37])
-    num, tables, _ = _drive("numba", *args)
-    ref, _, _ = _drive("reference", *args)
+    """A shared prefix page and rows of different lengths (one with an empty residual window),
+    GQA 2, q_len 1: pool bytes equal the reference's and the interim decode matches it."""
+    num, tables = _shared_prefix("numba")
+    ref, _ = _shared_prefix("reference")
     _assert_same_state(num, ref, 2)
+    assert (num.quantized_len(2), num.residual_len(2)) == (64, 5)
     q = make_q(2, 2, 1, 32, seed=3)
     bt = tables[[2, 1]]
     out, lse = num.decode_attention(q, bt, seq_ids=[2, 1], return_lse=True)

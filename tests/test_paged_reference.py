@@ -239,7 +239,7 @@ def _snapshot(cache):
     st_ = cache._store
     return (st_.pool.tobytes(), st_.k_res.tobytes(), st_.v_res.tobytes(),
             cache._quantized.copy(), cache._residual.copy(), cache._res_slots.copy(),
-            cache._refcount.copy(), list(cache._free))
+            cache._refcount.copy(), list(cache._free), cache._owner.copy())
 
 
 def _same(a, b):
@@ -274,6 +274,8 @@ def _one_seq():
     ("shared_page", r"\(shared \(read-only\)\)"),
     ("split_page", r"slot_mapping: expected the tokens of one page run of sequence 0 in one page"),
     ("seq", r"seq_ids: expected sequence slots in \[0, 2\), got 2 at index 0"),
+    ("two_seqs_one_page", r"slot_mapping: expected each page to hold one sequence's tokens, "
+                          r"got page \d+ for position 0 of sequence 1"),
     ("shape", r"k: expected shape \[num_tokens, num_kv_heads, head_dim\] = \[40, 1, 32\]"),
     ("dtype", r"k: expected dtype float32 \(the cache's\), got float16"),
     ("nonfinite", r"k: expected finite values"),
@@ -303,6 +305,11 @@ def test_write_errors_change_nothing(what, pattern):
         slots[10:32] = other[0] * 32 + np.arange(10, 32)
     elif what == "seq":
         seqs[:] = 2
+    elif what == "two_seqs_one_page":
+        cache.reset(1)
+        before = _snapshot(cache)
+        seqs[32:] = 1  # sequence 1's first tokens
+        slots[32:] = slot_mapping(pages, np.arange(8), 32)  # page 0: sequence 0 holds it
     elif what == "shape":
         k = k[:, :, :16]
     elif what == "dtype":
