@@ -90,10 +90,13 @@ class _Memory:
             from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
             return FakeCUDAArray(x if dt is None else x.view(dt))
-        if dt is not None and np.dtype(dt) != np.dtype(np.uint32):
-            x = x.view(self._tdt(dt))
+        if dt is None:
+            return cuda.as_cuda_array(x)
+        # torch reinterprets (sizes may differ: float16 pairs -> one word); Numba then only
+        # relabels int32 as uint32 (torch has no uint32 kernels; the bits are the same)
+        x = x.view(self._tdt(dt))
         view = cuda.as_cuda_array(x)
-        return view.view(np.uint32) if dt is not None and np.dtype(dt) == np.uint32 else view
+        return view.view(np.uint32) if np.dtype(dt) == np.uint32 else view
 
     def host(self, x) -> np.ndarray:
         if self.sim:
@@ -161,9 +164,7 @@ class PagedNumbaStore:
             self.scratch = {}
             for name, (_off, shape, dt) in self.layout.sections.items():
                 rows = self.layout.token_rows(name, r)
-                per_page_rows = self.layout.token_rows(name, self.layout.page_size)
-                full = (cap, shape[0], rows) + shape[2:]
-                assert shape[1] == per_page_rows
+                full = (cap, shape[0], rows) + shape[2:]  # the window's arrays, batch = window
                 self.scratch[name] = self.mem.zeros(full, dt)
             self._stage_cap = cap
         return windows
@@ -300,7 +301,7 @@ class PagedNumbaStore:
                         for j, i in enumerate(idx) for p in range(n_pages)]
                 pool = self.mem.nb(self.pool.reshape(-1), np.uint32)
                 keep = []
-                for name in lay.sections:
+                for name in lay.sections if runs else ():  # no quantized tokens: no pages
                     table = self.mem.upload(self._run_table(name, cap, runs, to_pages=False))
                     keep.append(table)
                     _pk.copy_runs(pool, self.mem.nb(ws[name].reshape(-1), np.uint32),
@@ -309,14 +310,15 @@ class PagedNumbaStore:
                 k_res = self.mem.zeros((g,) + tuple(self.k_res.shape[1:]), self.elem)
                 v_res = self.mem.zeros((g,) + tuple(self.v_res.shape[1:]), self.elem)
                 # residual windows of the group's sequences, one launch: item (row j, token t)
-                t = np.tile(np.arange(rl, dtype=np.int32), g)
-                items = [self.mem.upload(x) for x in (np.repeat(seqs, rl), t,
-                                                      np.repeat(np.arange(g, dtype=np.int32), rl))]
-                keep += items
-                _pk.copy_tokens(self.mem.nb(self.k_res), self.mem.nb(self.v_res),
-                                self.mem.nb(items[0]), self.mem.nb(items[1]), self.mem.nb(k_res),
-                                self.mem.nb(v_res), self.mem.nb(items[2]), self.mem.nb(items[1]),
-                                stream=stream)
+                if rl:
+                    t = np.tile(np.arange(rl, dtype=np.int32), g)
+                    items = [self.mem.upload(x) for x in (
+                        np.repeat(seqs, rl), t, np.repeat(np.arange(g, dtype=np.int32), rl))]
+                    keep += items
+                    _pk.copy_tokens(self.mem.nb(self.k_res), self.mem.nb(self.v_res),
+                                    self.mem.nb(items[0]), self.mem.nb(items[1]),
+                                    self.mem.nb(k_res), self.mem.nb(v_res),
+                                    self.mem.nb(items[2]), self.mem.nb(items[1]), stream=stream)
                 if self.mem.sim:
                     qg = np.ascontiguousarray(q_host[idx])
                 else:

@@ -149,11 +149,11 @@ def test_numba_backend_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_gpu_paged_equals_reference(dtype):
+@pytest.mark.parametrize("dtype, q_len", [("bfloat16", 1), ("float16", 2)])
+def test_gpu_paged_equals_reference(dtype, q_len):
     """Llama-3.1-8B layer shapes (8 KV heads, D = 128, GQA 4), P = 64, R = 128: three sequences
     of different lengths written in interleaved chunks (prefill chunks and single tokens): pool
-    bytes equal the reference's; decode (q_len 1 and 2) matches it."""
+    bytes equal the reference's; the interim decode matches it."""
     import torch
 
     cfg = oscar.OScaRConfig()
@@ -169,15 +169,15 @@ def test_gpu_paged_equals_reference(dtype):
     _assert_same_state(num, ref, 3)
     assert num._store.read_status() == 0
     rows = [3, 1, 2]
-    for q_len in (1, 2):
-        q = make_q(3, 32, q_len, 128, seed=q_len)
-        qt = torch.from_numpy(q).to(getattr(torch, dtype)).cuda()
-        out = num.decode_attention(qt, torch.from_numpy(tables[rows]).cuda(), seq_ids=rows)
-        want = ref.decode_attention(torch.from_numpy(q).to(getattr(torch, dtype)), tables[rows],
-                                    seq_ids=rows)
-        tol = 2e-2 if dtype == "bfloat16" else 2e-3  # one rounding of the output to 16 bits
-        np.testing.assert_allclose(out.float().cpu().numpy(), want.float().numpy(), atol=tol,
-                                   rtol=tol)
+    q = make_q(3, 32, q_len, 128, seed=q_len)
+    qt = torch.from_numpy(q).to(getattr(torch, dtype)).cuda()
+    out = num.decode_attention(qt, torch.from_numpy(tables[rows]).cuda(), seq_ids=rows)
+    want = ref.decode_attention(torch.from_numpy(q).to(getattr(torch, dtype)), tables[rows],
+                                seq_ids=rows)
+    assert out.dtype == qt.dtype and out.is_cuda
+    tol = 2e-2 if dtype == "bfloat16" else 2e-3  # one rounding of the output to 16 bits
+    np.testing.assert_allclose(out.float().cpu().numpy(), want.float().numpy(), atol=tol,
+                               rtol=tol)
 
 
 def _drive_bf16(cfg, lengths, chunks, backend="numba"):
@@ -218,3 +218,41 @@ def _drive_bf16(cfg, lengths, chunks, backend="numba"):
                     np.concatenate(seqs).astype(np.int32))
         step += 1
     return cache, tables, kv
+
+
+@pytest.mark.sim
+def test_copy_kernels_equal_indexing():
+    """copy_runs and copy_tokens against NumPy indexing: more runs / items than blocks (the
+    grid strides), odd run lengths, 2- and 4-byte elements."""
+    from oscar.kernels_numba import paged as pk
+    from oscar.kernels_numba._compat import cuda
+
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32)
+    lengths = rng.integers(1, 200, 9)
+    starts = np.cumsum(np.concatenate(([0], lengths[:-1] + 3)))
+    dst_starts = rng.permutation(9) * 250
+    runs = np.stack((starts, dst_starts, lengths), axis=1).astype(np.int64)
+    d_dst = cuda.to_device(np.zeros(3000, np.uint32))
+    pk.copy_runs(cuda.to_device(src), d_dst, cuda.to_device(runs))
+    want = np.zeros(3000, np.uint32)
+    for s0, d0, n in runs:
+        want[d0 : d0 + n] = src[s0 : s0 + n]
+    assert np.array_equal(d_dst.copy_to_host(), want)
+
+    for dt in (np.int16, np.int32):
+        tokens = rng.integers(-999, 999, (7, 2, 32)).astype(dt)
+        src_k = np.ascontiguousarray(tokens[:, :, None])  # [num_tokens, H, 1, D], as a write
+        res_k = np.zeros((3, 2, 8, 32), dt)
+        res_v = np.zeros((3, 2, 8, 32), dt)
+        rows, pos = rng.integers(0, 3, 7).astype(np.int32), rng.permutation(8)[:7].astype(np.int32)
+        zeros = np.zeros(7, np.int32)
+        d_k, d_v = cuda.to_device(res_k), cuda.to_device(res_v)
+        pk.copy_tokens(cuda.to_device(src_k), cuda.to_device(-src_k), cuda.to_device(
+            np.arange(7, dtype=np.int32)), cuda.to_device(zeros), d_k, d_v, cuda.to_device(rows),
+            cuda.to_device(pos))
+        want_k = res_k.copy()
+        for i in range(7):
+            want_k[rows[i], :, pos[i]] = tokens[i]
+        got_k, got_v = d_k.copy_to_host(), d_v.copy_to_host()
+        assert np.array_equal(got_k, want_k) and np.array_equal(got_v, -want_k)
