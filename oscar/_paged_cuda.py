@@ -109,7 +109,8 @@ class PagedNumbaStore:
 
     backend = "numba"
 
-    def __init__(self, layout: PageLayout, num_pages, max_seqs, dtype, config, device):
+    def __init__(self, layout: PageLayout, num_pages, max_seqs, dtype, config, device,
+                 pool=None):
         self.mem = _Memory(device)
         self.device = self.mem.device
         self.layout, self.config, self.dtype = layout, config, dtype
@@ -119,7 +120,11 @@ class PagedNumbaStore:
                             "bfloat16; use float16 or float32")
         h, d, r = layout.num_kv_heads, layout.head_dim, config.residual_length
         self.page_words = layout.page_bytes // 4
-        self.pool = self.mem.zeros((num_pages, self.page_words), np.uint32)
+        if pool is None:
+            self.pool = self.mem.zeros((num_pages, self.page_words), np.uint32)
+        else:  # the caller's uint8 [num_pages, page_bytes] (validated), as words
+            self.check_device("pool", pool)
+            self.pool = pool.view(np.uint32) if self.mem.sim else pool.view(self.mem.torch.int32)
         self.k_res = self.mem.zeros((max_seqs, h, r, d), self.elem)
         self.v_res = self.mem.zeros((max_seqs, h, r, d), self.elem)
         self.status = self.mem.zeros((1,), np.int32)

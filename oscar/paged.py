@@ -121,10 +121,16 @@ class PagedKVCache:
 
     @classmethod
     def empty(cls, num_pages, page_size, num_kv_heads, head_dim, max_seqs, dtype="float32",
-              config=None, backend="reference", device=None) -> "PagedKVCache":
+              config=None, backend="reference", device=None, pool=None) -> "PagedKVCache":
         """An empty paged cache: a pool of ``num_pages`` pages of ``page_size`` tokens and
         ``max_seqs`` sequence slots, on the host (``backend="reference"``) or on a CUDA device
-        (``backend="numba"``, ``device`` e.g. ``"cuda"``)."""
+        (``backend="numba"``, ``device`` e.g. ``"cuda"``).
+
+        ``pool``: optional storage to use instead of a new one, uint8 ``[num_pages,
+        layout.page_bytes]`` C-contiguous (a NumPy array on the host and under the CUDA
+        simulator, a torch CUDA tensor on the cache's device): the buffer a serving engine
+        allocates for the layer (docs/serving.md). Its contents need not be zero.
+        """
         config = OScaRConfig() if config is None else config
         if not isinstance(config, OScaRConfig):
             raise TypeError(f"config: expected OScaRConfig, got {type(config).__name__}")
@@ -140,18 +146,30 @@ class PagedKVCache:
         if dtype not in V.FLOAT_DTYPES:
             raise TypeError(f"dtype: expected one of {V.FLOAT_DTYPES}, got {dtype!r}")
         layout = page_layout(config, page_size, num_kv_heads, head_dim)
+        if pool is not None:
+            V.check_array("pool", pool)
+            want = (num_pages, layout.page_bytes)
+            contiguous = pool.is_contiguous() if V.is_torch(pool) else pool.flags["C_CONTIGUOUS"]
+            if tuple(pool.shape) != want or V.dtype_name(pool) != "uint8" or not contiguous:
+                raise ValueError(f"pool: expected a C-contiguous uint8 array of shape "
+                                 f"[num_pages, page_bytes] = {list(want)}, got "
+                                 f"{V.dtype_name(pool)} {tuple(pool.shape)}"
+                                 + ("" if contiguous else " (not contiguous)"))
         if backend == "numba":
             from . import _paged_cuda
 
             store = _paged_cuda.PagedNumbaStore(layout, num_pages, max_seqs, dtype, config,
-                                                device)
+                                                device, pool)
             return cls(store, layout, num_pages, max_seqs, dtype, config, store.device)
         if backend != "reference":
             raise ValueError(f"backend: expected 'reference' or 'numba', got {backend!r}")
         if device is not None and str(device) != "cpu":
             raise ValueError(f"device: expected None or 'cpu' for backend='reference', "
                              f"got {device!r}")
-        store = PagedReferenceStore(layout, num_pages, max_seqs, dtype, config)
+        if pool is not None and not isinstance(pool, np.ndarray):
+            raise TypeError(f"pool: expected a numpy.ndarray for backend='reference', got "
+                            f"{type(pool).__name__}")
+        store = PagedReferenceStore(layout, num_pages, max_seqs, dtype, config, pool)
         return cls(store, layout, num_pages, max_seqs, dtype, config, "cpu")
 
     @property
@@ -467,9 +485,9 @@ class PagedReferenceStore:
 
     backend = "reference"
 
-    def __init__(self, layout: PageLayout, num_pages, max_seqs, dtype, config):
+    def __init__(self, layout: PageLayout, num_pages, max_seqs, dtype, config, pool=None):
         self.layout, self.config, self.dtype = layout, config, dtype
-        self.pool = np.zeros((num_pages, layout.page_bytes), np.uint8)
+        self.pool = np.zeros((num_pages, layout.page_bytes), np.uint8) if pool is None else pool
         self.views = layout.views(self.pool)
         shape = (max_seqs, layout.num_kv_heads, config.residual_length, layout.head_dim)
         rdt = _NUMPY_RESIDUAL_DTYPE[dtype]

@@ -99,7 +99,11 @@ def _shared_prefix(backend):
     """Sequence 1: 64 tokens in two pages (quantized). Sequence 2 shares its first page
     (cached_len 32) and adds 37 tokens of its own (one window flushed, 5 left)."""
     cfg = oscar.OScaRConfig(residual_length=32)
-    cache = PagedKVCache.empty(6, 32, 1, 32, max_seqs=3, config=cfg, backend=backend)
+    # an engine's buffer, not zeroed (NumPy: the reference and the simulator)
+    nbytes = oscar.reference.paged.page_layout(cfg, 32, 1, 32).page_bytes
+    pool = np.full((6, nbytes), 0xCD, np.uint8)
+    cache = PagedKVCache.empty(6, 32, 1, 32, max_seqs=3, config=cfg, backend=backend,
+                               pool=pool)
     k, v = (x[0].transpose(1, 0, 2).copy() for x in make_kv(1, 1, 101, 32, seed=4))
     tables = np.full((3, 4), -1, np.int32)
     tables[1, :2] = cache.allocate(2)[::-1]

@@ -369,3 +369,27 @@ def test_decode_and_pool_errors():
     cache.free(pages)
     with pytest.raises(ValueError, match=r"block_table: expected allocated pages"):
         cache.decode_attention(q, bt)  # freed pages are not read
+
+
+def test_engine_pool_is_used_in_place():
+    """A caller's uint8 [num_pages, page_bytes] buffer (a serving engine's) holds the pages."""
+    cfg = oscar.OScaRConfig(residual_length=32)
+    layout = oscar.reference.paged.page_layout(cfg, 32, 1, 32)
+    pool = np.full((3, layout.page_bytes), 0xAB, np.uint8)  # not zeroed: an engine's memory
+    cache = PagedKVCache.empty(3, 32, 1, 32, max_seqs=1, config=cfg, pool=pool)
+    pages = cache.allocate(2)[::-1].copy()
+    k, v = make_kv(1, 1, 64, 32, seed=6)
+    cache.reset(0)
+    cache.write(k[0].transpose(1, 0, 2), v[0].transpose(1, 0, 2),
+                slot_mapping(pages, np.arange(64), 32), np.zeros(64, np.int32))
+    ref = oscar.quantize_kv(k, v, cfg)
+    assert_packed_equal(cache.packed(pages, 0), ref.packed())
+    views = layout.views(pool)  # the caller's own buffer holds the bytes
+    assert same_bytes(views["k_codes"][pages[0]][None], ref.packed().k_codes[:, :, :1])
+    assert (pool[2] == 0xAB).all()  # the page never allocated is untouched
+    with pytest.raises(ValueError, match=r"pool: expected a C-contiguous uint8 array of shape "
+                                         r"\[num_pages, page_bytes\] = \[3, \d+\], got uint8 "
+                                         r"\(2, \d+\)"):
+        PagedKVCache.empty(3, 32, 1, 32, max_seqs=1, config=cfg, pool=pool[:2])
+    with pytest.raises(ValueError, match=r"got uint32"):
+        PagedKVCache.empty(3, 32, 1, 32, max_seqs=1, config=cfg, pool=pool.view(np.uint32))
