@@ -13,7 +13,7 @@ every entry for sm_90.
 import importlib
 
 #: Kernel modules in the registry; a module that does not exist (yet) is skipped.
-KERNEL_MODULES = ("hadamard", "quantize", "dequantize", "attention", "append")
+KERNEL_MODULES = ("hadamard", "quantize", "dequantize", "attention", "append", "paged")
 
 
 def all_kernel_signatures():

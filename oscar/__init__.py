@@ -19,8 +19,9 @@ _source_tree.install(__file__)
 from .config import OScaRConfig  # noqa: E402
 from .cache import QuantizedKVCache  # noqa: E402
 from .api import quantize_kv, decode_attention, dequantize_kv  # noqa: E402
+from .paged import PagedKVCache  # noqa: E402
 from .runtime import warmup  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["OScaRConfig", "QuantizedKVCache", "quantize_kv", "decode_attention",
-           "dequantize_kv", "warmup", "__version__"]
+__all__ = ["OScaRConfig", "QuantizedKVCache", "PagedKVCache", "quantize_kv",
+           "decode_attention", "dequantize_kv", "warmup", "__version__"]

@@ -155,7 +155,8 @@ def test_launch_plan_layout_matches_compiled_parameters(compiled):
 
 def test_registry_covers_every_kernel(compiled):
     names = [r["name"] for r in compiled]
-    for prefix in ("hadamard.hadamard", "quantize.quantize", "dequantize.dequantize"):
+    for prefix in ("hadamard.hadamard", "quantize.quantize", "dequantize.dequantize",
+                   "paged.copy_tokens", "paged.copy_runs"):
         assert any(n.startswith(prefix) for n in names), f"no {prefix} kernel in the registry"
     assert len(names) == len(set(names)), "duplicate registry names"
 
