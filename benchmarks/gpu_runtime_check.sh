@@ -20,6 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 t0=$SECONDS
 timeout "${1:-240}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu_runtime.py \
   tests/test_kernels_append.py tests/test_integration_gpu.py tests/test_gpu_bridge.py \
+  tests/test_paged_cuda.py \
   >"$OUT/tests.log" 2>&1
 echo "tests exit $? in $((SECONDS - t0)) s"; grep -E "passed|failed|FAILED|^E " "$OUT/tests.log" | cut -c1-240 | tail -20
 t0=$SECONDS
