@@ -370,6 +370,11 @@ def jit(fn, sig, *, name: str, key=(), **options):
         stats["compile_s"] += progress.seconds
     disp._specialized = True  # as cuda.jit(sig) leaves it: one overload, launched untyped
     disp.disable_compile()
+    # load the module into the current context now, not at the first launch: with CUDA's lazy
+    # module loading that first launch (a decode loop's first flush) cost a 13-81 ms stall on
+    # an H100 (benchmarks/RESULTS.md, seventeenth session); warm-up is where it belongs
+    for overload in disp.overloads.values():
+        overload._codelibrary.get_cufunc()
     return disp
 
 

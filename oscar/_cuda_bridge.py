@@ -167,6 +167,13 @@ class NumbaStore:
                                     self.batch, prefill=False)
             if self.append_kernel and self.plans:
                 _append._append_kernel(2 if self.dtype != "float32" else 4)
+        if self.plans and self._flush_plan is None:
+            # the first flush of the decode loop then only patches pointers (rebuilt after a
+            # reallocation, which _rewrap signals)
+            try:
+                self._flush_plan = self._build_flush_plan()
+            except _launch.PlanUnavailable as exc:
+                self._plan_failed(exc)
         if num_q_heads is not None:
             for q_len in q_lens:
                 self._warm_decode(int(num_q_heads), int(q_len), q_dtype or self.dtype)
