@@ -149,9 +149,9 @@ class NumbaStore:
         self._flush_plan = None
         self.plans, self.plan_reason = _launch.plan_support()
         # the residual copy of append as one prepared kernel launch (kernels_numba/append.py)
-        # instead of two torch copies: simulator-verified, not yet run on a GPU, so opt-in
-        # (OSCAR_APPEND_KERNEL=1) until a GPU run of tests/test_gpu_runtime.py confirms it
-        self.append_kernel = os.environ.get("OSCAR_APPEND_KERNEL", "0") == "1"
+        # instead of two torch copies (verified on an H100: tests/test_kernels_append.py and the
+        # plan tests of tests/test_gpu_runtime.py); OSCAR_APPEND_KERNEL=0: torch copies
+        self.append_kernel = os.environ.get("OSCAR_APPEND_KERNEL", "1") != "0"
         self._warmed: set = set()
         self._warmed_shapes: set = set()
         self._alloc(_round_up(max(capacity, r), r))
