@@ -34,7 +34,7 @@ def _pair(b, h, t, d, dtype, cfg, capacity=None, seed=0):
     planned = oscar.quantize_kv(k, v, cfg, max_seq_len=capacity)
     plain = oscar.quantize_kv(k, v, cfg, max_seq_len=capacity)
     plain._store.plans = False
-    planned._store.append_kernel = True  # the prepared append kernel (opt-in until verified)
+    planned._store.append_kernel = True  # the prepared append kernel (the default with plans)
     assert planned._store.plans, planned._store.plan_reason
     return planned, plain, g
 
