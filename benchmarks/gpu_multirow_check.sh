@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for issue 26 (multi-token decode, v3 row groups): install, the multi-row GPU
-# tests, compute-sanitizer (memcheck + racecheck) on one row-group case, then
-# benchmarks/multirow.py. Every step has a time cap and the script goes on after a failing step;
+# tests (their kernels compiled first in parallel: warm_tests.py), with SANITIZE=1
+# compute-sanitizer (memcheck + racecheck) on one row-group case, then benchmarks/multirow.py. Every step has a time cap and the script goes on after a failing step;
 # logs and results go to $OUT (default ./gpu_out).
 #   bash benchmarks/gpu_multirow_check.sh [tests_cap_s] [bench_cap_s] [bench args...]
 set -uo pipefail
@@ -26,7 +26,7 @@ timeout "$TESTS_CAP" python3 -m pytest -q -p no:cacheprovider -rf tests/test_ker
   >"$OUT/tests.log" 2>&1
 echo "tests exit $? in $((SECONDS - t0)) s"; grep -E "passed|failed|FAILED|^E " "$OUT/tests.log" | cut -c1-240 | tail -20
 t0=$SECONDS
-for tool in memcheck racecheck; do
+[[ ${SANITIZE:-0} == 1 ]] && for tool in memcheck racecheck; do
   timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q \
     -p no:cacheprovider tests/test_kernels_attention.py -k "multirow and rg2-gqa1-qlen9" \
     >"$OUT/$tool.log" 2>&1

@@ -26,10 +26,10 @@ def _warm(case):
     import oscar
     from oscar.kernels_numba import attention as K
 
-    _, shape, _, _, q_len, changes, q_dtype, res_dtype = case[:8]
+    (_, shape, _, _, q_len, changes, q_dtype, res_dtype), outs = case[0][:8], case[1]
     cfg = oscar.OScaRConfig(**changes)
     n = 0
-    for out in dict.fromkeys(("float32", q_dtype)):
+    for out in outs:
         n += len(K.decode_kernels(cfg, shape["head_dim"], shape["gqa"], q_len, q_dtype,
                                   res_dtype, out))
     return n
@@ -43,8 +43,11 @@ def main(argv=None):
     import test_kernels_attention as T
 
     words = args.match.split(",")
-    cases = list(T.MULTIROW_GPU_CASES) if "multirow" in words else []
-    cases += [c for c in T.GPU_CASES if any(w in c[0] for w in words)]
+    # (case, out dtypes): the multi-row test writes float32 out; test_gpu_matches_reference
+    # also q's dtype
+    cases = [(c, ("float32",)) for c in T.MULTIROW_GPU_CASES] if "multirow" in words else []
+    cases += [(c, tuple(dict.fromkeys(("float32", c[6])))) for c in T.GPU_CASES
+              if any(w in c[0] for w in words)]
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(min(args.workers, len(cases)),

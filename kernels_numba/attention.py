@@ -22,8 +22,9 @@ split kernel (launch 1)  **v3**, attention_mma.py (tensor cores, inline PTX; ptx
                          ``attention_mma.unsupported(key_bits, value_bits, value_group_size,
                          head_dim, rows, param_dtype)`` is None, i.e. all of: rows <= 32
                          (beyond 8 in row groups: RG = ceil(rows / 8) warps share each
-                         staged tile, ``attention_mma.row_groups``); param_dtype float16; head_dim a multiple of 16; value groups of >= 16
-                         channels and at most 8 per head; ``head_dim * key_bits`` and
+                         staged tile, ``attention_mma.row_groups``); param_dtype float16;
+                         head_dim a multiple of 16; value groups of >= 16 channels and at
+                         most 8 per head; ``head_dim * key_bits`` and
                          ``head_dim * value_bits`` multiples of 128; v3's static shared memory
                          <= 48 KB. Otherwise **v1**, attention_v1.py (float32 CUDA cores; its
                          docstring lists the configurations it exists for; ValueError where its

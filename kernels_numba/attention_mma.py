@@ -96,17 +96,18 @@ from .common import fwht_warp, split_block, write_empty_split
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
-    from .ptx_sim import (bar_sync, cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
-                          f16x2_hi, f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f,
-                          lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt, redux_max_u32,
-                          shared_address, sts2, sts1f, uint_as_float)
+    from .ptx_sim import (bar_sync, cp_async16_bo, cp_async_commit, cp_async_wait0,
+                          cp_async_wait1, ex2, f16x2_hi, f16x2_lo, float_as_uint,
+                          global_address, hmul2, lds1, lds1f, lds2, lds4, lds4f, mma_f16,
+                          pack_f16x2, prmt, redux_max_u32, shared_address, sts2, sts1f,
+                          uint_as_float)
 
     _sim.install()  # warp shuffles, votes and syncwarp for the simulator's cuda module
 else:
-    from .ptx import (bar_sync, cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
-                      f16x2_hi, f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f, lds2,
-                      lds4, lds4f, mma_f16, pack_f16x2, prmt, redux_max_u32, shared_address,
-                      sts1f, sts2, uint_as_float)
+    from .ptx import (bar_sync, cp_async16_bo, cp_async_commit, cp_async_wait0,
+                      cp_async_wait1, ex2, f16x2_hi, f16x2_lo, float_as_uint, global_address,
+                      hmul2, lds1, lds1f, lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt,
+                      redux_max_u32, shared_address, sts1f, sts2, uint_as_float)
 
 #: alignment of the shared arrays read with vector loads (the simulator rejects the argument;
 #: its NumPy arrays are aligned anyway)
@@ -539,7 +540,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         rb = np.int32(0) if RG == 1 else np.int32(ROWS_PER_WARP * (warp % RG))
         issuer = RG == 1 or rb == 0  # the warp that copies its token lane's tiles
         stg = stage[warp]  # this warp's stage: NSTAGE buffers of SW words (or its lane's share)
-        sb = shared_address(stage, (warp if RG == 1 else np.int32(tl * RG), 0))  # its lane's buffers
+        # its token lane's buffers (row groups: the stage rows of the lane's RG warps)
+        sb = shared_address(stage, (warp if RG == 1 else np.int32(tl * RG), 0))
         qs_b = shared_address(qs, (rb, 0))  # this warp's first query row
         psh_b = shared_address(psh, (warp, 0, 0))
         bsh_b = shared_address(bsh, (warp, 0, 0))
@@ -778,12 +780,13 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 f1 = cuda.shfl_sync(FULL, fr, 4 * r1)
                 # padding rows (>= ROWS): their B rows are zero, so c = 0 and the score
                 # (0 * c - inf) * n = -inf: masked for the whole group without per-tile selects
-                if not FULLGROUPS and rb + r0 >= ROWS:
-                    k0 = neg_inf
-                    f0 = ZERO_F
-                if not FULLGROUPS and rb + r1 >= ROWS:
-                    k1 = neg_inf
-                    f1 = ZERO_F
+                if not FULLGROUPS:  # (a constant test)
+                    if rb + r0 >= ROWS:
+                        k0 = neg_inf
+                        f0 = ZERO_F
+                    if rb + r1 >= ROWS:
+                        k1 = neg_inf
+                        f1 = ZERO_F
                 cuda.syncwarp()
                 for ch in range(NCH):  # rows >= ROWS read the zero rows of bsh
                     u0, u1 = lds2(bsh_b, 4 * (g * BS + ch * 8 + 2 * t4))
