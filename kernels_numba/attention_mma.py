@@ -18,8 +18,10 @@ do above (lane u takes groups u, u + TL, ...). The RG warps of a token lane comp
 staged tile: its first warp issues the cp.async copies into the lane's stage (the stage rows of
 its RG warps) and the lane meets at a named barrier (``bar.sync 1 + lane, 32 RG``) after the
 wait and after the tile, so every staged byte is read from global memory once, as with one row.
-The epilogue merges row r over the TL warps holding it. Rows <= 8 compile to the same
-instructions as before row groups existed (the row-group code is behind compile-time tests).
+The epilogue merges row r over the TL warps holding it. A lane's stage holds 4 tiles where the
+shared memory allows (:func:`_num_stages`: 3 tiles in flight, as many as 2 lanes of 2 stages).
+Rows <= 8 compile to the same instructions as before row groups existed (the row-group code is
+behind compile-time tests).
 
 Both products are ``mma.sync.m16n8k16`` (float16 in, float32 accumulate); the query rows
 (8 per warp) are the N = 8 side, so the packed codes are the large M/K operands:
@@ -97,15 +99,16 @@ from .common import fwht_warp, split_block, write_empty_split
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
     from .ptx_sim import (bar_sync, cp_async16_bo, cp_async_commit, cp_async_wait0,
-                          cp_async_wait1, ex2, f16x2_hi, f16x2_lo, float_as_uint,
-                          global_address, hmul2, lds1, lds1f, lds2, lds4, lds4f, mma_f16,
+                          cp_async_wait1, cp_async_wait2, cp_async_wait3, ex2, f16x2_hi,
+                          f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f, lds2, lds4, lds4f, mma_f16,
                           pack_f16x2, prmt, redux_max_u32, shared_address, sts2, sts1f,
                           uint_as_float)
 
     _sim.install()  # warp shuffles, votes and syncwarp for the simulator's cuda module
 else:
     from .ptx import (bar_sync, cp_async16_bo, cp_async_commit, cp_async_wait0,
-                      cp_async_wait1, ex2, f16x2_hi, f16x2_lo, float_as_uint, global_address,
+                      cp_async_wait1, cp_async_wait2, cp_async_wait3, ex2, f16x2_hi, f16x2_lo,
+                      float_as_uint, global_address,
                       hmul2, lds1, lds1f, lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt,
                       redux_max_u32, shared_address, sts1f, sts2, uint_as_float)
 
@@ -167,8 +170,10 @@ def _stage_row_words(key_bits, value_bits, value_group_size, head_dim, rows, sta
 
 def _num_stages(key_bits, value_bits, value_group_size, head_dim, rows):
     """2 (double buffering: the next tile's loads fly while this one is computed) where the
-    48 KB of static shared memory allow it, else 1."""
-    for stages in (2, 1):
+    48 KB of static shared memory allow it, else 1. Row groups: 4 where they fit (a token lane
+    keeps one stage for its RG warps, so 4 stages give it the tiles in flight of 2 lanes; at RG
+    = 4 and head_dim 128 they fit in the stage rows the epilogue needs anyway)."""
+    for stages in ((2, 1) if row_groups(rows) == 1 else (4, 2, 1)):
         need = shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages)
         if need <= SHARED_LIMIT:
             return stages
@@ -561,6 +566,11 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         cuda.syncwarp()
         if nsteps > 0 and issuer:  # start the first tile's copies before the query prologue
             prefetch(sl, lane, t_begin + tl * TPG, gb)
+            if NSTAGE == 4:  # (row groups) and the next two tiles'
+                for j in range(1, 3):
+                    if j < nsteps:
+                        prefetch(sl + 4 * SW * j, lane,
+                                 tile_of(np.int32(t_begin), np.int32(tl), np.int32(j)), gb)
 
         # --- prologue (block): rotated, scaled queries, normalized per row by max |.| ---------
         qx = cuda.local.array(CQ, np.float32)
@@ -666,6 +676,17 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 if step > 0:
                     prefetch(sl, lane, tile, gb)
                 cp_async_wait0()
+            elif NSTAGE == 4:  # (row groups) tiles step + 1 .. step + 3 in flight
+                nxt = np.int32(step + 3)
+                if nxt < nsteps32:
+                    prefetch(sl + 4 * SW * (nxt & 3), lane, tile_of(tb32, w32, nxt), gb)
+                    cp_async_wait3()
+                elif np.int32(step + 2) < nsteps32:
+                    cp_async_wait2()
+                elif np.int32(step + 1) < nsteps32:
+                    cp_async_wait1()
+                else:
+                    cp_async_wait0()
             elif np.int32(step + 1) < nsteps32:  # the next tile's copies fly meanwhile
                 nxt = np.int32(step + 1)
                 prefetch(sl + 4 * SW * (1 - buf), lane,

@@ -38,7 +38,7 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
   (a multiple of 32; barrier 0 is ``syncthreads``'): the warps of one token lane of the v3
   kernel's row-group mode meet there without waiting for the other lanes. Orders shared memory
   among its threads like ``syncthreads``.
-* ``cp_async16_bo(base, off, src)``, ``cp_async_commit()``, ``cp_async_wait0/1()``: 16-byte
+* ``cp_async16_bo(base, off, src)``, ``cp_async_commit()``, ``cp_async_wait0/1/2/3()``: 16-byte
   asynchronous global -> shared copies (``cp.async.cg``) and their group waits; a
   ``syncwarp``/``syncthreads`` after the wait makes the other lanes' copies visible.
 
@@ -145,9 +145,11 @@ def _asm_statement(name, text):
 
 #: close the current group of cp.async copies
 cp_async_commit = _asm_statement("cp_async_commit", "cp.async.commit_group;")
-#: wait until at most 0 / 1 committed groups of this thread are still in flight
+#: wait until at most 0 / 1 / 2 / 3 committed groups of this thread are still in flight
 cp_async_wait0 = _asm_statement("cp_async_wait0", "cp.async.wait_group 0;")
 cp_async_wait1 = _asm_statement("cp_async_wait1", "cp.async.wait_group 1;")
+cp_async_wait2 = _asm_statement("cp_async_wait2", "cp.async.wait_group 2;")
+cp_async_wait3 = _asm_statement("cp_async_wait3", "cp.async.wait_group 3;")
 #: release / acquire fence at GPU scope (lighter than ``membar.gl``, i.e. ``fence.sc.gpu``, of
 #: ``cuda.threadfence``): with a barrier and one relaxed atomic, the arrival counter pattern of
 #: CUTLASS's generic barrier (writers: ``bar.sync``, then one thread fences and adds; the last

@@ -251,6 +251,14 @@ def cp_async_wait1():
     pass
 
 
+def cp_async_wait2():
+    pass
+
+
+def cp_async_wait3():
+    pass
+
+
 # --- bit and float16 operations -------------------------------------------------------------
 
 

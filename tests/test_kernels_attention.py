@@ -720,8 +720,9 @@ ROW_GROUP_CASES = [
     # row: test_sim_matches_reference)
     (1, 1, 4, 64, 64, 0, 5, 32, 2, False),
     # 32 rows (GQA 2 x q_len 16: rows of two query heads in each row group), no padding rows;
-    # every row of the last tile masked differently; key group 64 (2 tiles)
-    (1, 1, 2, 64, 64, 0, 16, 64, 1, False),
+    # every row of the last tile masked differently; key group 64; 4 tiles through the 4-stage
+    # pipeline of one token lane (3 tiles in flight, then each of the tail's shorter waits)
+    (1, 1, 2, 64, 128, 0, 16, 64, 1, False),
 ]
 
 
