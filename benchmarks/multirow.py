@@ -96,6 +96,7 @@ def main(argv=None):
     ap.add_argument("--gqas", default="4,8")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warm", type=int, default=12, help="compile processes (0: in line)")
+    ap.add_argument("--warm-only", action="store_true", help="compile the kernels, time nothing")
     args = ap.parse_args(argv)
     shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
     gqas = [int(x) for x in args.gqas.split(",")]
@@ -107,6 +108,8 @@ def main(argv=None):
         n = warm(jobs, min(args.warm, len(jobs)))
         print(f"warm-up: {n} kernels compiled in {time.perf_counter() - t0:.1f} s "
               f"({args.warm} processes)", flush=True)
+    if args.warm_only:
+        return
     os.makedirs(args.out, exist_ok=True)
     env = environment()
     copy = copy_bandwidth()
@@ -160,6 +163,7 @@ def main(argv=None):
              "| batch | seq_len | GQA | q_len | rows | path | v1 ms | new ms | speedup | x q1 | "
              "v1 eager ms | new eager ms | TB/s (% of copy) | max diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
     def cell(r, name, fmt):
         return "-" if r.get(name) is None else fmt.format(r[name])
 
