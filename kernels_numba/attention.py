@@ -20,9 +20,11 @@ What runs for my configuration (``rows = G * q_len``; one :func:`decode_attentio
 split kernel (launch 1)  **v3**, attention_mma.py (tensor cores, inline PTX; ptx_sim.py in the
                          simulator) when ``SPLIT_VERSION == 3`` (the default) and
                          ``attention_mma.unsupported(key_bits, value_bits, value_group_size,
-                         head_dim, rows, param_dtype)`` is None, i.e. all of: rows <= 8;
-                         param_dtype float16; head_dim a multiple of 16; value groups of >= 16
-                         channels and at most 8 per head; ``head_dim * key_bits`` and
+                         head_dim, rows, param_dtype)`` is None, i.e. all of: rows <= 32
+                         (beyond 8 in row groups: RG = ceil(rows / 8) warps share each
+                         staged tile, ``attention_mma.row_groups``); param_dtype float16;
+                         head_dim a multiple of 16; value groups of >= 16 channels and at
+                         most 8 per head; ``head_dim * key_bits`` and
                          ``head_dim * value_bits`` multiples of 128; v3's static shared memory
                          <= 48 KB. Otherwise **v1**, attention_v1.py (float32 CUDA cores; its
                          docstring lists the configurations it exists for; ValueError where its
@@ -31,7 +33,7 @@ residual tokens          **residual blocks** (attention_residual.py: extra block
                          v3 launch, partial at workspace slot ``num_splits``) when v3 runs,
                          ``residual_len > 0``, ``attention_residual.unsupported`` is None (a
                          residual row of head_dim elements is a power-of-two 64..2048 bytes;
-                         rows <= 8; ROWS_PER_BLOCK x residual_length scores fit v3's staging
+                         rows <= 32; ROWS_PER_BLOCK x residual_length scores fit v3's staging
                          buffers), and RESIDUAL_BLOCKS is ``"on"``, or ``"auto"`` and the
                          grid ``batch * num_kv_heads * (num_splits + residual rows)`` fits one
                          wave of resident blocks (:func:`residual_block_rows`). Otherwise the
@@ -58,7 +60,8 @@ Every split kernel takes the same arguments (:func:`_split_signature`), so one l
 
 Limits: head_dim a power of two in 32..256; key/value bits 2, 4, 8; key groups 32/64/128; any
 value group of the configuration; ``num_splits <= MAX_SPLITS``; rows as the split kernel that
-runs allows (v3: 8; v1: up to 128, by shared memory).
+runs allows (v3: 32, where its shared memory fits: head_dim 256 at most 8 rows; v1: up to 128,
+by shared memory).
 
 History: split kernel v2 (one tile per warp, float32; attention_split.py) was removed on
 2026-12-07; its measured numbers stay in docs/kernels.md.
@@ -415,6 +418,10 @@ def compile_signatures():
          "bfloat16", True, True),  # with the fused merge, out in q's dtype
         (2, 2, 32, 16, 64, 2, 3, "float16", "float32", True, True, True, "float16", 32,
          "float32", False, True),
+        # v3 row groups: 16 rows (2 groups x 2 token lanes: named barriers), 24 rows fused
+        (2, 2, 32, 32, 128, 4, 4, "float16", "bfloat16", True, True, False, "bfloat16", 128),
+        (4, 4, 32, 32, 64, 8, 3, "float16", "float16", True, True, False, "float16", 64,
+         "float16", True, True),
     ]
     merges = [
         (128, 128, "bfloat16", "bfloat16", True, "bfloat16"),  # Llama-3.1-8B, out in q's dtype

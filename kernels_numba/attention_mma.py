@@ -10,8 +10,21 @@ of whole key groups, warp w takes the key groups w, w + 4, ... of it with its ow
 state, and the 4 warps merge by log-sum-exp through shared memory at the end. Inside a warp,
 ``g = lane // 4`` and ``t4 = lane % 4`` (the mma fragment coordinates).
 
+More than 8 query rows (:func:`row_groups`; rows <= ROWS_MAX = 32): RG = ceil(rows / 8) row
+groups (2 or 4). Warp w holds the 8 rows ``8 (w % RG) .. 8 (w % RG) + 7`` (one N = 8 mma tile,
+its own softmax state and accumulators: the same per-warp code and registers as 8 rows) and
+belongs to token lane ``w // RG``; the TL = 4 / RG token lanes split the key groups as the warps
+do above (lane u takes groups u, u + TL, ...). The RG warps of a token lane compute on the same
+staged tile: its first warp issues the cp.async copies into the lane's stage (the stage rows of
+its RG warps) and the lane meets at a named barrier (``bar.sync 1 + lane, 32 RG``) after the
+wait and after the tile, so every staged byte is read from global memory once, as with one row.
+The epilogue merges row r over the TL warps holding it. A lane's stage holds 4 tiles where the
+shared memory allows (:func:`_num_stages`: 3 tiles in flight, as many as 2 lanes of 2 stages).
+Rows <= 8 compile to the same instructions as before row groups existed (the row-group code is
+behind compile-time tests).
+
 Both products are ``mma.sync.m16n8k16`` (float16 in, float32 accumulate); the query rows
-(G * q_len <= 8) are the N = 8 side, so the packed codes are the large M/K operands:
+(8 per warp) are the N = 8 side, so the packed codes are the large M/K operands:
 
 * QK: ``S[token, row] = sum_c A[token, c] B[c, row]``, M = 16 tokens, K = 16 channels. A holds
   codes, B the pre-scaled query ``b'_rc = f16(qn_rc * s_c / S * 2**(10 - p_c))`` of the key group
@@ -70,7 +83,7 @@ PTX semantics), so CPU CI runs this kernel on tiny shapes.
 
 Precision (derived in tests/test_kernels_attention.py): float16 rounding of b' (relative 2**-11,
 absolute 2**-25 below the normal range) and of p and p * s; exact products, float32 accumulation.
-Requirements (:func:`unsupported`): rows <= 8, float16 params, value groups of >= 16 channels
+Requirements (:func:`unsupported`): rows <= 32, float16 params, value groups of >= 16 channels
 and at most 8 per head, head_dim a multiple of 16, ``head_dim * key_bits`` a multiple of 128
 (4 key words per lane column), ``head_dim * value_bits`` a multiple of 128 (at least one value
 word per token pair and thread), 48 KB of static shared memory.
@@ -85,17 +98,19 @@ from .common import fwht_warp, split_block, write_empty_split
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
-    from .ptx_sim import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
-                          f16x2_hi, f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f,
-                          lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt, redux_max_u32,
-                          shared_address, sts2, sts1f, uint_as_float)
+    from .ptx_sim import (bar_sync, cp_async16_bo, cp_async_commit, cp_async_wait0,
+                          cp_async_wait1, cp_async_wait2, cp_async_wait3, ex2, f16x2_hi,
+                          f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f, lds2, lds4, lds4f, mma_f16,
+                          pack_f16x2, prmt, redux_max_u32, shared_address, sts2, sts1f,
+                          uint_as_float)
 
     _sim.install()  # warp shuffles, votes and syncwarp for the simulator's cuda module
 else:
-    from .ptx import (cp_async16_bo, cp_async_commit, cp_async_wait0, cp_async_wait1, ex2,
-                      f16x2_hi, f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f, lds2,
-                      lds4, lds4f, mma_f16, pack_f16x2, prmt, redux_max_u32, shared_address,
-                      sts1f, sts2, uint_as_float)
+    from .ptx import (bar_sync, cp_async16_bo, cp_async_commit, cp_async_wait0,
+                      cp_async_wait1, cp_async_wait2, cp_async_wait3, ex2, f16x2_hi, f16x2_lo,
+                      float_as_uint, global_address,
+                      hmul2, lds1, lds1f, lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt,
+                      redux_max_u32, shared_address, sts1f, sts2, uint_as_float)
 
 #: alignment of the shared arrays read with vector loads (the simulator rejects the argument;
 #: its NumPy arrays are aligned anyway)
@@ -104,7 +119,15 @@ ALIGN16 = None if SIMULATOR else 16
 NUM_THREADS = 128
 NUM_WARPS = 4
 TILE = 32
-ROWS_MAX = 8
+#: Query rows per KV head (G * q_len) the kernel takes: up to ROWS_PER_WARP with every warp
+#: holding all rows (row groups 1), beyond that in row groups (:func:`row_groups`).
+ROWS_MAX = 32
+#: Query rows one warp's mma tiles hold: the N = 8 side of m16n8k16.
+ROWS_PER_WARP = 8
+#: In row-group mode every (token lane's) staging area holds at least this many words: the
+#: fused merge's weights (attention_fused.scratch_words(MAX_SPLITS + 1) = 1,028) and a residual
+#: block's scores use the stage as scratch.
+MIN_SCRATCH_WORDS = 2048
 SHARED_LIMIT = 48 * 1024
 FULL = 0xFFFFFFFF
 #: words of padding after each lane column's quarter of the key params in the stage (their 8-byte
@@ -123,10 +146,34 @@ def _stage_words(key_bits, value_bits, value_group_size, head_dim):
             + 32 * (d * value_bits // 32))
 
 
+def row_groups(rows):
+    """Row groups of the kernel for ``rows`` query rows per KV head: 1 up to ROWS_PER_WARP (every
+    warp holds all rows and streams its own key groups), else ``ceil(rows / 8)`` (2 or 4): warp
+    w holds the 8 rows ``8 (w % RG) ..`` and the RG warps of token lane ``w // RG`` stream the
+    same key groups from one shared stage (docs/kernels.md, "More query rows")."""
+    if rows <= ROWS_PER_WARP:
+        return 1
+    return 2 if rows <= 2 * ROWS_PER_WARP else 4
+
+
+def _stage_row_words(key_bits, value_bits, value_group_size, head_dim, rows, stages):
+    """uint32 words of each warp's row of the shared ``stage`` array: its NSTAGE tile buffers
+    (row groups 1; in row-group mode a token lane's buffers span the RG rows of its warps), and
+    the warp's final accumulators (its rows x head_dim) after the loop."""
+    sw = stages * _stage_words(key_bits, value_bits, value_group_size, head_dim)
+    rg = row_groups(rows)
+    if rg == 1:
+        return max(sw, rows * head_dim)
+    per = -(-sw // rg)
+    return max(per + (-per) % 4, ROWS_PER_WARP * head_dim, MIN_SCRATCH_WORDS // NUM_WARPS)
+
+
 def _num_stages(key_bits, value_bits, value_group_size, head_dim, rows):
     """2 (double buffering: the next tile's loads fly while this one is computed) where the
-    48 KB of static shared memory allow it, else 1."""
-    for stages in (2, 1):
+    48 KB of static shared memory allow it, else 1. Row groups: 4 where they fit (a token lane
+    keeps one stage for its RG warps, so 4 stages give it the tiles in flight of 2 lanes; at RG
+    = 4 and head_dim 128 they fit in the stage rows the epilogue needs anyway)."""
+    for stages in ((2, 1) if row_groups(rows) == 1 else (4, 2, 1)):
         need = shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages)
         if need <= SHARED_LIMIT:
             return stages
@@ -136,16 +183,18 @@ def _num_stages(key_bits, value_bits, value_group_size, head_dim, rows):
 def shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages):
     """Static shared memory of the v3 kernel (the final accumulators reuse the stage)."""
     nch = head_dim // 16
-    stage = max(stages * _stage_words(key_bits, value_bits, value_group_size, head_dim),
-                rows * head_dim)
-    # per warp: stage, score tile psh, fragment buffer bsh, esh (8 x 8), mw + lw, gbase (8
-    # int64), the epilogue weights wgt; then the fused merge's flag (an int32, padded to 16)
-    return 4 * (rows * (head_dim + 4) + rows + NUM_WARPS * (stage + 8 * 32 + 8 * (nch * 8 + 8)
+    stage = _stage_row_words(key_bits, value_bits, value_group_size, head_dim, rows, stages)
+    # the query rows qs and their maxima (padded to whole row groups); per warp: stage, score
+    # tile psh, fragment buffer bsh, esh (8 x 8), mw + lw, gbase (8 int64), the epilogue weights
+    # wgt; then the fused merge's flag (an int32, padded to 16)
+    qrows = rows if row_groups(rows) == 1 else ROWS_PER_WARP * row_groups(rows)
+    return 4 * (qrows * (head_dim + 4) + qrows + NUM_WARPS * (stage + 8 * 32 + 8 * (nch * 8 + 8)
                                                           + 64 + 16 + 16 + 8)) + 16
 
 
 def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dtype):
-    """None when the v3 kernel handles this configuration, else the reason (a string)."""
+    """None when the v3 kernel handles this configuration, else the reason (a string).
+    ``rows`` = G * q_len query rows per KV head (row groups beyond 8, :func:`row_groups`)."""
     if rows > ROWS_MAX:
         return f"{rows} query rows per KV head (at most {ROWS_MAX})"
     if param_dtype != "float16":
@@ -183,8 +232,8 @@ def _pow2(e):
 def scratch_words(key_bits, value_bits, value_group_size, head_dim, rows):
     """32-bit words of the staging buffers (all warps): the residual block's score scratch."""
     stages = _num_stages(key_bits, value_bits, value_group_size, head_dim, rows)
-    return NUM_WARPS * max(stages * _stage_words(key_bits, value_bits, value_group_size,
-                                                 head_dim), rows * head_dim)
+    return NUM_WARPS * _stage_row_words(key_bits, value_bits, value_group_size, head_dim, rows,
+                                        stages)
 
 
 def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
@@ -227,7 +276,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     VPO = KPO + D + 4 * KP_PAD
     LKPC = (D // 16).bit_length() - 1  # log2 of the 16-byte chunks per quarter
     VCO = VPO + 32 * NGV
-    NSW = max(NSTAGE * SW, ROWS * D)  # the stage also holds the warp's final accumulators
+    NSW = _stage_row_words(KB, VB, GV, D, ROWS, NSTAGE)  # also the warp's final accumulators
+    # row groups (row_groups): RG warps share a token lane's tiles, each holding LR rows of
+    # qs's QR (whole groups, padding rows zero); TL token lanes split the split's key groups
+    RG = row_groups(ROWS)
+    TL = NW // RG
+    LR = ROWS if RG == 1 else ROWS_PER_WARP
+    QR = ROWS if RG == 1 else ROWS_PER_WARP * RG
+    NLT = 32 * RG  # threads of a token lane (its named barrier's count)
+    FULLGROUPS = RG > 1 and ROWS == QR  # no padding row (16, 32 rows): row tests fold away
     NKC, NKP, NVP, NVC = KW * 8, D // 4, 8 * NGV, 8 * VW  # 16-byte copies per region and tile
     NCHI = (NCH + 7) // 8  # chunks per lane in the query-fragment build
     NPW = 4 * NCHI
@@ -382,11 +439,11 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
 
     @cuda.jit(device=True)
     def tile_of(tb32, w32, step):
-        """The tile of this warp's step ``step`` (int32; the split starts at tile ``tb32``, warp
-        ``w32`` takes key groups w, w + NW, ...). The casts keep the arithmetic 32-bit: Numba's
-        ints are int64, and the loop bookkeeping in 64-bit pairs cost about 20 instructions per
-        tile."""
-        grp = np.int32(np.int32(step >> LTPG) * NW + w32)
+        """The tile of this warp's step ``step`` (int32; the split starts at tile ``tb32``, token
+        lane ``w32`` takes key groups w, w + TL, ...). The casts keep the arithmetic 32-bit:
+        Numba's ints are int64, and the loop bookkeeping in 64-bit pairs cost about 20
+        instructions per tile."""
+        grp = np.int32(np.int32(step >> LTPG) * TL + w32)
         return np.int32(tb32 + np.int32(grp << LTPG) + np.int32(step & (TPG - 1)))
 
     @cuda.jit(device=True)
@@ -428,6 +485,17 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 acc[4 * ch], acc[4 * ch + 1], acc[4 * ch + 2], acc[4 * ch + 3])
         return e0, e1, e2, e3
 
+    if RG == 1:
+        @cuda.jit(device=True)
+        def lane_sync(ident):
+            """The warps of a token lane meet (one warp: a syncwarp)."""
+            cuda.syncwarp()
+    else:
+        @cuda.jit(device=True)
+        def lane_sync(ident):
+            """The RG warps of a token lane meet at named barrier ``ident``."""
+            bar_sync(ident, NLT)
+
     def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
                      ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
                      out, lse, counter, fuse):
@@ -446,8 +514,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         neg_inf = np.float32(-math.inf)
         seq_len = quantized_len + residual_len
         stage = cuda.shared.array((NW, NSW), np.uint32, alignment=ALIGN16)
-        qs = cuda.shared.array((ROWS, DP), np.float32, alignment=ALIGN16)
-        qmax = cuda.shared.array(ROWS, np.float32)
+        qs = cuda.shared.array((QR, DP), np.float32, alignment=ALIGN16)
+        qmax = cuda.shared.array(QR, np.float32)
         psh = cuda.shared.array((NW, 8, 32), np.float32)  # XOR-swizzled (see ps0, ps1, pl0)
         bsh = cuda.shared.array((NW, 8, BS), np.uint32, alignment=ALIGN16)  # 8-byte reads
         esh = cuda.shared.array((NW, 8, 8), np.float32)
@@ -472,15 +540,20 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
                        arrivals, flag, shared_address(stage, (0, 0)))
             return
-        stg = stage[warp]  # this warp's stage: NSTAGE buffers of SW words
-        sb = shared_address(stage, (warp, 0))  # its .shared byte address
-        qs_b = shared_address(qs, (0, 0))
+        # this warp's token lane tl and first row rb (row groups 1: tl = warp, rb = 0)
+        tl = warp if RG == 1 else np.int32(warp // RG)
+        rb = np.int32(0) if RG == 1 else np.int32(ROWS_PER_WARP * (warp % RG))
+        issuer = RG == 1 or rb == 0  # the warp that copies its token lane's tiles
+        stg = stage[warp]  # this warp's stage: NSTAGE buffers of SW words (or its lane's share)
+        # its token lane's buffers (row groups: the stage rows of the lane's RG warps)
+        sb = shared_address(stage, (warp if RG == 1 else np.int32(tl * RG), 0))
+        qs_b = shared_address(qs, (rb, 0))  # this warp's first query row
         psh_b = shared_address(psh, (warp, 0, 0))
         bsh_b = shared_address(bsh, (warp, 0, 0))
 
-        # this warp's tiles: key groups warp, warp + NW, ... of the split
+        # this warp's tiles: key groups tl, tl + TL, ... of the split
         groups = (t_end - t_begin) // TPG
-        mine = (groups - warp + NW - 1) // NW if warp < groups else 0
+        mine = (groups - tl + TL - 1) // TL if tl < groups else 0
         nsteps = mine * TPG
         sl = sb + 16 * lane
         gb = gbase[warp]
@@ -491,13 +564,23 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             gb[3] = global_address(v_params, (b, kvh, 0, 0, 0))
             gb[4] = global_address(v_codes, (b, kvh, 0, 0))
         cuda.syncwarp()
-        if nsteps > 0:  # start the first tile's copies before the query prologue
-            prefetch(sl, lane, t_begin + warp * TPG, gb)
+        if nsteps > 0 and issuer:  # start the first tile's copies before the query prologue
+            prefetch(sl, lane, t_begin + tl * TPG, gb)
+            if NSTAGE == 4:  # (row groups) and the next two tiles'
+                for j in range(1, 3):
+                    if j < nsteps:
+                        prefetch(sl + 4 * SW * j, lane,
+                                 tile_of(np.int32(t_begin), np.int32(tl), np.int32(j)), gb)
 
         # --- prologue (block): rotated, scaled queries, normalized per row by max |.| ---------
         qx = cuda.local.array(CQ, np.float32)
-        for idx in range(lane, (8 - ROWS) * BS, 32):  # padding rows of the fragment buffer
-            bsh[warp, ROWS + idx // BS, idx % BS] = ZERO_U
+        for idx in range(lane, (8 - LR) * BS, 32):  # padding rows of the fragment buffer
+            bsh[warp, LR + idx // BS, idx % BS] = ZERO_U
+        if QR > ROWS:  # padding rows of the last row group (a constant test: tid may be < 0 to
+            for idx in range(tid, (QR - ROWS) * DP, NT):  # LLVM, so an empty range stays)
+                qs[ROWS + idx // DP, idx % DP] = ZERO_F
+                if idx % DP == 0:
+                    qmax[ROWS + idx // DP] = np.float32(1.0)
         # a warp per row, CQ consecutive channels per lane, rotated in registers and shuffles
         # (fwht_warp: bit for bit the reference's transform; fwht_shared took about 2,300
         # cycles of barriers at B=1), then the scale and the row's max |.|
@@ -548,9 +631,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         ps0 = 4 * (r0 * 32 + ((g ^ r0) << 2))
         ps1 = 4 * (r1 * 32 + ((g ^ r1) << 2))
         pl0 = 4 * (g * 32 + (t4 ^ ((g >> 1) & 3)))
-        lim0 = seq_len - LQ + r0 % LQ  # last visible position of rows r0, r1
-        lim1 = seq_len - LQ + r1 % LQ
-        gq = min(g, ROWS - 1)
+        lim0 = seq_len - LQ + (rb + r0) % LQ  # last visible position of rows r0, r1
+        lim1 = seq_len - LQ + (rb + r1) % LQ
+        gq = min(g, ROWS - 1) if RG == 1 else rb + g
         gv = min(g, NGV - 1)
 
         m0 = neg_inf
@@ -580,17 +663,30 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         # the tile loop's bookkeeping in 32-bit (tile_of)
         nsteps32 = np.int32(nsteps)
         tb32 = np.int32(t_begin)
-        w32 = np.int32(warp)
+        w32 = np.int32(tl)
         # a tile starting past this token holds one that some row must not see (causal edge)
         edge32 = np.int32(seq_len - LQ - TILE + 1)
         step = np.int32(0)
         while step < nsteps32:  # a range loop kept Numba's 64-bit trip count: 6 more per tile
             tile = tile_of(tb32, w32, step)
             buf = step & (NSTAGE - 1)
-            if NSTAGE == 1:
+            if not issuer:
+                pass
+            elif NSTAGE == 1:
                 if step > 0:
                     prefetch(sl, lane, tile, gb)
                 cp_async_wait0()
+            elif NSTAGE == 4:  # (row groups) tiles step + 1 .. step + 3 in flight
+                nxt = np.int32(step + 3)
+                if nxt < nsteps32:
+                    prefetch(sl + 4 * SW * (nxt & 3), lane, tile_of(tb32, w32, nxt), gb)
+                    cp_async_wait3()
+                elif np.int32(step + 2) < nsteps32:
+                    cp_async_wait2()
+                elif np.int32(step + 1) < nsteps32:
+                    cp_async_wait1()
+                else:
+                    cp_async_wait0()
             elif np.int32(step + 1) < nsteps32:  # the next tile's copies fly meanwhile
                 nxt = np.int32(step + 1)
                 prefetch(sl + 4 * SW * (1 - buf), lane,
@@ -598,7 +694,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 cp_async_wait1()
             else:
                 cp_async_wait0()
-            cuda.syncwarp()  # every lane's copies of this tile are visible
+            lane_sync(1 + tl)  # every lane's copies of this tile are visible
             so = sb + 4 * SW * buf  # .shared byte address of this tile's buffer
 
             # (1) new key group: query fragments b = f16(qn * s / S), constants F_r, K_r
@@ -631,8 +727,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 if ex > np.uint32(0) and ex < np.uint32(253):
                     inv_s = uint_as_float((np.uint32(253) - ex) << np.uint32(23))
                     s_up = uint_as_float((ex + np.uint32(1)) << np.uint32(23))
-                for r in range(8):  # rows < ROWS are set by the first chunk below
-                    if NCH % 8 != 0 or r >= ROWS:
+                for r in range(8):  # rows < LR are set by the first chunk below
+                    if NCH % 8 != 0 or r >= LR:
                         kp[r] = ZERO_F
                 for jj in range(NCHI):
                     ch = g + 8 * jj
@@ -666,7 +762,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         s3 *= fb
                         fo = 4 * (ch * 8 + 2 * t4)
                         qo = 16 * (jj * 32 + lane)  # this lane's 4 values, permuted above
-                        for r in range(ROWS):
+                        for r in range(LR):
                             qa, qb, qc, qd = lds4f(qs_b, 4 * r * DP + qo)
                             sts2(bsh_b, 4 * r * BS + fo, pack_f16x2(qa * s0, qc * s2),
                                  pack_f16x2(qb * s1, qd * s3))
@@ -677,7 +773,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                                 kp[r] += t
                 # transpose-reduce the row partials over the warp: lanes (g, *) get row g (row
                 # g & 3 with at most 4 rows: rows 4-7 are zero and skip the first halving)
-                if ROWS > 4:
+                if LR > 4:
                     up = (lane & 16) != 0
                     for i in range(4):
                         lo = kp[i]
@@ -692,7 +788,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 up = (lane & 4) != 0
                 ksum = (kp[1] if up else kp[0]) + cuda.shfl_xor_sync(
                     FULL, kp[0] if up else kp[1], 4)
-                if ROWS <= 4:
+                if LR <= 4:
                     ksum += cuda.shfl_xor_sync(FULL, ksum, 16)
                 ksum += cuda.shfl_xor_sync(FULL, ksum, 2)
                 ksum += cuda.shfl_xor_sync(FULL, ksum, 1)
@@ -705,12 +801,13 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 f1 = cuda.shfl_sync(FULL, fr, 4 * r1)
                 # padding rows (>= ROWS): their B rows are zero, so c = 0 and the score
                 # (0 * c - inf) * n = -inf: masked for the whole group without per-tile selects
-                if r0 >= ROWS:
-                    k0 = neg_inf
-                    f0 = ZERO_F
-                if r1 >= ROWS:
-                    k1 = neg_inf
-                    f1 = ZERO_F
+                if not FULLGROUPS:  # (a constant test)
+                    if rb + r0 >= ROWS:
+                        k0 = neg_inf
+                        f0 = ZERO_F
+                    if rb + r1 >= ROWS:
+                        k1 = neg_inf
+                        f1 = ZERO_F
                 cuda.syncwarp()
                 for ch in range(NCH):  # rows >= ROWS read the zero rows of bsh
                     u0, u1 = lds2(bsh_b, 4 * (g * BS + ch * 8 + 2 * t4))
@@ -754,9 +851,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             sc[7] = (f1 * c7 + k1) * n3 - mu1
             if np.int32(tile * TILE) > edge32:  # a causal-edge tile (warp-uniform)
                 for i in range(4):
-                    if not (r0 < ROWS and tok + i <= lim0):
+                    if not ((FULLGROUPS or rb + r0 < ROWS) and tok + i <= lim0):
                         sc[2 * i] = neg_inf
-                    if not (r1 < ROWS and tok + i <= lim1):
+                    if not ((FULLGROUPS or rb + r1 < ROWS) and tok + i <= lim1):
                         sc[2 * i + 1] = neg_inf
 
             # (3) online softmax for rows r0, r1 (the 8 lanes of a column t4 hold the 32 tokens)
@@ -826,7 +923,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                                       e0, e1, e2, e3)
             e0, e1, e2, e3 = pv_block(1, so, psh_b, pl0, g, t4, lane, gv, vpw, bv, vx, acc,
                                       e0, e1, e2, e3)
-            cuda.syncwarp()  # this buffer and psh are consumed before they are refilled
+            lane_sync(1 + tl)  # this buffer and psh are consumed before they are refilled
             step = np.int32(step + 1)
 
         # --- per-warp results to shared memory (the stage is free now) ------------------------
@@ -848,11 +945,11 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             chi = clo + 8
             flo = VFAC[ch % VHC]
             fhi = VFAC[(NCH + ch) % VHC]
-            if r0 < ROWS:
+            if FULLGROUPS or rb + r0 < ROWS:
                 ej = esh[warp, r0, j]
                 stg[r0 * D + clo] = float_as_uint(acc[4 * ch] * flo + ej)
                 stg[r0 * D + chi] = float_as_uint(acc[4 * ch + 2] * fhi + ej)
-            if r1 < ROWS:
+            if FULLGROUPS or rb + r1 < ROWS:
                 ej = esh[warp, r1, j]
                 stg[r1 * D + clo] = float_as_uint(acc[4 * ch + 1] * flo + ej)
                 stg[r1 * D + chi] = float_as_uint(acc[4 * ch + 3] * fhi + ej)
@@ -864,36 +961,72 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         cuda.syncthreads()
 
         # --- merge the 4 warps by log-sum-exp and write the split's partials --------------------
-        # one thread per (warp, row) computes the warp's weight exp2(m_w - max_w m_w) (0 for a
-        # warp that saw no token of the row; NaN when some warp's max is NaN)
-        if tid < NW * ROWS:
-            w = tid // ROWS
-            r = tid % ROWS
-            mm = neg_inf
-            for u in range(NW):
-                mm = nanmax(mm, mw[u, r])
-            wt = ZERO_F
-            if mm != neg_inf and mw[w, r] != neg_inf:
-                wt = ex2(mw[w, r] - mm)
-            wgt[w, r] = wt
-        cuda.syncthreads()
-        for idx in range(tid, ROWS * D, NT):
-            r = idx // D
-            a = ZERO_F
-            for w in range(NW):
-                a += uint_as_float(stage[w, idx]) * wgt[w, r]
-            ws_acc[b, kvh * G + r // LQ, r % LQ, split, idx % D] = a
-        if tid < ROWS:
-            mm = neg_inf
-            for w in range(NW):
-                mm = nanmax(mm, mw[w, tid])
-            s = ZERO_F
-            if mm != neg_inf:
+        if RG == 1:
+            # one thread per (warp, row) computes the warp's weight exp2(m_w - max_w m_w) (0 for a
+            # warp that saw no token of the row; NaN when some warp's max is NaN)
+            if tid < NW * ROWS:
+                w = tid // ROWS
+                r = tid % ROWS
+                mm = neg_inf
+                for u in range(NW):
+                    mm = nanmax(mm, mw[u, r])
+                wt = ZERO_F
+                if mm != neg_inf and mw[w, r] != neg_inf:
+                    wt = ex2(mw[w, r] - mm)
+                wgt[w, r] = wt
+            cuda.syncthreads()
+            for idx in range(tid, ROWS * D, NT):
+                r = idx // D
+                a = ZERO_F
                 for w in range(NW):
-                    if mw[w, tid] != neg_inf:
-                        s += lw[w, tid] * ex2(mw[w, tid] - mm)
-            ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = mm * LN2  # natural log units
-            ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = s
+                    a += uint_as_float(stage[w, idx]) * wgt[w, r]
+                ws_acc[b, kvh * G + r // LQ, r % LQ, split, idx % D] = a
+            if tid < ROWS:
+                mm = neg_inf
+                for w in range(NW):
+                    mm = nanmax(mm, mw[w, tid])
+                s = ZERO_F
+                if mm != neg_inf:
+                    for w in range(NW):
+                        if mw[w, tid] != neg_inf:
+                            s += lw[w, tid] * ex2(mw[w, tid] - mm)
+                ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = mm * LN2  # natural log units
+                ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = s
+        else:
+            # row groups: row r is row r % 8 of warp u RG + r // 8 of each token lane u
+            if tid < TL * ROWS:
+                rr = tid % ROWS
+                lr = rr % ROWS_PER_WARP
+                wr = (tid // ROWS) * RG + rr // ROWS_PER_WARP
+                mm = neg_inf
+                for u in range(TL):
+                    mm = nanmax(mm, mw[u * RG + rr // ROWS_PER_WARP, lr])
+                wt = ZERO_F
+                if mm != neg_inf and mw[wr, lr] != neg_inf:
+                    wt = ex2(mw[wr, lr] - mm)
+                wgt[wr, lr] = wt
+            cuda.syncthreads()
+            for idx in range(tid, ROWS * D, NT):
+                rr = idx // D
+                lr = rr % ROWS_PER_WARP
+                a = ZERO_F
+                for u in range(TL):
+                    wr = u * RG + rr // ROWS_PER_WARP
+                    a += uint_as_float(stage[wr, lr * D + idx % D]) * wgt[wr, lr]
+                ws_acc[b, kvh * G + rr // LQ, rr % LQ, split, idx % D] = a
+            if tid < ROWS:
+                lr = tid % ROWS_PER_WARP
+                mm = neg_inf
+                for u in range(TL):
+                    mm = nanmax(mm, mw[u * RG + tid // ROWS_PER_WARP, lr])
+                s = ZERO_F
+                if mm != neg_inf:
+                    for u in range(TL):
+                        wr = u * RG + tid // ROWS_PER_WARP
+                        if mw[wr, lr] != neg_inf:
+                            s += lw[wr, lr] * ex2(mw[wr, lr] - mm)
+                ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = mm * LN2  # natural log units
+                ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = s
         if FUSED and fuse != 0:  # (its first barrier also ends this block's use of the stage)
             finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
                    arrivals, flag, shared_address(stage, (0, 0)))

@@ -51,8 +51,9 @@ NUM_THREADS = 128
 NUM_WARPS = 4
 WARP_SIZE = 32
 FULL = 0xFFFFFFFF
-#: Query rows per KV head the split kernels handle here (v3 takes at most 8).
-ROWS_MAX = 8
+#: Query rows per KV head the split kernels handle here (v3 takes at most 32, in row groups beyond
+#: 8; this module's blocks take ROWS_PER_BLOCK rows each whatever the total).
+ROWS_MAX = 32
 #: Query rows one residual block scores: 1 gives each (batch, query head, row) its own block, as
 #: many as merge blocks. A block with one warp per scheduler has no latency hiding, so its time
 #: is its instruction chain: 4 rows a block took ~15 us at batch 1 (H200), longer than the split

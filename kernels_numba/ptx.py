@@ -34,7 +34,11 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
   (``ld.global.cg``): the fused merge reads partials other blocks of the same launch wrote.
 * ``redux_max_u32(x)``: ``redux.sync.max.u32`` over the full warp (one instruction instead of
   five shuffles and maxima). Warp-collective.
-* ``cp_async16_bo(base, off, src)``, ``cp_async_commit()``, ``cp_async_wait0/1()``: 16-byte
+* ``bar_sync(ident, count)``: ``bar.sync ident, count`` -- a named barrier of ``count`` threads
+  (a multiple of 32; barrier 0 is ``syncthreads``'): the warps of one token lane of the v3
+  kernel's row-group mode meet there without waiting for the other lanes. Orders shared memory
+  among its threads like ``syncthreads``.
+* ``cp_async16_bo(base, off, src)``, ``cp_async_commit()``, ``cp_async_wait0/1/2/3()``: 16-byte
   asynchronous global -> shared copies (``cp.async.cg``) and their group waits; a
   ``syncwarp``/``syncthreads`` after the wait makes the other lanes' copies visible.
 
@@ -141,14 +145,31 @@ def _asm_statement(name, text):
 
 #: close the current group of cp.async copies
 cp_async_commit = _asm_statement("cp_async_commit", "cp.async.commit_group;")
-#: wait until at most 0 / 1 committed groups of this thread are still in flight
+#: wait until at most 0 / 1 / 2 / 3 committed groups of this thread are still in flight
 cp_async_wait0 = _asm_statement("cp_async_wait0", "cp.async.wait_group 0;")
 cp_async_wait1 = _asm_statement("cp_async_wait1", "cp.async.wait_group 1;")
+cp_async_wait2 = _asm_statement("cp_async_wait2", "cp.async.wait_group 2;")
+cp_async_wait3 = _asm_statement("cp_async_wait3", "cp.async.wait_group 3;")
 #: release / acquire fence at GPU scope (lighter than ``membar.gl``, i.e. ``fence.sc.gpu``, of
 #: ``cuda.threadfence``): with a barrier and one relaxed atomic, the arrival counter pattern of
 #: CUTLASS's generic barrier (writers: ``bar.sync``, then one thread fences and adds; the last
 #: arrival: fences after its add, then ``bar.sync``)
 fence_acq_rel_gpu = _asm_statement("fence_acq_rel_gpu", "fence.acq_rel.gpu;")
+
+
+@intrinsic
+def bar_sync(typingctx, ident, count):
+    """``bar.sync ident, count``: named barrier ``ident`` (1..15) of ``count`` threads."""
+    want = (types.int32, types.int32)
+
+    def codegen(context, builder, sig, args):
+        vals = [context.cast(builder, v, t, w) for v, t, w in zip(args, sig.args, want)]
+        asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [_I32, _I32]), "bar.sync $0, $1;",
+                           "r,r,~{memory}", side_effect=True)
+        builder.call(asm, vals)
+        return context.get_dummy_value()
+
+    return types.void(ident, count), codegen
 
 
 # --- raw addresses: computed once per tile, offset in 32-bit arithmetic ---------------------

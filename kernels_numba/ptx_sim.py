@@ -206,6 +206,39 @@ def cp_async_commit():
     pass
 
 
+class _Barrier:
+    """State of one simulated named barrier: arrivals and a generation counter."""
+
+    __slots__ = ("cond", "count", "gen")
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.count = 0
+        self.gen = 0
+
+
+def bar_sync(ident, count):
+    """``bar.sync ident, count``: the calling thread waits until ``count`` threads of its block
+    have arrived at named barrier ``ident`` (the generation counter lets a barrier be reused at
+    once, as on the GPU)."""
+    t = threading.current_thread()
+    key = (id(t._manager), t.blockIdx.x, t.blockIdx.y, t.blockIdx.z, "bar", int(ident))
+    bar = _warps.get(key)
+    if bar is None:
+        with _lock:
+            bar = _warps.setdefault(key, _Barrier())
+    with bar.cond:
+        gen = bar.gen
+        bar.count += 1
+        if bar.count == int(count):
+            bar.count = 0
+            bar.gen = gen + 1
+            bar.cond.notify_all()
+        elif not bar.cond.wait_for(lambda: bar.gen != gen, timeout=_TIMEOUT_S):
+            raise RuntimeError(f"named barrier {ident}: waited {_TIMEOUT_S:.0f} s for "
+                               f"{count} threads")
+
+
 def fence_acq_rel_gpu():
     pass  # the simulator's threads share one coherent memory
 
@@ -215,6 +248,14 @@ def cp_async_wait0():
 
 
 def cp_async_wait1():
+    pass
+
+
+def cp_async_wait2():
+    pass
+
+
+def cp_async_wait3():
     pass
 
 

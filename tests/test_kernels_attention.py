@@ -667,7 +667,8 @@ def test_residual_in_split_where_supported():
     assert R.unsupported(128, 128, 4, "bfloat16", 8192) is None
     assert "power-of-two" in R.unsupported(96, 128, 4, "bfloat16", 8192)
     assert "power-of-two" in R.unsupported(16, 32, 4, "float16", 8192)  # 32-byte rows
-    assert "rows" in R.unsupported(128, 128, 16, "float16", 1 << 20)
+    assert R.unsupported(128, 128, 32, "float16", 1 << 20) is None  # v3's row groups
+    assert "rows" in R.unsupported(128, 128, 33, "float16", 1 << 20)
     assert "scratch" in R.unsupported(128, 8192, 8, "float16", 4096)
     llama = (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False, "bfloat16", 128)
     old = K.SPLIT_VERSION
@@ -704,6 +705,61 @@ def test_sim_head_dim_64_gqa4_group64():
                             norm_scope="head")
     case = make_case(1, 2, 4, 64, 64, 17, 1, cfg, q_dtype="float16", res_dtype="bfloat16", seed=5)
     check_case(case, num_splits=1)
+
+
+#: Row-group cases of v3 (more than 8 query rows per KV head, attention_mma.row_groups):
+#: (batch, num_kv_heads, gqa, head_dim, quantized_len, residual_len, q_len, key_group, splits,
+#: residual blocks); kept few: a 128-thread block costs ~0.2 s in the simulator
+ROW_GROUP_CASES = [
+    # 12 rows: 2 row groups x 2 token lanes; 3 tiles = 3 key groups, so lane 0 runs 2 and lane
+    # 1 one (named barriers with unequal trip counts); causal rows over the residual, scored by
+    # residual blocks of 4 rows (3 blocks, the last with rows 8..11) and merged in the kernel
+    (1, 1, 4, 64, 96, 2, 3, 32, 1, True),
+    # 20 rows: 4 row groups, warp 2 half padding rows, warp 3 all; the causal edge inside the
+    # last packed tile, 2 splits merged in the kernel (the merge kernel's residual pass is per
+    # row: test_sim_matches_reference)
+    (1, 1, 4, 64, 64, 0, 5, 32, 2, False),
+    # 32 rows (GQA 2 x q_len 16: rows of two query heads in each row group), no padding rows;
+    # every row of the last tile masked differently; key group 64; 4 tiles through the 4-stage
+    # pipeline of one token lane (3 tiles in flight, then each of the tail's shorter waits)
+    (1, 1, 2, 64, 128, 0, 16, 64, 1, False),
+]
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("b, h, g, d, qlen, rlen, q_len, kg, splits, res_blocks",
+                         ROW_GROUP_CASES)
+def test_sim_row_groups_match_reference(monkeypatch, b, h, g, d, qlen, rlen, q_len, kg, splits,
+                                        res_blocks):
+    if K.SPLIT_VERSION != 3:
+        pytest.skip("v3's row groups only; v1 takes rows per KV head as its shared memory "
+                    "allows, tested in test_sim_matches_reference")
+    monkeypatch.setattr(K._res, "ROWS_PER_BLOCK", 4)
+    monkeypatch.setattr(K, "RESIDUAL_BLOCKS", "on" if res_blocks else "off")
+    K._compiled_split.cache_clear()
+    try:
+        cfg = oscar.OScaRConfig(key_group_size=kg, residual_length=kg)
+        case = make_case(b, h, g, d, qlen, rlen, q_len, cfg, q_dtype="bfloat16",
+                         res_dtype="float16", seed=q_len)
+        assert uses_f16_mma(case) and K._split_v3.row_groups(g * q_len) > 1
+        assert _residual_blocks_used(case) == res_blocks
+        check_case(case, num_splits=splits)
+        check_zero_query(case, num_splits=splits)
+    finally:
+        K._compiled_split.cache_clear()
+
+
+def test_row_groups_and_their_limits():
+    M = K._split_v3
+    assert [M.row_groups(r) for r in (1, 8, 9, 16, 17, 32)] == [1, 1, 2, 2, 4, 4]
+    for rows in (9, 16, 24, 32):  # Llama-3.1-8B's head_dim at every row-group count
+        assert M.unsupported(2, 2, 32, 128, rows, "float16") is None
+        assert M.unsupported(4, 4, 32, 64, rows, "float16") is None
+    assert "at most 32" in M.unsupported(2, 2, 32, 128, 33, "float16")
+    assert "48 KB" in M.unsupported(2, 2, 32, 256, 32, "float16")  # falls back to v1
+    # the fused merge's and a residual block's scratch: the stage holds at least 2,048 words
+    for rows in (9, 32):
+        assert M.scratch_words(4, 4, 16, 32, rows) >= M.MIN_SCRATCH_WORDS
 
 
 @pytest.mark.sim
@@ -838,10 +894,13 @@ def test_non_contiguous_array_is_a_clear_error():
                            res_dtype="float32", num_splits=1)
 
 
-def test_too_many_rows_is_a_clear_error():
+@pytest.mark.parametrize("head_dim, gqa, q_len", [(256, 8, 4), (128, 8, 8), (128, 4, 16)])
+def test_too_many_rows_is_a_clear_error(head_dim, gqa, q_len):
+    # 32 rows at head_dim 256, 64 rows at Llama's head_dim (GQA 8 q_len 8, GQA 4 q_len 16): v3
+    # takes at most 32 rows, and v1's shared memory does not fit them
     with pytest.raises(ValueError, match="query rows per KV head"):
-        K._build_split(2, 2, 32, 32, 256, 8, 4, "float16", "float16", True, True, False,
-                       "float16", 32)
+        K._build_split(2, 2, 32, 32, head_dim, gqa, q_len, "float16", "float16", True, True,
+                       False, "float16", 32)
 
 
 def test_compile_signatures_cover_both_kernels():
@@ -946,3 +1005,48 @@ def test_gpu_matches_reference(name, shape, qlen, rlen, q_len, changes, q_dtype,
 def test_gpu_zero_query_counts_every_token(splits):
     case = _gpu_case(LLAMA, 32768, 3, 3, {}, "bfloat16", "bfloat16", seed=2)
     check_zero_query(case, _auto_splits(case) if splits is None else splits)
+
+
+#: Multi-token decode on the GPU (issue 26): (id, shape, quantized_len, residual_len, q_len,
+#: config changes, q dtype, res dtype); rows = gqa * q_len per KV head. v3 takes up to 32 rows
+#: (row groups beyond 8) where its shared memory fits; head_dim 256 with more than 8 rows runs
+#: v1 (the fallback is checked here too); 64 rows fit neither (a ValueError, tested on CPU).
+#: Quantized lengths irregular on purpose.
+MULTIROW_GPU_CASES = [
+    ("rg2-llama-qlen3-residual", dict(LLAMA, batch=2), 4096, 77, 3, {}, "bfloat16", "bfloat16"),
+    ("rg2-llama-qlen4-fused", dict(LLAMA, batch=3), 2080, 0, 4, {}, "bfloat16", "bfloat16"),
+    ("rg4-llama-qlen8-g128", dict(LLAMA, batch=2), 8192, 5, 8, dict(key_group_size=128),
+     "bfloat16", "float16"),
+    ("rg4-llama-qlen5-padding-rows", dict(LLAMA, batch=2), 3136, 40, 5,
+     dict(key_group_size=64, residual_length=64, value_bits=4), "float16", "float16"),
+    ("rg2-gqa8-qlen2-4bit", dict(batch=2, num_kv_heads=4, gqa=8, head_dim=128), 3072, 31, 2,
+     dict(key_bits=4, value_bits=4), "float16", "float32"),
+    ("rg4-gqa8-qlen4-d64", dict(batch=2, num_kv_heads=8, gqa=8, head_dim=64), 4096, 100, 4,
+     dict(norm_scope="head"), "bfloat16", "bfloat16"),
+    ("rg2-gqa1-qlen9-d64-4bit", dict(batch=4, num_kv_heads=2, gqa=1, head_dim=64), 640, 3, 9,
+     dict(key_bits=4, value_bits=4, value_group_size=16), "float32", "float32"),
+    ("v1-d256-gqa4-qlen4", dict(batch=1, num_kv_heads=2, gqa=4, head_dim=256), 2048, 7, 4,
+     dict(value_group_size=64), "float16", "float16"),
+]
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("name, shape, qlen, rlen, q_len, changes, q_dtype, res_dtype",
+                         MULTIROW_GPU_CASES, ids=[c[0] for c in MULTIROW_GPU_CASES])
+def test_gpu_multirow_matches_reference(name, shape, qlen, rlen, q_len, changes, q_dtype,
+                                        res_dtype):
+    if K.SPLIT_VERSION != 3:
+        pytest.skip("the default dispatch only (v3 row groups, v1 beyond): v1 for every shape "
+                    "runs in test_gpu_matches_reference")
+    case = _gpu_case(shape, qlen, rlen, q_len, changes, q_dtype, res_dtype, seed=26)
+    rows = shape["gqa"] * q_len
+    # the case runs the path its name says (row groups / v1 fallback)
+    assert uses_f16_mma(case) == (not name.startswith("v1-"))
+    if uses_f16_mma(case):
+        assert K._split_v3.row_groups(rows) == int(name[2])
+    num_splits = _auto_splits(case)
+    out, lse = check_case(case, num_splits)
+    again = run_kernel(case, num_splits)
+    assert np.array_equal(out, again[0]) and np.array_equal(lse, again[1])
+    check_zero_query(case, num_splits)
