@@ -48,7 +48,7 @@ def _numba_backend():
 
 def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = None,
                 max_seq_len: int | None = None,
-                num_q_heads: int | None = None) -> QuantizedKVCache:
+                num_q_heads: int | None = None, *, seq_lens=None) -> QuantizedKVCache:
     """Quantize keys and values ``[batch, num_kv_heads, seq_len, head_dim]`` into a cache.
 
     The first ``floor(seq_len / R) * R`` tokens are rotated, scaled, quantized and packed; the
@@ -64,6 +64,11 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
             loop will launch (one window's flush; with ``num_q_heads`` also the q_len=1 decode
             kernels) are compiled or loaded from the kernel cache here, not in the loop
             (docs/api.md, "Kernel cache and warm-up"). Ignored by the reference backend.
+        seq_lens: optional int ``[batch]`` (NumPy, list or torch): a variable-length batch
+            without padding in the cache. Row b takes only ``k[b, :, :seq_lens[b]]`` (the rest of
+            ``k``, ``v`` is right padding and is never read, nor checked);
+            ``0 <= seq_lens[b] <= seq_len``. The rows keep their own lengths from then on
+            (:attr:`QuantizedKVCache.seq_lens`).
 
     On CUDA this synchronizes once, at the end, to raise on NaN/Inf or float16 overflow or
     underflow (the reference raises at once, also for the tokens left in the residual window).
@@ -79,6 +84,25 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
         raise ValueError(f"max_seq_len: expected a non-negative int or None, got {max_seq_len!r}")
     check_num_q_heads(num_q_heads, h)
     backend = _pick_backend(backend, k, "k")
+    if seq_lens is not None:
+        lens = check_seq_lens(seq_lens, b, t)
+        if (lens == t).all():
+            seq_lens = None  # no padding: the batched path
+        else:
+            cache = QuantizedKVCache.empty(
+                b, h, d, dt, config, backend=backend,
+                device=str(k.device) if backend == "numba" else None,
+                max_seq_len=max(max_seq_len or 0, t) if backend == "numba" else None,
+                num_q_heads=num_q_heads)
+            if backend == "reference":
+                cache._store.adopt_container("k", k)
+            for row in range(b):
+                n = int(lens[row])
+                if n:
+                    cache.fill_row(row, k[row : row + 1, :, :n], v[row : row + 1, :, :n])
+            if backend == "numba":
+                cache.check()
+            return cache
     if backend == "numba":
         return _numba_backend().quantize_kv(k, v, config, max_seq_len, num_q_heads)
     cache = QuantizedKVCache.empty(b, h, d, dt, config)
@@ -87,6 +111,22 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
     else:  # no tokens yet: the inputs' container is still the cache's (see append)
         cache._store.adopt_container("k", k)
     return cache
+
+
+def check_seq_lens(seq_lens, batch: int, seq_len: int) -> np.ndarray:
+    """``seq_lens`` as int64 NumPy ``[batch]`` in ``[0, seq_len]``; ValueError/TypeError."""
+    if V.is_torch(seq_lens):
+        seq_lens = seq_lens.detach().cpu().numpy()
+    lens = np.asarray(seq_lens)
+    if lens.dtype.kind not in "iu":
+        raise TypeError(f"seq_lens: expected integers, got dtype {lens.dtype}")
+    if lens.shape != (batch,):
+        raise ValueError(f"seq_lens: expected shape [batch] = [{batch}], got {lens.shape}")
+    lens = lens.astype(np.int64)
+    if lens.min() < 0 or lens.max() > seq_len:
+        raise ValueError(f"seq_lens: expected values in [0, seq_len = {seq_len}], got "
+                         f"{lens.tolist()}")
+    return lens
 
 
 def check_num_q_heads(num_q_heads, num_kv_heads) -> None:
@@ -122,11 +162,16 @@ def check_query(q, cache: QuantizedKVCache):
     if hq % cache.num_kv_heads:
         raise ValueError(f"q: num_q_heads ({hq}) must be a multiple of the cache's "
                          f"num_kv_heads ({cache.num_kv_heads})")
-    if cache.seq_len == 0:
+    lens = cache.seq_lens
+    if lens.max() == 0:
         raise ValueError("cache: expected at least one token, got an empty cache")
-    if not 1 <= q_len <= cache.seq_len:
-        raise ValueError(f"q: expected 1 <= q_len <= cache.seq_len ({cache.seq_len}) (the "
-                         f"queries are the last q_len tokens of the cache), got q_len={q_len}")
+    # empty rows (reset, not refilled yet) are allowed: their output is zeros
+    shortest = int(lens[lens > 0].min())
+    if not 1 <= q_len <= shortest:
+        what = (f"cache.seq_len ({shortest})" if (lens == shortest).all() else
+                f"the shortest non-empty row's seq_len ({shortest})")
+        raise ValueError(f"q: expected 1 <= q_len <= {what} (the queries are the last q_len "
+                         f"tokens of each row), got q_len={q_len}")
     return dt
 
 
@@ -146,12 +191,14 @@ def _check_start(start, cache: QuantizedKVCache, q_len: int):
     if start.shape != (cache.batch,):
         raise ValueError(f"start: expected shape [batch] = [{cache.batch}], got {start.shape}")
     start = start.astype(np.int64)
-    hi = cache.seq_len - q_len  # the first query's position: every query must see a token
+    # the first query's position: every query must see a token (an empty row: start 0)
+    hi = np.maximum(cache.seq_lens - q_len, 0)
     bad = (start < 0) | (start > hi)
     if bad.any():
         b = int(np.argmax(bad))
-        raise ValueError(f"start: expected 0 <= start[b] <= seq_len - q_len = {hi} (every query "
-                         f"must see at least one token), got start[{b}] = {int(start[b])}")
+        raise ValueError(f"start: expected 0 <= start[b] <= seq_len - q_len = {int(hi[b])} "
+                         f"(every query must see at least one token), got start[{b}] = "
+                         f"{int(start[b])}")
     return start
 
 
@@ -192,8 +239,10 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float | None = None,
     q32 = V.to_numpy_f32(q)
     V.check_finite("q", q32)
     k_res, v_res = cache.residual()
+    lens = cache.seq_lens
     out, lse = _ref_decode_attention(q32, cache.packed(), k_res, v_res, cache.config, scale,
-                                     return_lse=True, start=start)
+                                     return_lse=True, start=start,
+                                     seq_lens=None if (lens == lens[0]).all() else lens)
     out = _like(q, out, dt)
     return (out, _like(q, lse, "float32")) if return_lse else out
 
@@ -215,6 +264,10 @@ def dequantize_kv(cache: QuantizedKVCache, dtype: str | None = None):
     if dtype is not None and dtype not in V.FLOAT_DTYPES:
         raise ValueError(f"dtype: expected one of {V.FLOAT_DTYPES} or None, got {dtype!r}")
     out_dtype = cache.dtype if dtype is None else dtype
+    lens = cache.seq_lens
+    if (lens != lens[0]).any():
+        raise ValueError(f"cache: dequantize_kv needs rows of one length, got seq_lens "
+                         f"{lens.tolist()}; take rows alone with cache.copy().select_batch([b])")
     if cache.backend == "numba":
         k_out, v_out = _numba_backend().dequantize_kv(cache, out_dtype)
     else:
