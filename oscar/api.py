@@ -101,7 +101,7 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
                 if n:
                     cache.fill_row(row, k[row : row + 1, :, :n], v[row : row + 1, :, :n])
             if backend == "numba":
-                cache.check()
+                _numba_backend().check_prefill(cache._store)
             return cache
     if backend == "numba":
         return _numba_backend().quantize_kv(k, v, config, max_seq_len, num_q_heads)
@@ -111,6 +111,18 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
     else:  # no tokens yet: the inputs' container is still the cache's (see append)
         cache._store.adopt_container("k", k)
     return cache
+
+
+def torch_device(cache):
+    import torch
+
+    return torch.device(cache.device)
+
+
+def _torch_bool():
+    import torch
+
+    return torch.bool
 
 
 def check_seq_lens(seq_lens, batch: int, seq_len: int) -> np.ndarray:
@@ -162,7 +174,9 @@ def check_query(q, cache: QuantizedKVCache):
     if hq % cache.num_kv_heads:
         raise ValueError(f"q: num_q_heads ({hq}) must be a multiple of the cache's "
                          f"num_kv_heads ({cache.num_kv_heads})")
-    lens = cache.seq_lens
+    lens = cache._store.known_lengths()
+    if lens is None:  # prepared for capture: the lengths live on the device (not checked here)
+        return dt
     if lens.max() == 0:
         raise ValueError("cache: expected at least one token, got an empty cache")
     # empty rows (reset, not refilled yet) are allowed: their output is zeros
@@ -179,6 +193,16 @@ def _check_start(start, cache: QuantizedKVCache, q_len: int):
     """``start`` as an int64 NumPy ``[batch]`` (None stays None); ValueError/TypeError if bad."""
     if start is None:
         return None
+    if V.is_torch(start) and start.is_cuda:
+        if cache.backend != "numba" or start.device != torch_device(cache):
+            raise ValueError(f"start: a CUDA tensor needs a CUDA cache on its device, got one on "
+                             f"{start.device} for a {cache.backend} cache on {cache.device}")
+        if start.dtype.is_floating_point or start.dtype.is_complex or start.dtype == _torch_bool():
+            raise TypeError(f"start: expected an integer dtype, got {start.dtype}")
+        if tuple(start.shape) != (cache.batch,):
+            raise ValueError(f"start: expected shape [batch] = [{cache.batch}], got "
+                             f"{tuple(start.shape)}")
+        return start  # on the device, as it is (capturable): its values are not checked
     if V.is_torch(start):
         start = start.detach().cpu().numpy()
     if isinstance(start, (list, tuple)):
@@ -192,7 +216,10 @@ def _check_start(start, cache: QuantizedKVCache, q_len: int):
         raise ValueError(f"start: expected shape [batch] = [{cache.batch}], got {start.shape}")
     start = start.astype(np.int64)
     # the first query's position: every query must see a token (an empty row: start 0)
-    hi = np.maximum(cache.seq_lens - q_len, 0)
+    lens = cache._store.known_lengths()
+    if lens is None:  # lengths on the device (prepare_capture): only the sign is checked here
+        lens = np.full(cache.batch, np.iinfo(np.int32).max, np.int64)
+    hi = np.maximum(lens - q_len, 0)
     bad = (start < 0) | (start > hi)
     if bad.any():
         b = int(np.argmax(bad))
@@ -212,9 +239,15 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float | None = None,
 
     ``start`` (optional, int ``[batch]``, NumPy array, list or torch tensor): row b attends only
     tokens ``start[b] .. `` (the first valid token of a left-padded row, or the first key of a
-    sliding window for one query); ``0 <= start[b] <= seq_len - q_len``. The reference backend
-    takes it; the CUDA kernels do not yet, so a CUDA cache raises ValueError for any
-    ``start[b] > 0`` (all zeros is the same as None).
+    sliding window for one query); ``0 <= start[b] <= seq_len[b] - q_len``; all zeros is the
+    same as None. Both backends take it; the CUDA kernels read it from the cache's device
+    lengths (whole key groups before it are skipped). On a CUDA cache a CUDA integer tensor is
+    copied on the device as it is (capturable in a CUDA graph; its values are not checked: a
+    row whose start passes its last token gets zeros); host values are checked.
+
+    Rows may have different lengths (:attr:`QuantizedKVCache.seq_lens`): each row's queries are
+    its last q_len tokens; an empty row (after :meth:`QuantizedKVCache.reset_rows`) returns
+    zeros and lse -inf. ``q_len`` must not exceed the shortest non-empty row.
 
     Returns ``out [batch, num_q_heads, q_len, head_dim]`` in q's dtype and container, and with
     ``return_lse=True`` also the float32 natural-log log-sum-exp ``[batch, num_q_heads, q_len]``.
@@ -224,15 +257,10 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float | None = None,
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
     start = _check_start(start, cache, int(q.shape[2]))
-    if start is not None and not start.any():
+    if isinstance(start, np.ndarray) and not start.any():
         start = None
     if cache.backend == "numba":
-        if start is not None:
-            raise ValueError(
-                "start: per-row first tokens (left-padded batches, sliding windows) on CUDA need "
-                "per-row starts in the decode kernels: not supported yet; run such batches on "
-                "the reference backend (CPU tensors) or without padding")
-        return _numba_backend().decode_attention(q, cache, scale, return_lse)
+        return _numba_backend().decode_attention(q, cache, scale, return_lse, start)
     if V.is_torch(q) and q.is_cuda:
         raise ValueError(f"q: expected a host array for a reference-backend cache, got a "
                          f"tensor on {q.device}")

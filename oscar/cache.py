@@ -91,9 +91,13 @@ class ReferenceStore:
                             f"{self.container} inputs), got {type(x).__name__}")
 
     # --- lengths -----------------------------------------------------------------------------
-    def lengths(self) -> np.ndarray:
+    def lengths_host(self) -> np.ndarray:
         """Per-row total tokens, int64 ``[batch]`` (a copy)."""
         return self.seq_lens.copy()
+
+    def known_lengths(self) -> np.ndarray:
+        """The rows' lengths without synchronizing (always known on the host)."""
+        return self.seq_lens
 
     @property
     def quantized_lens(self) -> np.ndarray:
@@ -369,7 +373,7 @@ class QuantizedKVCache:
         """Tokens of each row, int64 NumPy ``[batch]`` (rows may differ: variable-length
         prefill, :meth:`fill_row`, :meth:`reset_rows`). On CUDA after a replayed CUDA graph
         this reads the device lengths (synchronizes; :meth:`sync_lengths`)."""
-        return self._store.lengths()
+        return self._store.lengths_host()
 
     @property
     def quantized_lens(self) -> np.ndarray:
@@ -488,6 +492,43 @@ class QuantizedKVCache:
         self._store.fill_row(int(b), k, v)
         return self
 
+    def prepare_capture(self, max_seq_len: int) -> "QuantizedKVCache":
+        """Make this cache's decode step capturable in a CUDA graph (issue 25); returns self.
+
+        On CUDA: packed room for ``max_seq_len`` tokens per row is reserved now (the capacity
+        contract: a captured step cannot reallocate or raise), the lengths move to the device
+        (``static``): every :meth:`append` of one token per row launches the append kernel
+        (each row at its own length, read and advanced on the device) and the row-flush kernel
+        (packs the windows that filled; a no-op for the others), and
+        :func:`oscar.decode_attention` plans its launches for any length up to the capacity and
+        reads each row's length on the device. No host synchronization, no Python branching on
+        lengths: the same launches every step. A row that would pass the capacity takes no
+        token and sets a status bit that :meth:`check` raises. Read the lengths back with
+        :meth:`sync_lengths` (which leaves the mode). The reference backend has nothing to
+        prepare (it validates ``max_seq_len`` and returns).
+        """
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0:
+            raise ValueError(f"max_seq_len: expected a non-negative int, got {max_seq_len!r}")
+        longest = int(self.seq_lens.max(initial=0))
+        if max_seq_len < longest:
+            raise ValueError(f"max_seq_len: expected at least the longest row's seq_len "
+                             f"({longest}), got {max_seq_len}")
+        if hasattr(self._store, "prepare_capture"):
+            self._store.prepare_capture(max_seq_len)
+        return self
+
+    @property
+    def static(self) -> bool:
+        """True while the lengths live on the device (:meth:`prepare_capture`)."""
+        return bool(getattr(self._store, "static", False))
+
+    def sync_lengths(self) -> np.ndarray:
+        """Read the rows' lengths back from the device after replayed CUDA graphs (synchronizes)
+        and leave the capture mode of :meth:`prepare_capture`; returns :attr:`seq_lens`."""
+        if hasattr(self._store, "sync_lengths"):
+            return self._store.sync_lengths()
+        return self.seq_lens
+
     def reserve(self, seq_len: int) -> "QuantizedKVCache":
         """Pre-allocate packed storage for ``seq_len`` tokens (CUDA caches; no-op on the host).
 
@@ -511,6 +552,10 @@ class QuantizedKVCache:
         word that this method reads (and later flushes go on).
         """
         status = self._store.read_status() if hasattr(self._store, "read_status") else 0
+        if status & 8:
+            raise ValueError("cache: a row reached its packed capacity inside a prepared "
+                             "(captured) decode loop; its later tokens were dropped (reserve a "
+                             "larger max_seq_len in prepare_capture)")
         if status & 1:
             raise ValueError("cache: a flush met NaN or Inf in k or v; the affected groups "
                              "hold NaN parameters")
