@@ -467,7 +467,6 @@ class NumbaStore:
     def _append_device(self, k: torch.Tensor, v: torch.Tensor, flush: bool) -> None:
         """append_rows (one token per row, the device advances the lengths) and, with ``flush``,
         the row-flush quantize launch (rows whose window filled pack it; the others exit)."""
-        stream = _launch.current_stream(self.device.index)
         key = (k.shape, k.stride(), v.stride(), k.dtype)
         plan = self._row_plans.get(key)
         if plan is None:
@@ -482,6 +481,7 @@ class NumbaStore:
                 if flush:
                     _dispatch(*flush_launch[:3], st, *flush_launch[3])
             return
+        stream = _launch.current_stream(self.device.index)
         f_k.value, f_v.value = k.data_ptr(), v.data_ptr()
         append.launch(stream)
         if flush:
