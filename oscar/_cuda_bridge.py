@@ -174,12 +174,14 @@ class NumbaStore:
     # --- lengths -----------------------------------------------------------------------------
     @property
     def quantized_lens(self) -> np.ndarray:
+        """Per-row packed tokens (read from the device when static: synchronizes)."""
         r = self.config.residual_length
-        return self.seq_lens // r * r
+        return self.lengths_host() // r * r
 
     @property
     def residual_lens(self) -> np.ndarray:
-        return self.seq_lens % self.config.residual_length
+        """Per-row residual tokens (read from the device when static: synchronizes)."""
+        return self.lengths_host() % self.config.residual_length
 
     @property
     def quantized_len(self) -> int:

@@ -210,7 +210,7 @@ def test_opcheck_on_cuda():
 
 def test_capacity_overflow_inside_the_loop_is_flagged_not_written():
     k, v = _kv(130, 60)
-    c = oscar.quantize_kv(k.cuda(), v.cuda(), CFG).prepare_capture(256)
+    c = oscar.quantize_kv(k.cuda(), v.cuda(), CFG, max_seq_len=256).prepare_capture(256)
     assert c._store.capacity == 256
     kn, vn = _kv(400, 61)
     for t in range(400):  # room for 256 packed + 127 residual: the rest is dropped
