@@ -48,7 +48,8 @@ def _numba_backend():
 
 def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = None,
                 max_seq_len: int | None = None,
-                num_q_heads: int | None = None, *, seq_lens=None) -> QuantizedKVCache:
+                num_q_heads: int | None = None, *, seq_lens=None,
+                cu_seqlens=None) -> QuantizedKVCache:
     """Quantize keys and values ``[batch, num_kv_heads, seq_len, head_dim]`` into a cache.
 
     The first ``floor(seq_len / R) * R`` tokens are rotated, scaled, quantized and packed; the
@@ -69,6 +70,11 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
             ``k``, ``v`` is right padding and is never read, nor checked);
             ``0 <= seq_lens[b] <= seq_len``. The rows keep their own lengths from then on
             (:attr:`QuantizedKVCache.seq_lens`).
+        cu_seqlens: optional int ``[batch + 1]`` (NumPy, list or torch), the packed
+            variable-length layout of flash-attention's varlen API: ``k, v`` are
+            ``[1, num_kv_heads, total_tokens, head_dim]`` holding the prompts one after the other,
+            row b is tokens ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1``; ``cu_seqlens[0] = 0``,
+            non-decreasing, ``cu_seqlens[-1] = total_tokens``. Not with ``seq_lens``.
 
     On CUDA this synchronizes once, at the end, to raise on NaN/Inf or float16 overflow or
     underflow (the reference raises at once, also for the tokens left in the residual window).
@@ -84,6 +90,26 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
         raise ValueError(f"max_seq_len: expected a non-negative int or None, got {max_seq_len!r}")
     check_num_q_heads(num_q_heads, h)
     backend = _pick_backend(backend, k, "k")
+    if cu_seqlens is not None:
+        if seq_lens is not None:
+            raise ValueError("cu_seqlens: expected either seq_lens or cu_seqlens, got both")
+        cu = _check_cu_seqlens(cu_seqlens, b, t)
+        lens = np.diff(cu)
+        cache = QuantizedKVCache.empty(
+            len(lens), h, d, dt, config, backend=backend,
+            device=str(k.device) if backend == "numba" else None,
+            max_seq_len=max(max_seq_len or 0, int(lens.max(initial=0)))
+            if backend == "numba" else None,
+            num_q_heads=num_q_heads)
+        if backend == "reference":
+            cache._store.adopt_container("k", k)
+        for row, n in enumerate(lens):
+            if n:
+                s = int(cu[row])
+                cache.fill_row(row, k[:, :, s : s + int(n)], v[:, :, s : s + int(n)])
+        if backend == "numba":
+            _numba_backend().check_prefill(cache._store)
+        return cache
     if seq_lens is not None:
         lens = check_seq_lens(seq_lens, b, t)
         if (lens == t).all():
@@ -123,6 +149,24 @@ def _torch_bool():
     import torch
 
     return torch.bool
+
+
+def _check_cu_seqlens(cu_seqlens, batch: int, total: int) -> np.ndarray:
+    """``cu_seqlens`` as int64 NumPy ``[rows + 1]``; ValueError/TypeError naming it."""
+    if V.is_torch(cu_seqlens):
+        cu_seqlens = cu_seqlens.detach().cpu().numpy()
+    cu = np.asarray(cu_seqlens)
+    if cu.dtype.kind not in "iu":
+        raise TypeError(f"cu_seqlens: expected integers, got dtype {cu.dtype}")
+    if batch != 1:
+        raise ValueError(f"k: expected [1, num_kv_heads, total_tokens, head_dim] with "
+                         f"cu_seqlens (the prompts one after the other), got batch {batch}")
+    cu = cu.astype(np.int64)
+    if (cu.ndim != 1 or cu.size < 2 or cu[0] != 0 or cu[-1] != total
+            or (np.diff(cu) < 0).any()):
+        raise ValueError(f"cu_seqlens: expected [0, ..., {total}] (non-decreasing, 1-D, at least "
+                         f"one row), got {cu.tolist() if cu.size <= 16 else cu.shape}")
+    return cu
 
 
 def check_seq_lens(seq_lens, batch: int, seq_len: int) -> np.ndarray:

@@ -175,3 +175,24 @@ def test_all_rows_reset_is_an_empty_cache_error():
     cache.reset_rows([0, 1, 2])
     with pytest.raises(ValueError, match="empty cache"):
         oscar.decode_attention(make_q(B, HQ, 1, D), cache)
+
+
+def test_cu_seqlens_equals_seq_lens():
+    lens = [33, 0, 5]
+    k, v = make_kv(B, H, max(lens), D, seed=61)
+    a = oscar.quantize_kv(k, v, CFG, seq_lens=lens)
+    packed_k = np.concatenate([k[b : b + 1, :, : lens[b]] for b in range(B)], axis=2)
+    packed_v = np.concatenate([v[b : b + 1, :, : lens[b]] for b in range(B)], axis=2)
+    c = oscar.quantize_kv(packed_k, packed_v, CFG, cu_seqlens=np.cumsum([0] + lens))
+    np.testing.assert_array_equal(c.seq_lens, lens)
+    for b in range(B):
+        if lens[b]:
+            _assert_row_equal(c, b, _row_alone(a, b))
+    for bad, err in (([0, 33, 30, 38], ValueError), ([1, 33, 33, 38], ValueError),
+                     ([0.0, 38.0], TypeError)):
+        with pytest.raises(err, match="cu_seqlens"):
+            oscar.quantize_kv(packed_k, packed_v, CFG, cu_seqlens=bad)
+    with pytest.raises(ValueError, match="batch"):
+        oscar.quantize_kv(k, v, CFG, cu_seqlens=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="both"):
+        oscar.quantize_kv(packed_k, packed_v, CFG, cu_seqlens=[0, 38], seq_lens=[38])
