@@ -599,9 +599,14 @@ class NumbaStore:
         """Upper bounds of the rows' packed and residual tokens that size a decode step's plan:
         the longest row's (host mirror), or, prepared for a capture, the capacity and R - 1
         (any length the device may reach); the kernels read each row's own."""
+        r = self.config.residual_length
         if self.static:
-            return self.capacity, self.config.residual_length - 1
-        return int(self.quantized_lens.max()), int(self.residual_lens.max())
+            return self.capacity, r - 1
+        s = self.seq_lens
+        lo, hi = int(s.min()), int(s.max())
+        if lo == hi:  # rows of one length (the common case: two reductions of host time)
+            return hi // r * r, hi % r
+        return int((s // r * r).max()), int((s % r).max())
 
     def _decision(self, q: torch.Tensor):
         """``(num_splits, residual_rows, fused)`` of a decode step of q's shape at the current
