@@ -81,7 +81,8 @@ from __future__ import annotations
 import math
 
 from ._compat import SIMULATOR, cuda, np
-from .common import LEN_QUANTIZED, LEN_RESIDUAL, LEN_START, fwht_warp, split_block, write_empty_split
+from .common import (LEN_QUANTIZED, LEN_RESIDUAL, LEN_START, fwht_warp, split_block,
+                     write_empty_split)
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
@@ -206,9 +207,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
 
     Lengths: the host's ``quantized_len`` / ``residual_len`` are upper bounds that size the
     split plan; each row's own length and first visible token come from ``lengths`` (int32
-    ``[batch, 4]``, common.LEN_START / LEN_QUANTIZED / LEN_RESIDUAL): a split's tiles are clipped to the row's packed tokens and start at the
-    key group holding its first visible token (splits outside exit at once), and tokens before
-    it are masked like the causal edge."""
+    ``[batch, 4]``, common.LEN_START / LEN_QUANTIZED / LEN_RESIDUAL): a split's tiles are
+    clipped to the row's packed tokens and start at the key group holding its first visible
+    token (splits outside exit at once), and tokens before it are masked like the causal edge."""
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
     NCH = D // 16

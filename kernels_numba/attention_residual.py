@@ -124,8 +124,8 @@ def blocks_per_head(gqa, q_len, rows_per_block=None):
 def build_residual(head_dim, residual_length, gqa, q_len, res_dtype, load_q, qs_stride,
                    rows_per_block=None):
     """Device function ``residual_partial(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale,
-    quantized_len, residual_len, b, kvh, rb, slot, qs, pb, start)``: the residual partial of query rows
-    ``r = j * q_len + i`` (head ``kvh * gqa + j``, position ``i``) of batch ``b`` with
+    quantized_len, residual_len, b, kvh, rb, slot, qs, pb, start)``: the residual partial of
+    query rows ``r = j * q_len + i`` (head ``kvh * gqa + j``, position ``i``) of batch ``b`` with
     ``rb * rows_per_block <= r < (rb + 1) * rows_per_block``, written at split index ``slot`` of
     the workspace. All 128 threads of the block call it. ``quantized_len``, ``residual_len`` and
     ``start`` are the row's own (residual token t sits at position ``quantized_len + t`` and is

@@ -71,8 +71,8 @@ import functools
 import math
 
 from ._compat import SIMULATOR, cuda, np
-from .common import (LEN_QUANTIZED, LEN_RESIDUAL, LEN_START, fwht_shared, int_as_float, split_block, value_code_location,
-                     value_param_location)
+from .common import (LEN_QUANTIZED, LEN_RESIDUAL, LEN_START, fwht_shared, int_as_float,
+                     split_block, value_code_location, value_param_location)
 
 #: Threads per block: 4 warps, enough to overlap the phases of neighbouring blocks on one SM
 #: while keeping the per-tile work per thread large.

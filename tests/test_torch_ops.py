@@ -61,7 +61,7 @@ def test_ops_equal_the_api_and_compile():
 
 def test_a_dead_cache_id_is_a_clear_error():
     with pytest.raises(ValueError, match="cache_id"):
-        torch.ops.oscar.decode_attention(torch.zeros(1, 1, 1, 32), torch.zeros(1, 4, dtype=torch.int32),
-                                         10**9, 1.0)
+        torch.ops.oscar.decode_attention(torch.zeros(1, 1, 1, 32),
+                                         torch.zeros(1, 4, dtype=torch.int32), 10**9, 1.0)
     with pytest.raises(TypeError, match="cache"):
         torch_ops.register(object())
