@@ -103,6 +103,7 @@ class OScaRMask:
         self._dense = self._full = self._pad = None
         self._have = set()
         self._starts: dict = {}
+        self._device_starts: dict = {}
 
     def dense(self, materialize: bool = False):
         """Boolean ``[B or 1, 1, q_len, kv_len]`` (True = attend) or None (plain causal; only
@@ -164,6 +165,17 @@ class OScaRMask:
             res = (ok, start if ok and start.any() else None)
         self._starts[key] = res
         return res
+
+    def device_start(self, start: np.ndarray, device):
+        """``start`` (a host array from :meth:`row_start`) as an int32 tensor on ``device``, once
+        per mask and device: every layer of a forward shares one host-to-device copy (the
+        decode kernels read it from the device; ``row_start`` has checked its values)."""
+        key = (id(start), str(device))
+        t = self._device_starts.get(key)
+        if t is None:
+            t = torch.from_numpy(start.astype(np.int32)).to(device)
+            self._device_starts[key] = t
+        return t
 
 
 def oscar_mask(**kwargs):
@@ -284,6 +296,8 @@ class OScaRLayer(CacheLayerMixin):
         ok, start = mask.row_start(q_len, seq_len) if mask is not None else (True, None)
         rows = int(query.shape[1]) // self.cache.num_kv_heads * q_len
         if ok and rows <= MAX_DECODE_ROWS:
+            if start is not None and query.is_cuda:
+                start = mask.device_start(start, query.device)
             out = decode_attention(query, self.cache, scale=scaling, start=start)
             return out.transpose(1, 2).contiguous()
         # chunk path: the history dequantized once for this chunk, exact SDPA with the mask
