@@ -79,7 +79,8 @@ from . import attention_mma as _split_v3
 from . import attention_residual as _res
 from . import attention_v1 as _v1
 from .attention_merge import merge_geometry as _merge_geometry  # noqa: F401 (tests use it)
-from .common import bf16_bits_to_f32, device_pointer, f32_to_bf16_bits
+from .common import (LEN_QUANTIZED, LEN_RESIDUAL, LEN_START, LENGTH_COLUMNS,  # noqa: F401
+                     bf16_bits_to_f32, device_pointer, f32_to_bf16_bits)
 
 #: Which split kernel to build: 3 (default) = tensor cores through inline PTX (attention_mma.py;
 #: in the CUDA simulator through ptx_sim.py), for the configurations it supports
@@ -189,7 +190,7 @@ def _split_signature(param_dtype, q_dtype, res_dtype, out_dtype):
             f"{r}[:, :, :, ::1], {r}[:, :, :, ::1], "
             "float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, :, ::1], "
             f"float32, int32, int32, int32, int32, {o}[:, :, :, ::1], float32[:, :, ::1], "
-            "int32[:, ::1], int32)")
+            "int32[:, ::1], int32, int32[:, ::1])")
 
 
 def residual_in_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa,
@@ -267,7 +268,8 @@ def _merge_signature(q_dtype, res_dtype, out_dtype):
     q, r, o = _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype], _SIG_TYPE[out_dtype]
     return (f"void({q}[:, :, :, ::1], {r}[:, :, :, ::1], {r}[:, :, :, ::1], "
             "float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, :, ::1], "
-            f"{o}[:, :, :, ::1], float32[:, :, ::1], float32, int32, int32, int32, int32)")
+            f"{o}[:, :, :, ::1], float32[:, :, ::1], float32, int32, int32, int32, int32, "
+            "int32[:, ::1])")
 
 
 def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
@@ -542,7 +544,7 @@ def _expect(name, x, shape, dtype):
 
 def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                      workspace, config, scale, quantized_len, residual_len, q_dtype, res_dtype,
-                     num_splits, stream=0, check=True):
+                     num_splits, lengths=None, stream=0, check=True):
     """Decode attention over packed + residual tokens; writes ``out`` and ``lse``. Two launches,
     or one where the split kernel merges (``FUSED_MERGE``; short steps).
 
@@ -562,27 +564,49 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         workspace: dict of the arrays of :func:`workspace_shapes` (dtypes ``WORKSPACE_DTYPES``;
             ``split_count`` zero before the first call, left zero by every call).
         config: the cache's OScaRConfig. scale: logit scale.
-        quantized_len: valid packed tokens (a multiple of key_group_size, <= capacity).
-        residual_len: valid residual tokens, ``0 <= residual_len < residual_length``.
+        quantized_len: upper bound of the rows' packed tokens (a multiple of key_group_size,
+            <= capacity): sizes the split plan (the capacity for a launch that must serve any
+            length, e.g. in a CUDA graph).
+        residual_len: upper bound of the rows' residual tokens, ``0 <= residual_len <
+            residual_length`` (``residual_length - 1`` serves any length).
+        lengths: int32 ``[batch, 4]`` on the device (common.LEN_START, LEN_QUANTIZED,
+            LEN_RESIDUAL; LEN_FLUSH is the append's): each row's first visible token, packed
+            and residual tokens, read by the kernels. Every row's must be within the bounds
+            above (tokens past them are not seen). None: every row has ``quantized_len`` and
+            ``residual_len`` tokens, start 0 (:func:`uniform_lengths`, a host-to-device copy).
         q_dtype, res_dtype: ``"float16"``, ``"float32"`` or ``"bfloat16"``.
         num_splits: from :func:`choose_num_splits`, 1..MAX_SPLITS.
         stream: the CUDA stream to launch on.
         check: validate every argument first (tens of microseconds of Python); a caller that
             has validated the same buffers once may pass False.
     """
+    if lengths is None:
+        lengths = cuda.to_device(uniform_lengths(int(q.shape[0]), quantized_len, residual_len),
+                                 stream=stream)
     if check:
         _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                          workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
-                         num_splits)
+                         num_splits, lengths)
     for kernel, grid, block, args, _names in decode_launches(
             q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse, workspace,
-            config, scale, quantized_len, residual_len, q_dtype, res_dtype, num_splits):
+            config, scale, quantized_len, residual_len, q_dtype, res_dtype, num_splits, lengths):
         launch(kernel, grid, block, stream, *args)
+
+
+def uniform_lengths(batch, quantized_len, residual_len, start=None):
+    """Host int32 ``[batch, LENGTH_COLUMNS]`` lengths of rows that all hold ``quantized_len``
+    packed and ``residual_len`` residual tokens (``start``: optional per-row first tokens)."""
+    lengths = np.zeros((int(batch), LENGTH_COLUMNS), np.int32)
+    lengths[:, LEN_QUANTIZED] = int(quantized_len)
+    lengths[:, LEN_RESIDUAL] = int(residual_len)
+    if start is not None:
+        lengths[:, LEN_START] = np.asarray(start, np.int64)
+    return lengths
 
 
 def decode_launches(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                     workspace, config, scale, quantized_len, residual_len, q_dtype, res_dtype,
-                    num_splits):
+                    num_splits, lengths):
     """What :func:`decode_attention` launches, in order: ``[(kernel, grid, block, args)]``.
 
     The one place that decides which compiled kernels run for a step (the split kernel, with or
@@ -603,12 +627,12 @@ def decode_launches(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res
     launches = [(split, (batch * nkv, rows + int(num_splits)), NUM_THREADS,
                  (q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum,
                   ws_acc, scale32, ql, rl, ns, np.int32(rows), out, lse, workspace["split_count"],
-                  np.int32(1 if fuse else 0)), SPLIT_ARGS)]
+                  np.int32(1 if fuse else 0), lengths), SPLIT_ARGS)]
     if not fuse:
         merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype, out_dtype))
         launches.append((merge, batch * nq * q_len, NUM_THREADS,
                          (q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale32, ql, rl, ns,
-                          np.int32(1 if rows else 0)), MERGE_ARGS))
+                          np.int32(1 if rows else 0), lengths), MERGE_ARGS))
     return launches
 
 
@@ -638,14 +662,14 @@ def launch_shape(split_key, batch, num_kv_heads, quantized_len, residual_len, nu
 #: Parameter names of the split and merge kernels, in order (:func:`decode_launches`).
 SPLIT_ARGS = ("q", "k_codes", "k_params", "v_codes", "v_params", "norms", "k_res", "v_res",
               "split_max", "split_sum", "split_acc", "scale", "quantized_len", "residual_len",
-              "num_splits", "residual_rows", "out", "lse", "split_count", "fused")
+              "num_splits", "residual_rows", "out", "lse", "split_count", "fused", "lengths")
 MERGE_ARGS = ("q", "k_res", "v_res", "split_max", "split_sum", "split_acc", "out", "lse", "scale",
-              "quantized_len", "residual_len", "num_splits", "residual_slot")
+              "quantized_len", "residual_len", "num_splits", "residual_slot", "lengths")
 
 
 def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                      workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
-                     num_splits):
+                     num_splits, lengths):
     """ValueError / TypeError naming the first argument that breaks the contract."""
     for name, val in (("q_dtype", q_dtype), ("res_dtype", res_dtype)):
         if val not in Q_DTYPES:
@@ -670,7 +694,7 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
                          f"[0, {cap}], got {quantized_len}")
     if not 0 <= residual_len < r_len:
         raise ValueError(f"residual_len: expected 0 <= residual_len < {r_len}, got {residual_len}")
-    if not 1 <= q_len <= quantized_len + residual_len:
+    if not 1 <= q_len <= max(1, quantized_len + residual_len):
         raise ValueError(f"q_len: expected 1 <= q_len <= seq_len ({quantized_len + residual_len}),"
                          f" got {q_len}")
     if not 1 <= num_splits <= MAX_SPLITS:
@@ -697,6 +721,7 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
                         f"{out_ok[1]}), got {_dtype_name(out)}")
     _expect("out", out, (batch, nq, q_len, d), _dtype_name(out))
     _expect("lse", lse, (batch, nq, q_len), np.float32)
+    _expect("lengths", lengths, (batch, LENGTH_COLUMNS), np.int32)
     for name, shape in workspace_shapes(batch, nq, q_len, d, num_splits).items():
         if name not in workspace:
             raise ValueError(f"workspace: expected an array named {name!r}, "

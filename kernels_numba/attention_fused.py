@@ -125,7 +125,7 @@ def build_finish(head_dim, gqa, q_len, rotate_values, hadamard_scale, store, max
                 m = max(m, ldcg1f(mb + np.int64(4 * u)))
             for off in (16, 8, 4, 2, 1):
                 m = max(m, cuda.shfl_xor_sync(FULL, m, off))
-            if m == neg_inf:  # cannot happen (token 0 is always visible); keeps exp() finite
+            if m == neg_inf:  # a row that sees no token (an empty row); keeps exp() finite
                 m = ZERO_F
             # an empty split (max -inf) weighs 0; a NaN max or sum still reaches the output
             total = ZERO_F
@@ -176,9 +176,10 @@ def build_finish(head_dim, gqa, q_len, rotate_values, hadamard_scale, store, max
                     o *= HS
                 if res_slot != 0:
                     o += wr * rv[k]
-                out[b, hq, i, lane * CQ + k] = store(o / total)
+                # a row that saw no token (empty, total 0) gives zeros, as the reference
+                out[b, hq, i, lane * CQ + k] = store(o / total if total != ZERO_F else ZERO_F)
             if lane == 0:
-                lse[b, hq, i] = m + math.log(total)
+                lse[b, hq, i] = m + math.log(total) if total != ZERO_F else neg_inf
             cuda.syncwarp()  # the weights are read before the next row overwrites them
 
     return finish

@@ -43,7 +43,7 @@ import math
 
 from ._compat import SIMULATOR, cuda, np
 from . import attention_residual as _res
-from .common import fwht_warp
+from .common import LEN_QUANTIZED, LEN_RESIDUAL, LEN_START, fwht_warp
 
 if SIMULATOR:
     from .ptx_sim import global_address, ldg4, uint_as_float
@@ -159,7 +159,7 @@ def build_merge(head_dim, residual_length, res_dtype, rotate_values, load_q, sto
                 regs[o + 3] = w3
 
     def merge_kernel(q, k_res, v_res, ws_max, ws_sum, ws_acc, out, lse, scale, quantized_len,
-                     residual_len, num_splits, res_slot):
+                     residual_len, num_splits, res_slot, lengths):
         tid = cuda.threadIdx.x
         lane = tid % WARP_SIZE
         warp = tid // WARP_SIZE
@@ -172,11 +172,15 @@ def build_merge(head_dim, residual_length, res_dtype, rotate_values, load_q, sto
         i = row % lq
         kvh = hq // g_size
         neg_inf = np.float32(-math.inf)
-        last = quantized_len + residual_len - lq + i  # last visible position
+        # the row's own lengths (the host's quantized_len, residual_len are bounds)
+        row_ql = lengths[b, LEN_QUANTIZED]
+        row_rl = lengths[b, LEN_RESIDUAL]
+        first = lengths[b, LEN_START]
+        last = row_ql + row_rl - lq + i  # last visible position
         # residual tokens this row scores (causal rows of a multi-token query see fewer): none
         # when the split kernel's residual blocks have computed their partial (block-uniform)
         has_slot = res_slot != 0
-        nres = 0 if has_slot else min(residual_len, last - quantized_len + 1)
+        nres = 0 if has_slot else min(row_rl, last - row_ql + 1)
 
         qv = cuda.shared.array(D, np.float32)
         sr = cuda.shared.array(R, np.float32)  # residual scores, then p
@@ -246,12 +250,14 @@ def build_merge(head_dim, residual_length, res_dtype, rotate_values, load_q, sto
                     s += cuda.shfl_xor_sync(0xFFFFFFFF, s, off)
                     off //= 2
                 t = t0 + ii * TPW + lane // LPR
+                if row_ql + t < first:  # before the row's first visible token
+                    s = neg_inf
                 if t < nres:
                     m = max(m, s)
                     if lane % LPR == 0:
                         sr[t] = s
         m = _block_max(redm, m, tid)
-        if m == neg_inf:  # cannot happen (token 0 is always visible); keeps exp() finite
+        if m == neg_inf:  # a row that sees no token (an empty row); keeps exp() finite
             m = np.float32(0.0)
 
         # --- softmax weights: splits and residual tokens ---------------------------------------
@@ -354,8 +360,9 @@ def build_merge(head_dim, residual_length, res_dtype, rotate_values, load_q, sto
                 else:
                     for w in range(NW):
                         r += part[w, c]
-                out[b, hq, i, c] = store((o + r) / total)
+                # a row that saw no token (empty, total 0) gives zeros, as the reference
+                out[b, hq, i, c] = store((o + r) / total if total != ZERO_F else ZERO_F)
             if lane == 0:
-                lse[b, hq, i] = m + math.log(total)
+                lse[b, hq, i] = m + math.log(total) if total != ZERO_F else neg_inf
 
     return merge_kernel

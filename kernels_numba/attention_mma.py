@@ -94,7 +94,8 @@ from __future__ import annotations
 import math
 
 from ._compat import SIMULATOR, cuda, np
-from .common import fwht_warp, split_block, write_empty_split
+from .common import (LEN_QUANTIZED, LEN_RESIDUAL, LEN_START, fwht_warp, split_block,
+                     write_empty_split)
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
@@ -251,7 +252,13 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     ``finish``: None, or the device function of ``attention_fused.build_finish``: then a launch
     with ``fuse != 0`` ends every block with it, and the last block of each (batch, KV head)
     merges the partials into ``out`` and ``lse`` (no merge launch); ``counter`` (int32, zero
-    before the launch) counts the arrivals and is left zero."""
+    before the launch) counts the arrivals and is left zero.
+
+    Lengths: the host's ``quantized_len`` / ``residual_len`` are upper bounds that size the
+    split plan; each row's own length and first visible token come from ``lengths`` (int32
+    ``[batch, 4]``, common.LEN_START / LEN_QUANTIZED / LEN_RESIDUAL): a split's tiles are
+    clipped to the row's packed tokens and start at the key group holding its first visible
+    token (splits outside exit at once), and tokens before it are masked like the causal edge."""
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
     NCH = D // 16
@@ -322,7 +329,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
 
         @cuda.jit(device=True)
         def residual(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale, quantized_len,
-                     residual_len, b, kvh, rb, slot, qs, pb):
+                     residual_len, b, kvh, rb, slot, qs, pb, start):
             pass
 
     FUSED = finish is not None
@@ -498,7 +505,7 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
 
     def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
                      ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
-                     out, lse, counter, fuse):
+                     out, lse, counter, fuse, lengths):
         tid = cuda.threadIdx.x
         # 32-bit lane coordinates: Numba's ints are int64, and ptxas, short of registers,
         # recomputes lane-derived values inside the tile loop (in 64 bits, every test like
@@ -510,9 +517,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         # block rows 0 .. res_blocks - 1: the residual blocks (none without RESIDUAL)
         b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
                                                     TPG, res_blocks if RESIDUAL else 0)
+        # this row's lengths (the host's are bounds): packed tiles up to its own, from the key
+        # group of its first visible token
+        row_ql = np.int32(lengths[b, LEN_QUANTIZED])
+        seq_len = row_ql + np.int32(lengths[b, LEN_RESIDUAL])
+        first = np.int32(lengths[b, LEN_START])
+        t_end = min(t_end, row_ql // TILE)
+        t_begin = max(t_begin, first // (TILE * TPG) * TPG)
         nh = kvh if NORM_PER_HEAD else 0
         neg_inf = np.float32(-math.inf)
-        seq_len = quantized_len + residual_len
         stage = cuda.shared.array((NW, NSW), np.uint32, alignment=ALIGN16)
         qs = cuda.shared.array((QR, DP), np.float32, alignment=ALIGN16)
         qmax = cuda.shared.array(QR, np.float32)
@@ -528,8 +541,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         arrivals = num_splits + nres_blocks
         res_slot = 1 if nres_blocks > 0 else 0
         if RESIDUAL and split < 0:  # block-uniform
-            residual(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale, quantized_len, residual_len,
-                     b, kvh, cuda.blockIdx.y, num_splits, qs, shared_address(stage, (0, 0)))
+            residual(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale, row_ql, seq_len - row_ql,
+                     b, kvh, cuda.blockIdx.y, num_splits, qs, shared_address(stage, (0, 0)),
+                     first)
             if FUSED and fuse != 0:
                 finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
                        arrivals, flag, shared_address(stage, (0, 0)))
@@ -849,11 +863,14 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             sc[5] = (f1 * c5 + k1) * n2 - mu1
             sc[6] = (f0 * c6 + k0) * n3 - mu0
             sc[7] = (f1 * c7 + k1) * n3 - mu1
-            if np.int32(tile * TILE) > edge32:  # a causal-edge tile (warp-uniform)
+            # a causal-edge tile, or one before the row's first visible token (warp-uniform)
+            if np.int32(tile * TILE) > edge32 or np.int32(tile * TILE) < first:
                 for i in range(4):
-                    if not ((FULLGROUPS or rb + r0 < ROWS) and tok + i <= lim0):
+                    if not ((FULLGROUPS or rb + r0 < ROWS) and tok + i <= lim0
+                            and tok + i >= first):
                         sc[2 * i] = neg_inf
-                    if not ((FULLGROUPS or rb + r1 < ROWS) and tok + i <= lim1):
+                    if not ((FULLGROUPS or rb + r1 < ROWS) and tok + i <= lim1
+                            and tok + i >= first):
                         sc[2 * i + 1] = neg_inf
 
             # (3) online softmax for rows r0, r1 (the 8 lanes of a column t4 hold the 32 tokens)

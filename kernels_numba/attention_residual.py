@@ -125,10 +125,12 @@ def blocks_per_head(gqa, q_len, rows_per_block=None):
 def build_residual(head_dim, residual_length, gqa, q_len, res_dtype, load_q, qs_stride,
                    rows_per_block=None):
     """Device function ``residual_partial(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale,
-    quantized_len, residual_len, b, kvh, rb, slot, qs, pb)``: the residual partial of query rows
-    ``r = j * q_len + i`` (head ``kvh * gqa + j``, position ``i``) of batch ``b`` with
+    quantized_len, residual_len, b, kvh, rb, slot, qs, pb, start)``: the residual partial of
+    query rows ``r = j * q_len + i`` (head ``kvh * gqa + j``, position ``i``) of batch ``b`` with
     ``rb * rows_per_block <= r < (rb + 1) * rows_per_block``, written at split index ``slot`` of
-    the workspace. All 128 threads of the block call it.
+    the workspace. All 128 threads of the block call it. ``quantized_len``, ``residual_len`` and
+    ``start`` are the row's own (residual token t sits at position ``quantized_len + t`` and is
+    masked before ``start``).
 
     ``qs``: float32 shared ``[>= rows_per_block, >= head_dim]`` with row stride ``qs_stride``
     floats (a multiple of 4, 16-byte aligned); ``pb``: shared byte address (16-byte aligned) of
@@ -214,7 +216,7 @@ def build_residual(head_dim, residual_length, gqa, q_len, res_dtype, load_q, qs_
 
     @cuda.jit(device=True)
     def residual_partial(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale, quantized_len,
-                         residual_len, b, kvh, rb, slot, qs, pb):
+                         residual_len, b, kvh, rb, slot, qs, pb, start):
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -246,7 +248,7 @@ def build_residual(head_dim, residual_length, gqa, q_len, res_dtype, load_q, qs_
                         if not ONE_PASS and r == 0:
                             load_key(kbase, t, pc, nmax, kw)
                         a += dot(kw, qb, r, pc)
-                    if t >= nmax - (LQ - 1 - (r0 + r) % LQ):
+                    if t >= nmax - (LQ - 1 - (r0 + r) % LQ) or quantized_len + t < start:
                         a = neg_inf
                     sts1f(pb, 4 * (r * R + t), a)
         # the first two rounds of value loads fly during the softmax below (the key registers

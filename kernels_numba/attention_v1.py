@@ -71,8 +71,8 @@ import functools
 import math
 
 from ._compat import SIMULATOR, cuda, np
-from .common import (fwht_shared, int_as_float, split_block, value_code_location,
-                     value_param_location)
+from .common import (LEN_QUANTIZED, LEN_RESIDUAL, LEN_START, fwht_shared, int_as_float,
+                     split_block, value_code_location, value_param_location)
 
 #: Threads per block: 4 warps, enough to overlap the phases of neighbouring blocks on one SM
 #: while keeping the per-tile work per thread large.
@@ -152,7 +152,8 @@ def build_split_v1(key_bits, value_bits, key_group_size, value_group_size, head_
     """Python function of the v1 split kernel for one compile-time configuration (the arguments
     of ``attention_mma.build_split_v3``, without residual blocks or fused merge): ``load_q``
     turns a stored query element into float32, ``hadamard_scale`` is float32(1/sqrt(D)).
-    ValueError when the rows do not fit (see Limits)."""
+    ValueError when the rows do not fit (see Limits). Per-row lengths and first visible tokens
+    come from ``lengths`` as in v3."""
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
     lay = _split_layout(key_bits, value_bits, key_group_size, value_group_size, head_dim, ROWS)
@@ -187,15 +188,19 @@ def build_split_v1(key_bits, value_bits, key_group_size, value_group_size, head_
 
     def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
                      ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
-                     out, lse, counter, fuse):
+                     out, lse, counter, fuse, lengths):
         tid = cuda.threadIdx.x
         lane = tid % TILE_TOKENS
         slot = tid // TILE_TOKENS
         b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
                                                     TPG, 0)
+        row_ql = lengths[b, LEN_QUANTIZED]  # the row's own lengths (the host's are bounds)
+        seq_len = row_ql + lengths[b, LEN_RESIDUAL]
+        first = lengths[b, LEN_START]
+        t_end = min(t_end, row_ql // TILE_TOKENS)
+        t_begin = max(t_begin, first // (TILE_TOKENS * TPG) * TPG)
         nh = kvh if NORM_PER_HEAD else 0
         neg_inf = np.float32(-math.inf)
-        seq_len = quantized_len + residual_len
 
         # per-thread PV ownership: channels d0 + DW * j, rows r0 + RS * k
         d0 = tid % DW
@@ -300,7 +305,7 @@ def build_split_v1(key_bits, value_bits, key_group_size, value_group_size, head_
                 l = idx % TILE_TOKENS
                 t = tok0 + l
                 s = neg_inf
-                if t <= seq_len - LQ + r % LQ:
+                if t <= seq_len - LQ + r % LQ and t >= first:
                     s = kmin[r]
                     for u in range(WSPLIT):
                         s += part[u, r, l]

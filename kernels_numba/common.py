@@ -214,6 +214,16 @@ def check_threads(threads) -> None:
         raise ValueError(f"threads: expected a power of two from 32 to 1024, got {threads!r}")
 
 
+#: The per-row lengths array every decode kernel reads (int32 ``[batch, LENGTH_COLUMNS]``, on the
+#: device; docs/kernels.md "Lengths on the device"): LEN_START the row's first visible token (left
+#: padding, a sliding window; 0 = all), LEN_QUANTIZED its packed tokens, LEN_RESIDUAL its residual
+#: tokens, LEN_FLUSH 1 when the last device append filled the row's window (the flush kernel then
+#: packs it at ``quantized - R``). On the device one writer per row changes them: the append
+#: kernel (one block per row), so that no block reads a length another block is changing.
+LEN_START, LEN_QUANTIZED, LEN_RESIDUAL, LEN_FLUSH = 0, 1, 2, 3
+LENGTH_COLUMNS = 4
+
+
 @cuda.jit(device=True)
 def split_block(num_kv_heads, quantized_len, num_splits, tiles_per_group, first):
     """``(batch, kv_head, split, begin, end)`` of this block of a decode split kernel (grid

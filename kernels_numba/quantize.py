@@ -66,7 +66,8 @@ from ..reference.pack import TILE_TOKENS
 from ..reference.quantize import FLOAT16_MAX, FLOAT16_TINY
 from ._compat import SIMULATOR, cuda, np
 from .kernel_cache import jit, launch
-from .common import (INPUT_ELEMENT_TYPES, arithmetic_device, device_pointer, fwht_lanes, mul_rn,
+from .common import (LEN_FLUSH, LEN_QUANTIZED, LENGTH_COLUMNS,
+                     INPUT_ELEMENT_TYPES, arithmetic_device, device_pointer, fwht_lanes, mul_rn,
                      value_code_location, value_param_location)
 
 if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
@@ -253,8 +254,16 @@ def div_exact(a, d, r, r64, thr):
 
 
 def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
-           param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels, head_split):
-    """Python function of the quantize kernel for one compile-time configuration."""
+           param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels, head_split,
+           row_flush=False):
+    """Python function of the quantize kernel for one compile-time configuration.
+
+    ``row_flush``: the device-decided flush of a decode step (issue 25). ``k, v`` are the
+    residual windows ``[B, H, R, D]`` and the packed arrays the whole capacity; a row's blocks
+    exit at once unless ``lengths[b, LEN_FLUSH]`` (its window filled at the last device append),
+    and write at token ``lengths[b, LEN_QUANTIZED] - R`` (the append kernel has already counted
+    the window as packed). Without it ``lengths`` is not read."""
+    ROW_FLUSH = bool(row_flush)
     D = head_dim
     LPT = D // RUN  # lanes per token
     LLPT = LPT.bit_length() - 1
@@ -398,10 +407,15 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
         q = max(q, _F32_ZERO)  # NaN -> 0
         return np.uint32(min(q, levels))
 
-    def quantize_kernel(k, v, k_codes, k_params, v_codes, v_params, norms, status):
+    def quantize_kernel(k, v, k_codes, k_params, v_codes, v_params, norms, status, lengths):
         kg = cuda.blockIdx.x
         hb = cuda.blockIdx.y
         b = cuda.blockIdx.z
+        ob = 0  # first output token (the row's flush position with ROW_FLUSH)
+        if ROW_FLUSH:
+            if lengths[b, LEN_FLUSH] == 0:  # block-uniform: this row's window did not fill
+                return
+            ob = lengths[b, LEN_QUANTIZED] - k.shape[2]
         tid = cuda.threadIdx.x
         lane = tid & 31
         lr = lane & (LPT - 1)  # this lane's run of its token
@@ -464,7 +478,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                                 n = _F32_ONE
                             nrm[tt] = n
                             if hb == 0 or not HEAD_SPLIT:
-                                norms[b, 0 if HEAD_SPLIT else hb, g0 + tt] = n
+                                norms[b, 0 if HEAD_SPLIT else hb, ob + g0 + tt] = n
             cuda.syncthreads()
 
         h_first = 0 if ALL_HEADS and not HEAD_SPLIT else hb
@@ -494,8 +508,8 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                 cuda.syncthreads()
             sc, mn_s, fl = group_params(cmn, cmx, cz != cz, KL)
             flags |= fl
-            k_params[b, head, kg, tid, 0] = sc
-            k_params[b, head, kg, tid, 1] = mn_s
+            k_params[b, head, ob // GK + kg, tid, 0] = sc
+            k_params[b, head, ob // GK + kg, tid, 1] = mn_s
             qa, qb, qc, qd = quantizer(sc, mn_s)
             sts4(kpar_b, 16 * (tid + (tid >> 5)), float_as_uint(qa), float_as_uint(qb),
                  float_as_uint(qc), float_as_uint(qd))
@@ -512,7 +526,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                         j = w * KCPW + i
                         qa, qb, qc, qd = lds4f(kpar_b, kp0 + 16 * j)
                         word |= quant(x[j], qa, qb, qc, qd, KL) << np.uint32(KB * i)
-                    k_codes[b, head, kg * NSUB + sub, lr * KB + w, tk] = word
+                    k_codes[b, head, ob // TILE + kg * NSUB + sub, lr * KB + w, tk] = word
             # ---- values: per-token groups, packed into the value tile in shared memory
             for i in range(tid, VTW, NT):
                 tile[i] = np.uint32(0)
@@ -545,7 +559,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                         # 8 rows, after its scale. (Staging a tile's params in shared memory
                         # for coalesced stores was slower: 198 against 185 us for 32K tokens)
                         pr, pg, pp = value_param_location(tk, gi, 0, NGV)
-                        pr += g0 + sub * TILE
+                        pr += ob + g0 + sub * TILE
                         v_params[b, head, pr, pg, pp] = sc
                         v_params[b, head, pr + 8, pg, pp] = mn_s
                     qa, qb, qc, qd = quantizer(sc, mn_s)
@@ -559,7 +573,7 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
                     cuda.atomic.or_(tile, wd, (cd[j] | (cd[j + 16] << np.uint32(VB)))
                                     << np.uint32(shift))
                 cuda.syncthreads()
-                t0 = g0 + sub * TILE
+                t0 = ob + g0 + sub * TILE
                 for i in range(tid, VTW, NT):
                     v_codes[b, head, t0 + i // VW, i % VW] = tile[i]
                     tile[i] = np.uint32(0)
@@ -574,15 +588,16 @@ def _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_
 @functools.lru_cache(maxsize=None)
 def _quantize_source(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
                      param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels,
-                     head_split):
+                     head_split, row_flush=False):
     """(kernel function, signature) of the quantize kernel for one configuration."""
     fn = _build(key_bits, value_bits, key_group_size, value_group_size, head_dim, in_dtype,
                 param_dtype, rotate_keys, scale_tokens, rotate_values, head_scope, levels,
-                head_split)
+                head_split, row_flush)
     it = INPUT_ELEMENT_TYPES[in_dtype]
     pt = PARAM_TYPES[param_dtype]
     sig = (f"void({it}[:, :, :, :], {it}[:, :, :, :], uint32[:, :, :, :, :], {pt}[:, :, :, :, :], "
-           f"uint32[:, :, :, :], {pt}[:, :, :, :, :], float32[:, :, :], int32[:])")
+           f"uint32[:, :, :, :], {pt}[:, :, :, :, :], float32[:, :, :], int32[:], "
+           "int32[:, ::1])")
     return fn, sig
 
 
@@ -593,16 +608,16 @@ HEAD_SPLIT_BELOW = 128
 
 
 def _quantize_key(config, head_dim: int, in_dtype: str, num_kv_heads: int,
-                  blocks: int = HEAD_SPLIT_BELOW) -> tuple:
+                  blocks: int = HEAD_SPLIT_BELOW, row_flush: bool = False) -> tuple:
     """The factory key of a configuration (flags that do not change the code are normalized);
-    ``blocks`` = key groups x batch of the launch."""
+    ``blocks`` = key groups x batch of the launch; ``row_flush``: the device-decided flush."""
     head_scope = config.scale_tokens and config.norm_scope == "head"
     all_heads = config.scale_tokens and not head_scope
     levels = _levels(num_kv_heads) if all_heads else 0
     head_split = all_heads and num_kv_heads > 1 and blocks < HEAD_SPLIT_BELOW
     return (config.key_bits, config.value_bits, config.key_group_size, config.value_group_size,
             head_dim, in_dtype, config.param_dtype, config.rotate_keys, config.scale_tokens,
-            config.rotate_values, head_scope, levels, head_split)
+            config.rotate_values, head_scope, levels, head_split) + ((True,) if row_flush else ())
 
 
 #: Register cap of the quantize kernel: 4 blocks (16 warps) per SM. Uncapped ptxas takes about 220
@@ -714,20 +729,39 @@ def quantize_kernels(config, head_dim: int, in_dtype: str, num_kv_heads: int, ba
 
 
 #: Parameter names of the quantize kernel, in order (:func:`quantize_launch`).
-QUANTIZE_ARGS = ("k", "v", "k_codes", "k_params", "v_codes", "v_params", "norms", "status")
+QUANTIZE_ARGS = ("k", "v", "k_codes", "k_params", "v_codes", "v_params", "norms", "status",
+                 "lengths")
 
 
-def quantize_launch(k, v, k_codes, k_params, v_codes, v_params, norms, status, config, in_dtype):
+def quantize_launch(k, v, k_codes, k_params, v_codes, v_params, norms, status, config, in_dtype,
+                    lengths=None):
     """The launch of :func:`quantize_block` on validated arrays (seq_len > 0):
-    ``(kernel, grid, block, args)``, args in :data:`QUANTIZE_ARGS` order."""
+    ``(kernel, grid, block, args)``, args in :data:`QUANTIZE_ARGS` order.
+
+    With ``lengths`` (int32 ``[batch, 4]``, device): the row-flush variant (``_build``'s
+    ``row_flush``): ``k, v`` the residual windows, the packed arrays the whole capacity, each
+    row written at its own flush position or not at all. Without: a dummy lengths argument."""
     bsz, heads, seq, d = (int(x) for x in k.shape)
     groups = seq // config.key_group_size
-    key = _quantize_key(config, d, in_dtype, heads, groups * bsz)
+    key = _quantize_key(config, d, in_dtype, heads, groups * bsz, row_flush=lengths is not None)
     all_heads = config.scale_tokens and not key[10]
     grid_y = heads if key[12] or not all_heads else 1
     kernel = _quantize_kernel(key)
+    if lengths is None:
+        lengths = _no_lengths()
     return (kernel, (groups, grid_y, bsz), threads_per_block(d),
-            (k, v, k_codes, k_params, v_codes, v_params, norms, status))
+            (k, v, k_codes, k_params, v_codes, v_params, norms, status, lengths))
+
+
+@functools.lru_cache(maxsize=None)
+def _no_lengths_for(device_id):
+    return cuda.to_device(np.zeros((1, LENGTH_COLUMNS), np.int32))
+
+
+def _no_lengths():
+    """A [1, 4] int32 device array for launches that do not read ``lengths`` (one per device)."""
+    dev = 0 if SIMULATOR else cuda.get_current_device().id
+    return _no_lengths_for(dev)
 
 
 # --- compile registry -----------------------------------------------------------------------------
@@ -754,5 +788,9 @@ def compile_signatures():
     for i, (cfg, d, in_dtype, heads) in enumerate(_representative_configs()):
         for blocks in ((HEAD_SPLIT_BELOW, 1) if i == 0 else (HEAD_SPLIT_BELOW,)):
             key = _quantize_key(cfg, d, in_dtype, heads, blocks)
+            fn, sig = _quantize_source(*key)
+            yield f"quantize.quantize{key}", fn, sig
+        if i == 0:  # the device-decided flush (row_flush) of a decode step
+            key = _quantize_key(cfg, d, in_dtype, heads, 8, row_flush=True)
             fn, sig = _quantize_source(*key)
             yield f"quantize.quantize{key}", fn, sig

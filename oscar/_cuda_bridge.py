@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from . import _launch
-from .cache import QuantizedKVCache
+from .cache import QuantizedKVCache, uniform_length
 from .config import OScaRConfig
 from .kernels_numba._compat import cuda
 from .kernels_numba import append as _append
 from .kernels_numba import attention as _attn
+from .kernels_numba.kernel_cache import launch as _dispatch
 from .kernels_numba import dequantize as _deq
 from .kernels_numba import quantize as _quant
 from .reference.block import PackedBlock
@@ -39,6 +40,14 @@ from .reference.block import PackedBlock
 #: status bits written by the quantize kernel (kernels_numba/quantize.py)
 STATUS_NONFINITE, STATUS_FP16_OVERFLOW = 1, 2
 STATUS_FP16_UNDERFLOW = 4  # a non-constant group entirely below float16's normal range
+STATUS_OVERFLOW = _append.STATUS_OVERFLOW  # a device append found no packed capacity left
+#: columns of the device lengths array (kernels_numba/common.py)
+LEN_START, LEN_QUANTIZED, LEN_RESIDUAL, LEN_FLUSH = (_attn.LEN_START, _attn.LEN_QUANTIZED,
+                                                     _attn.LEN_RESIDUAL, 3)
+#: OSCAR_DEVICE_APPEND=0: one-token appends outside a prepared capture take the host path (torch
+#: copies, host-decided flushes) and copy the lengths to the device, instead of the append_rows
+#: kernel (for comparison and as a fallback)
+DEVICE_APPEND = os.environ.get("OSCAR_DEVICE_APPEND", "1") != "0"
 
 _TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -135,8 +144,14 @@ class NumbaStore:
         tdt = _TORCH_DTYPE[dtype]
         self.k_res = torch.zeros((batch, num_kv_heads, r, head_dim), dtype=tdt, device=device)
         self.v_res = torch.zeros_like(self.k_res)
-        self.residual_len = 0
-        self.quantized_len = 0
+        # per-row lengths: the device array the kernels read (int32 [batch, 4], columns
+        # LEN_*), and its host mirror (tokens per row), exact unless ``static`` (prepared for a
+        # CUDA graph: the device decides, read back by sync_lengths)
+        self.seq_lens = np.zeros(batch, np.int64)
+        self.lengths = torch.zeros((batch, _attn.LENGTH_COLUMNS), dtype=torch.int32,
+                                   device=device)
+        self.static = False
+        self._start_set = False  # the lengths' start column may be non-zero
         self.status = torch.zeros(1, dtype=torch.int32, device=device)
         self.status_nb = cuda.as_cuda_array(self.status)
         self.capacity = 0
@@ -156,6 +171,67 @@ class NumbaStore:
         self._warmed_shapes: set = set()
         self._alloc(_round_up(max(capacity, r), r))
 
+    # --- lengths -----------------------------------------------------------------------------
+    @property
+    def quantized_lens(self) -> np.ndarray:
+        """Per-row packed tokens (read from the device when static: synchronizes)."""
+        r = self.config.residual_length
+        return self.lengths_host() // r * r
+
+    @property
+    def residual_lens(self) -> np.ndarray:
+        """Per-row residual tokens (read from the device when static: synchronizes)."""
+        return self.lengths_host() % self.config.residual_length
+
+    @property
+    def quantized_len(self) -> int:
+        return uniform_length(self.quantized_lens, "quantized_len")
+
+    @property
+    def residual_len(self) -> int:
+        return uniform_length(self.residual_lens, "residual_len")
+
+    def known_lengths(self):
+        """The host mirror of the rows' lengths, or None while the device decides (static)."""
+        return None if self.static else self.seq_lens
+
+    def lengths_host(self) -> np.ndarray:
+        """Per-row tokens (a copy); synchronizes when static (reads the device lengths)."""
+        if self.static:
+            host = self.lengths.cpu().numpy().astype(np.int64)
+            return host[:, LEN_QUANTIZED] + host[:, LEN_RESIDUAL]
+        return self.seq_lens.copy()
+
+    def sync_lengths(self) -> np.ndarray:
+        """Read the device lengths into the host mirror and leave static mode (synchronizes)."""
+        self.seq_lens = self.lengths_host()
+        self.static = False
+        return self.seq_lens.copy()
+
+    def _push_lengths(self, rows=slice(None)) -> None:
+        """Copy the host mirror's packed / residual lengths of ``rows`` to the device (after a
+        host-path append; a host-to-device copy, no synchronization beyond it)."""
+        host = np.zeros((self.batch, 3), np.int32)
+        host[:, 0] = self.quantized_lens
+        host[:, 1] = self.residual_lens
+        self.lengths[rows, LEN_QUANTIZED:].copy_(torch.from_numpy(host[rows]))
+
+    def set_start(self, start) -> None:
+        """Per-row first visible tokens for the next decode calls: None (all 0), a validated
+        host int64 ``[batch]``, or a CUDA integer tensor ``[batch]`` (copied on the device,
+        capturable; its values are not checked)."""
+        col = self.lengths[:, LEN_START]
+        if start is None:
+            if self._start_set:
+                col.zero_()
+                self._start_set = False
+            return
+        if isinstance(start, torch.Tensor):
+            col.copy_(start)
+        else:
+            col.copy_(torch.from_numpy(np.asarray(start, np.int32)))
+        self._start_set = True
+
     # --- warm-up -----------------------------------------------------------------------------
     def warm(self, num_q_heads: int | None = None, q_lens=(1,), q_dtype: str | None = None):
         """Compile or load every kernel this cache's decode loop launches: the flush of one
@@ -167,13 +243,12 @@ class NumbaStore:
                                     self.batch, prefill=False)
             if self.append_kernel and self.plans:
                 _append._append_kernel(2 if self.dtype != "float32" else 4)
-        if self.plans and self._flush_plan is None:
-            # the first flush of the decode loop then only patches pointers (rebuilt after a
-            # reallocation, which _rewrap signals)
-            try:
-                self._flush_plan = self._build_flush_plan()
-            except _launch.PlanUnavailable as exc:
-                self._plan_failed(exc)
+            _append._append_rows_kernel(2 if self.dtype != "float32" else 4,
+                                        self.config.residual_length)
+            _quant._quantize_kernel(_quant._quantize_key(
+                self.config, self.head_dim, self.dtype, self.num_kv_heads,
+                self.config.residual_length // self.config.key_group_size * self.batch,
+                row_flush=True))
         if num_q_heads is not None:
             for q_len in q_lens:
                 self._warm_decode(int(num_q_heads), int(q_len), q_dtype or self.dtype)
@@ -204,14 +279,15 @@ class NumbaStore:
         return torch.float16 if self.config.param_dtype == "float16" else torch.float32
 
     def _alloc(self, cap: int) -> None:
-        """(Re)allocate the packed buffers with room for ``cap`` tokens, keeping contents."""
+        """(Re)allocate the packed buffers with room for ``cap`` tokens, keeping contents (the
+        whole old capacity: the host mirror may be stale after device-decided appends)."""
         old = getattr(self, "buf", None)
         buf = {}
         for name, (shape, dt) in self._shapes(cap).items():
             t = torch.zeros(shape, dtype=dt, device=self.device)
-            if old is not None and self.quantized_len and not (
+            if old is not None and self.capacity and not (
                     name == "norms" and not self.config.scale_tokens):
-                n = self._tokens_to_len(name, self.quantized_len)
+                n = self._tokens_to_len(name, min(self.capacity, cap))
                 t[:, :, :n].copy_(old[name][:, :, :n])
             buf[name] = t
         self.buf = buf
@@ -229,8 +305,10 @@ class NumbaStore:
                    for n, t in self.buf.items()}
         self.k_res_nb, self.v_res_nb = _nb(self.k_res), _nb(self.v_res)
         self.status_nb = cuda.as_cuda_array(self.status)
+        self.lengths_nb = cuda.as_cuda_array(self.lengths)
         self._q_cache = None
         self._dec_cache = {}
+        self._row_plans = {}
         self._steps = {}
         self._flush_plan = None
         self._append_plans = {}
@@ -275,59 +353,20 @@ class NumbaStore:
             raise ValueError(f"{name}: expected a CUDA tensor on {self.device} (the cache's "
                              f"device), got {where}")
 
-    def _quantize(self, k: torch.Tensor, v: torch.Tensor, stream) -> None:
-        """Quantize whole windows ``k, v [B, H, n*R, D]`` after the quantized tokens."""
-        n = k.shape[2]
-        self._ensure(self.quantized_len + n)
-        self._launch_quantize(k, v, self.quantized_len, stream)
-        self.quantized_len += n
-
-    def _flush(self) -> None:
-        """Quantize the full residual window after the quantized tokens (a decode loop's flush):
-        through a prepared launch whose five packed-array pointers are moved to the window's
-        place, or through the dispatcher."""
-        r = self.config.residual_length
-        self._ensure(self.quantized_len + r)
-        if self.plans:
-            try:
-                plan = self._flush_plan
-                if plan is None:
-                    plan = self._flush_plan = self._build_flush_plan()
-                launch, fields = plan
-                start = self.quantized_len
-                for field, base, per_token, div in fields:
-                    field.value = base + (start // div) * per_token
-                launch.launch(_launch.current_stream(self.device.index))
-                self.quantized_len += r
-                return
-            except _launch.PlanUnavailable as exc:
-                self._plan_failed(exc)
-        with _Launch(self.device) as stream:
-            self._quantize(self.k_res, self.v_res, stream)
-
-    def _build_flush_plan(self):
-        """The prepared launch of one window's quantize at token 0, and for each packed array the
-        pointer field to move: ``(field, base pointer, bytes per step, tokens per step)``."""
-        r = self.config.residual_length
-        views = self._views(0, r)
-        kernel, grid, block, args = _quant.quantize_launch(
-            self.k_res_nb, self.v_res_nb, views["k_codes"], views["k_params"], views["v_codes"],
-            views["v_params"], views["norms"], self.status_nb, self.config, self.dtype)
-        with _Launch(self.device):
-            launch = _launch.PreparedLaunch(kernel, grid, block, args)
-        fields = []
-        for name in ("k_codes", "k_params", "v_codes", "v_params", "norms"):
+    def _row_views(self, rows, start: int, stop: int) -> dict:
+        """Numba views of the packed buffers of ``rows`` (a slice) for tokens [start, stop)."""
+        out = {}
+        for name, arr in self.nb.items():
             if name == "norms" and not self.config.scale_tokens:
-                continue
-            t = self.buf[name]
-            div = {"k_codes": 32, "k_params": self.config.key_group_size}.get(name, 1)
-            fields.append((launch.pointer_field(_quant.QUANTIZE_ARGS.index(name)), t.data_ptr(),
-                           t.stride(2) * t.element_size(), div))
-        return launch, fields
+                out[name] = arr
+            else:
+                a, b = self._tokens_to_len(name, start), self._tokens_to_len(name, stop)
+                out[name] = arr[rows, :, a:b]
+        return out
 
-    def _launch_quantize(self, k, v, start, stream) -> None:
-        """One launch of the fused quantize kernel into tokens [start, start + n) (in capacity)."""
-        views = self._views(start, start + k.shape[2])
+    def _launch_quantize(self, k, v, start, stream, rows=slice(None)) -> None:
+        """One launch of the fused quantize kernel into tokens [start, start + n) of ``rows``."""
+        views = self._row_views(rows, start, start + k.shape[2])
         _quant.quantize_block(_nb(_rows16(k)), _nb(_rows16(v)), views["k_codes"], views["k_params"],
                               views["v_codes"], views["v_params"], views["norms"],
                               self.status_nb, self.config, self.dtype, stream=stream)
@@ -338,87 +377,178 @@ class NumbaStore:
             self._launch_quantize(k, v, start, stream)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``k, v [B, H, n, D]`` to every row, each at its own length.
+
+        One token (a decode step): the append_rows kernel (the device reads and advances the
+        lengths) and, when a row's window filled, the row-flush quantize kernel; prepared for a
+        capture (``static``), the flush launch is always issued and decides per row on the
+        device. More tokens: the host path (torch copies, host-decided quantize launches)."""
         if torch.cuda.current_device() != self.device.index:
             # launch plans launch in the current CUDA context: make it this device's (a model
             # spread over GPUs, device_map="auto", calls layers on several devices)
             with torch.cuda.device(self.device):
                 return self.append(k, v)
-        r = self.config.residual_length
         n = k.shape[2]
+        if self.static:
+            if n != 1:
+                raise ValueError(f"k_new: a cache prepared for capture appends one token per row "
+                                 f"per call ([batch, num_kv_heads, 1, head_dim]), got n={n}; call "
+                                 "cache.sync_lengths() first for longer appends")
+            self._append_device(k, v, flush=True)
+            return
+        if n == 1 and DEVICE_APPEND:
+            r = self.config.residual_length
+            fills = (self.seq_lens % r) == r - 1
+            if fills.any():
+                self._ensure(int(self.quantized_lens.max()) + r)
+            self._append_device(k, v, flush=bool(fills.any()))
+            self.seq_lens += 1
+            return
+        lens = self.seq_lens
+        if (lens == lens[0]).all():
+            self._append_host(slice(None), k, v)
+        else:
+            for b in range(self.batch):
+                self._append_host(slice(b, b + 1), k[b : b + 1], v[b : b + 1])
+        self._push_lengths()
+
+    def fill_row(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``k, v [1, H, n, D]`` to row ``row`` only (host path)."""
+        if self.static:
+            raise ValueError("row: fill_row on a cache prepared for capture: call "
+                             "cache.sync_lengths() first (outside the captured step)")
+        if torch.cuda.current_device() != self.device.index:
+            with torch.cuda.device(self.device):
+                return self.fill_row(row, k, v)
+        self._append_host(slice(row, row + 1), k, v)
+        self._push_lengths(slice(row, row + 1))
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        """Empty rows ``rows`` (validated): lengths 0 on the host and the device."""
+        if self.static:
+            raise ValueError("rows: reset_rows on a cache prepared for capture: call "
+                             "cache.sync_lengths() first (outside the captured step)")
+        self.seq_lens[rows] = 0
+        index = torch.as_tensor(rows, dtype=torch.long).to(self.device)
+        self.lengths.index_fill_(0, index, 0)
+
+    def _append_host(self, rows, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The host-decided append of ``k, v [len(rows), H, n, D]`` to ``rows`` (a slice of rows
+        of one length): residual copies, whole windows quantized by the host's launches."""
+        r = self.config.residual_length
+        first = rows.start or 0
+        ql = int(self.quantized_lens[first])
+        rl = int(self.residual_lens[first])
+        n = k.shape[2]
+        self._ensure(ql + (rl + n) // r * r)
         pos = 0
-        if self.residual_len:
-            take = min(r - self.residual_len, n)
-            self._copy_residual(k if take == n else k[:, :, :take],
-                                v if take == n else v[:, :, :take], self.residual_len)
-            self.residual_len += take
-            pos = take
-            if self.residual_len == r:
-                self._flush()
-                self.residual_len = 0
-        whole = (n - pos) // r * r
-        if whole:
-            with _Launch(self.device) as stream:
-                self._quantize(k[:, :, pos: pos + whole], v[:, :, pos: pos + whole], stream)
-            pos += whole
+        with _Launch(self.device) as stream:
+            if rl:
+                take = min(r - rl, n)
+                self.k_res[rows, :, rl : rl + take].copy_(k[:, :, :take])
+                self.v_res[rows, :, rl : rl + take].copy_(v[:, :, :take])
+                rl += take
+                pos = take
+                if rl == r:
+                    self._launch_quantize(self.k_res[rows], self.v_res[rows], ql, stream, rows)
+                    ql += r
+                    rl = 0
+            whole = (n - pos) // r * r
+            if whole:
+                self._launch_quantize(k[:, :, pos : pos + whole], v[:, :, pos : pos + whole], ql,
+                                      stream, rows)
+                ql += whole
+                pos += whole
         rest = n - pos
         if rest:
-            self._copy_residual(k if pos == 0 else k[:, :, pos:], v if pos == 0 else v[:, :, pos:],
-                                0)
-            self.residual_len = rest
+            self.k_res[rows, :, :rest].copy_(k[:, :, pos:])
+            self.v_res[rows, :, :rest].copy_(v[:, :, pos:])
+            rl = rest
+        self.seq_lens[rows] = ql + rl
 
-    def _copy_residual(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
-        """Copy ``k, v [B, H, n, D]`` into the residual window at token ``pos``: one prepared
-        launch of the append kernel (patched pointers and position), or two torch copies."""
-        if self.plans and self.append_kernel:
-            try:
-                key = (k.shape, k.stride(), v.stride())
-                plan = self._append_plans.get(key)
-                if plan is None:
-                    if len(self._append_plans) > 64:
-                        self._append_plans = {}
-                    plan = self._append_plans[key] = self._build_append_plan(k, v)
-                launch, f_k, f_v, f_pos = plan
-                f_k.value, f_v.value, f_pos.value = k.data_ptr(), v.data_ptr(), pos
-                launch.launch(_launch.current_stream(self.device.index))
-                return
-            except _launch.PlanUnavailable as exc:
-                self._plan_failed(exc)
-        n = k.shape[2]
-        self.k_res[:, :, pos:pos + n].copy_(k)
-        self.v_res[:, :, pos:pos + n].copy_(v)
+    def _append_device(self, k: torch.Tensor, v: torch.Tensor, flush: bool) -> None:
+        """append_rows (one token per row, the device advances the lengths) and, with ``flush``,
+        the row-flush quantize launch (rows whose window filled pack it; the others exit)."""
+        key = (k.shape, k.stride(), v.stride(), k.dtype)
+        plan = self._row_plans.get(key)
+        if plan is None:
+            if len(self._row_plans) > 64:
+                self._row_plans = {}
+            plan = self._row_plans[key] = self._build_row_plan(k, v)
+        (append, f_k, f_v), flush_launch = plan
+        if append is None:  # no launch plans here: the dispatcher
+            with _Launch(self.device) as st:
+                _append.append_rows(_nb(k), _nb(v), self.k_res_nb, self.v_res_nb, self.lengths_nb,
+                                    self.status_nb, self.capacity, stream=st)
+                if flush:
+                    _dispatch(*flush_launch[:3], st, *flush_launch[3])
+            return
+        stream = _launch.current_stream(self.device.index)
+        f_k.value, f_v.value = k.data_ptr(), v.data_ptr()
+        append.launch(stream)
+        if flush:
+            flush_launch.launch(stream)
 
-    def _build_append_plan(self, k: torch.Tensor, v: torch.Tensor):
-        bits = torch.int16 if k.element_size() == 2 else torch.int32
-        args = [cuda.as_cuda_array(t.view(bits)) for t in (k, v, self.k_res, self.v_res)]
+    def _build_row_plan(self, k: torch.Tensor, v: torch.Tensor):
+        """Prepared launches of append_rows (k_new, v_new patched per call) and of the row
+        flush (fixed arguments: the residual windows, the whole capacity, the lengths)."""
         with _Launch(self.device):
-            kernel, grid, block, largs = _append.append_launch(*args, 0)
-            launch = _launch.PreparedLaunch(kernel, grid, block, largs)
-        names = _append.APPEND_ARGS
-        return (launch, launch.pointer_field(names.index("k_new")),
-                launch.pointer_field(names.index("v_new")), launch.field(names.index("pos")))
+            kernel, grid, block, args = _append.append_rows_launch(
+                _nb(k), _nb(v), self.k_res_nb, self.v_res_nb, self.lengths_nb, self.status_nb,
+                self.capacity)
+            fl = _quant.quantize_launch(
+                self.k_res_nb, self.v_res_nb, self.nb["k_codes"], self.nb["k_params"],
+                self.nb["v_codes"], self.nb["v_params"], self.nb["norms"], self.status_nb,
+                self.config, self.dtype, lengths=self.lengths_nb)
+            if self.plans:
+                try:
+                    launch = _launch.PreparedLaunch(kernel, grid, block, args)
+                    names = _append.APPEND_ROWS_ARGS
+                    return ((launch, launch.pointer_field(names.index("k_new")),
+                             launch.pointer_field(names.index("v_new"))),
+                            _launch.PreparedLaunch(*fl))
+                except _launch.PlanUnavailable as exc:
+                    self._plan_failed(exc)
+        return (None, None, None), fl
+
+    def prepare_capture(self, max_seq_len: int) -> None:
+        """Reserve packed room for ``max_seq_len`` tokens per row, push the lengths, switch to
+        device-decided appends and capacity-bound decode plans (``static``)."""
+        self.reserve(max_seq_len)
+        if not self.static:
+            self._push_lengths()
+        self.static = True
+        self._row_plans = {}
 
     def read_status(self) -> int:
         """Synchronize and return the status word (bit 1: non-finite, bit 2: fp16 overflow,
-        bit 4: fp16 underflow)."""
+        bit 4: fp16 underflow, bit 8: a device append found no packed capacity left)."""
         return int(self.status.item())
 
     def residual(self):
-        return (self.k_res[:, :, : self.residual_len], self.v_res[:, :, : self.residual_len])
+        n = int(self.residual_lens.max(initial=0))
+        return (self.k_res[:, :, :n], self.v_res[:, :, :n])
 
     def packed(self) -> PackedBlock:
-        t = self.quantized_len
+        t = int(self.quantized_lens.max(initial=0))
         b = {name: self.buf[name][:, :, : self._tokens_to_len(name, t)] for name in self.buf}
         return PackedBlock(k_codes=b["k_codes"], k_params=b["k_params"], v_codes=b["v_codes"],
                            v_params=b["v_params"],
                            norms=b["norms"] if self.config.scale_tokens else None)
 
     def nbytes(self) -> int:
-        p = self.packed()
-        n = sum(a.numel() * a.element_size() for a in (p.k_codes, p.k_params, p.v_codes,
-                                                       p.v_params))
-        if p.norms is not None:
-            n += p.norms.numel() * 4
-        return n + 2 * self.k_res[:, :, : self.residual_len].numel() * self.k_res.element_size()
+        """Bytes of the valid tokens of every row (packed and residual)."""
+        per_tok = 0
+        for name in ("k_codes", "k_params", "v_codes", "v_params", "norms"):
+            if name == "norms" and not self.config.scale_tokens:
+                continue
+            t = self.buf[name]
+            per_tok += t[0:1].numel() * t.element_size() / t.shape[2] \
+                * self._tokens_to_len(name, self.config.residual_length) \
+                / self.config.residual_length
+        n = per_tok * float(self.quantized_lens.sum())
+        res = self.k_res.shape[1] * self.k_res.shape[3] * self.k_res.element_size()
+        return int(round(n)) + 2 * res * int(self.residual_lens.sum())
 
     def _decode_buffers(self, q: torch.Tensor, splits: int) -> dict:
         """Workspace tensors for this query shape, with their Numba views, and a scratch ``lse``
@@ -465,11 +595,25 @@ class NumbaStore:
                 self._plan_failed(exc)
         return self._decode_dispatched(q, scale, return_lse)
 
+    def _bounds(self):
+        """Upper bounds of the rows' packed and residual tokens that size a decode step's plan:
+        the longest row's (host mirror), or, prepared for a capture, the capacity and R - 1
+        (any length the device may reach); the kernels read each row's own."""
+        r = self.config.residual_length
+        if self.static:
+            return self.capacity, r - 1
+        s = self.seq_lens
+        lo, hi = int(s.min()), int(s.max())
+        if lo == hi:  # rows of one length (the common case: two reductions of host time)
+            return hi // r * r, hi % r
+        return int((s // r * r).max()), int((s % r).max())
+
     def _decision(self, q: torch.Tensor):
         """``(num_splits, residual_rows, fused)`` of a decode step of q's shape at the current
-        lengths (cached: they change only with quantized_len and whether residual tokens
-        exist)."""
-        key = (q.shape, q.dtype, self.quantized_len, self.residual_len > 0)
+        length bounds (cached: they change only with the packed bound and whether residual
+        tokens exist)."""
+        ql, rl = self._bounds()
+        key = (q.shape, q.dtype, ql, rl > 0)
         decision = self._decisions.get(key)
         if decision is None:
             if len(self._decisions) > 4096:
@@ -478,11 +622,11 @@ class NumbaStore:
             qdt = _dtype_name(q)
             splits = _attn.plan_splits(self.config, b, self.num_kv_heads, d,
                                        hq // self.num_kv_heads, q_len, qdt, self.dtype,
-                                       self.quantized_len, self.residual_len, self._num_sms)
+                                       ql, rl, self._num_sms)
             skey = _attn._split_key(self.config, d, hq // self.num_kv_heads, q_len, qdt,
                                     self.dtype, qdt)
             decision = self._decisions[key] = (splits,) + _attn.launch_shape(
-                skey, b, self.num_kv_heads, self.quantized_len, self.residual_len, splits)
+                skey, b, self.num_kv_heads, ql, rl, splits)
         return decision
 
     def _decode_planned(self, q: torch.Tensor, scale: float, return_lse: bool):
@@ -502,7 +646,7 @@ class NumbaStore:
         qp, op = q.data_ptr(), out.data_ptr()
         lp = lse.data_ptr() if return_lse else None
         stream = _launch.current_stream(self.device.index)
-        ql, rl, sc = self.quantized_len, self.residual_len, float(scale)
+        (ql, rl), sc = self._bounds(), float(scale)
         for launch, f_q, f_out, f_lse, f_ql, f_rl, f_scale in step:
             f_q.value, f_out.value, f_ql.value, f_rl.value, f_scale.value = qp, op, ql, rl, sc
             if lp is not None:
@@ -523,8 +667,8 @@ class NumbaStore:
             launches = _attn.decode_launches(
                 _nb(q), self.nb["k_codes"], self.nb["k_params"], self.nb["v_codes"],
                 self.nb["v_params"], self.nb["norms"], self.k_res_nb, self.v_res_nb, _nb(out),
-                lse_nb, bufs["ws_nb"], self.config, 1.0, self.quantized_len, self.residual_len,
-                _dtype_name(q), self.dtype, splits)
+                lse_nb, bufs["ws_nb"], self.config, 1.0, *self._bounds(),
+                _dtype_name(q), self.dtype, splits, self.lengths_nb)
             for kernel, grid, block, args, names in launches:
                 launch = _launch.PreparedLaunch(kernel, grid, block, args)
                 step.append((launch, launch.pointer_field(names.index("q")),
@@ -537,10 +681,10 @@ class NumbaStore:
 
     def _decode_dispatched(self, q: torch.Tensor, scale: float, return_lse: bool):
         d, q_len = int(q.shape[3]), int(q.shape[2])
+        ql, rl = self._bounds()
         splits = _attn.plan_splits(self.config, int(q.shape[0]), self.num_kv_heads, d,
                                    int(q.shape[1]) // self.num_kv_heads, q_len, _dtype_name(q),
-                                   self.dtype, self.quantized_len, self.residual_len,
-                                   self._num_sms)
+                                   self.dtype, ql, rl, self._num_sms)
         bufs = self._decode_buffers(q, splits)
         out = torch.empty(q.shape, dtype=q.dtype, device=self.device)
         if return_lse:
@@ -553,12 +697,12 @@ class NumbaStore:
                 self._q_view(q), self.nb["k_codes"], self.nb["k_params"], self.nb["v_codes"],
                 self.nb["v_params"], self.nb["norms"], self.k_res_nb, self.v_res_nb,
                 _nb(out), lse_nb, bufs["ws_nb"], self.config, scale,
-                self.quantized_len, self.residual_len, _dtype_name(q), self.dtype, splits,
+                ql, rl, _dtype_name(q), self.dtype, splits, self.lengths_nb,
                 stream=stream, check=False)
         return (out, lse) if return_lse else out
 
     def dequantize(self, out_dtype=None):
-        b, h, d, t = self.batch, self.num_kv_heads, self.head_dim, self.quantized_len
+        b, h, d, t = self.batch, self.num_kv_heads, self.head_dim, self.quantized_len  # uniform
         k_hat = torch.empty((b, h, t, d), dtype=torch.float32, device=self.device)
         v_hat = torch.empty_like(k_hat)
         if t:
@@ -583,12 +727,17 @@ class NumbaStore:
             self.buf[name] = t.index_select(0, index)
         self.k_res = self.k_res.index_select(0, index)
         self.v_res = self.v_res.index_select(0, index)
+        if self.static:
+            self.sync_lengths()
+        self.lengths = self.lengths.index_select(0, index)
+        self.seq_lens = self.seq_lens[idx]
         self.batch = int(index.numel())
         self._rewrap()
 
     def truncate(self, seq_len: int) -> None:
         """Drop residual tokens after ``seq_len`` (validated: ``quantized_len <= seq_len``)."""
-        self.residual_len = seq_len - self.quantized_len
+        self.seq_lens[:] = seq_len
+        self._push_lengths()
 
     def __deepcopy__(self, memo):
         """Clone every buffer (same device, same capacity) and rewrap; plain attributes are
@@ -598,6 +747,8 @@ class NumbaStore:
         new.buf = {n: t.clone() for n, t in self.buf.items()}
         new.k_res, new.v_res = self.k_res.clone(), self.v_res.clone()
         new.status = self.status.clone()
+        new.lengths = self.lengths.clone()
+        new.seq_lens = self.seq_lens.copy()
         new._rewrap()
         memo[id(self)] = new
         return new
@@ -612,12 +763,12 @@ class NumbaStore:
                 a = np.ascontiguousarray(a).view(np.int32)
             n = self._tokens_to_len(name, quantized_len)
             self.buf[name][:, :, :n].copy_(torch.from_numpy(np.ascontiguousarray(a)))
-        self.quantized_len = quantized_len
         r = k_res.shape[2]
         tdt = _TORCH_DTYPE[self.dtype]
         self.k_res[:, :, :r].copy_(torch.from_numpy(np.ascontiguousarray(k_res)).to(tdt))
         self.v_res[:, :, :r].copy_(torch.from_numpy(np.ascontiguousarray(v_res)).to(tdt))
-        self.residual_len = r
+        self.seq_lens[:] = quantized_len + r
+        self._push_lengths()
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -654,27 +805,35 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OScaRConfig,
     cache = QuantizedKVCache(store, b, h, d, dt, config, device=str(k.device))
     if t:
         store.append(k, v)
-        # one synchronization: the kernel's status word and the residual's finiteness together
-        n = store.residual_len
-        res_bad = ~(torch.isfinite(store.k_res[:, :, :n]).all()
-                    & torch.isfinite(store.v_res[:, :, :n]).all())
-        status = int((store.status[0] | res_bad.to(torch.int32) * STATUS_NONFINITE).item())
-        if status & STATUS_NONFINITE:
-            raise ValueError("k, v: expected finite values, got NaN or Inf")
-        if status & STATUS_FP16_OVERFLOW:
-            raise ValueError("k, v: a quantization group has min/max/scale outside the float16 "
-                             "range of param_dtype='float16'; use param_dtype='float32'")
-        if status & STATUS_FP16_UNDERFLOW:
-            raise ValueError("k, v: a quantization group is not constant but all its values are "
-                             "below 6.1e-05 in magnitude, where param_dtype='float16' stores its "
-                             "scale and min as subnormals or zeros; use param_dtype='float32'")
+        check_prefill(store)
     return cache
 
 
-def decode_attention(q, cache: QuantizedKVCache, scale: float, return_lse: bool):
+def check_prefill(store: NumbaStore) -> None:
+    """ValueError for NaN/Inf or float16 range events of a prefill: one synchronization for the
+    kernel's status word and the residual tokens' finiteness together."""
+    n = int(store.residual_lens.max(initial=0))
+    res_bad = ~(torch.isfinite(store.k_res[:, :, :n]).all()
+                & torch.isfinite(store.v_res[:, :, :n]).all())
+    status = int((store.status[0] | res_bad.to(torch.int32) * STATUS_NONFINITE).item())
+    if status & STATUS_NONFINITE:
+        raise ValueError("k, v: expected finite values, got NaN or Inf")
+    if status & STATUS_FP16_OVERFLOW:
+        raise ValueError("k, v: a quantization group has min/max/scale outside the float16 "
+                         "range of param_dtype='float16'; use param_dtype='float32'")
+    if status & STATUS_FP16_UNDERFLOW:
+        raise ValueError("k, v: a quantization group is not constant but all its values are "
+                         "below 6.1e-05 in magnitude, where param_dtype='float16' stores its "
+                         "scale and min as subnormals or zeros; use param_dtype='float32'")
+
+
+def decode_attention(q, cache: QuantizedKVCache, scale: float, return_lse: bool, start=None):
+    """``start``: None, a validated host int64 ``[batch]`` or a CUDA integer tensor."""
     cache._store.check_device("q", q)
     if not q.is_contiguous():  # the kernel reads q row-major; a strided view is copied once
         q = q.contiguous()
+    with torch.cuda.device(cache._store.device):
+        cache._store.set_start(start)
     return cache._store.decode_attention(q, scale, return_lse)
 
 

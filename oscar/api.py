@@ -48,7 +48,8 @@ def _numba_backend():
 
 def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = None,
                 max_seq_len: int | None = None,
-                num_q_heads: int | None = None) -> QuantizedKVCache:
+                num_q_heads: int | None = None, *, seq_lens=None,
+                cu_seqlens=None) -> QuantizedKVCache:
     """Quantize keys and values ``[batch, num_kv_heads, seq_len, head_dim]`` into a cache.
 
     The first ``floor(seq_len / R) * R`` tokens are rotated, scaled, quantized and packed; the
@@ -64,6 +65,16 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
             loop will launch (one window's flush; with ``num_q_heads`` also the q_len=1 decode
             kernels) are compiled or loaded from the kernel cache here, not in the loop
             (docs/api.md, "Kernel cache and warm-up"). Ignored by the reference backend.
+        seq_lens: optional int ``[batch]`` (NumPy, list or torch): a variable-length batch
+            without padding in the cache. Row b takes only ``k[b, :, :seq_lens[b]]`` (the rest of
+            ``k``, ``v`` is right padding and is never read, nor checked);
+            ``0 <= seq_lens[b] <= seq_len``. The rows keep their own lengths from then on
+            (:attr:`QuantizedKVCache.seq_lens`).
+        cu_seqlens: optional int ``[batch + 1]`` (NumPy, list or torch), the packed
+            variable-length layout of flash-attention's varlen API: ``k, v`` are
+            ``[1, num_kv_heads, total_tokens, head_dim]`` holding the prompts one after the other,
+            row b is tokens ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1``; ``cu_seqlens[0] = 0``,
+            non-decreasing, ``cu_seqlens[-1] = total_tokens``. Not with ``seq_lens``.
 
     On CUDA this synchronizes once, at the end, to raise on NaN/Inf or float16 overflow or
     underflow (the reference raises at once, also for the tokens left in the residual window).
@@ -79,6 +90,45 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
         raise ValueError(f"max_seq_len: expected a non-negative int or None, got {max_seq_len!r}")
     check_num_q_heads(num_q_heads, h)
     backend = _pick_backend(backend, k, "k")
+    if cu_seqlens is not None:
+        if seq_lens is not None:
+            raise ValueError("cu_seqlens: expected either seq_lens or cu_seqlens, got both")
+        cu = _check_cu_seqlens(cu_seqlens, b, t)
+        lens = np.diff(cu)
+        cache = QuantizedKVCache.empty(
+            len(lens), h, d, dt, config, backend=backend,
+            device=str(k.device) if backend == "numba" else None,
+            max_seq_len=max(max_seq_len or 0, int(lens.max(initial=0)))
+            if backend == "numba" else None,
+            num_q_heads=num_q_heads)
+        if backend == "reference":
+            cache._store.adopt_container("k", k)
+        for row, n in enumerate(lens):
+            if n:
+                s = int(cu[row])
+                cache.fill_row(row, k[:, :, s : s + int(n)], v[:, :, s : s + int(n)])
+        if backend == "numba":
+            _numba_backend().check_prefill(cache._store)
+        return cache
+    if seq_lens is not None:
+        lens = check_seq_lens(seq_lens, b, t)
+        if (lens == t).all():
+            seq_lens = None  # no padding: the batched path
+        else:
+            cache = QuantizedKVCache.empty(
+                b, h, d, dt, config, backend=backend,
+                device=str(k.device) if backend == "numba" else None,
+                max_seq_len=max(max_seq_len or 0, t) if backend == "numba" else None,
+                num_q_heads=num_q_heads)
+            if backend == "reference":
+                cache._store.adopt_container("k", k)
+            for row in range(b):
+                n = int(lens[row])
+                if n:
+                    cache.fill_row(row, k[row : row + 1, :, :n], v[row : row + 1, :, :n])
+            if backend == "numba":
+                _numba_backend().check_prefill(cache._store)
+            return cache
     if backend == "numba":
         return _numba_backend().quantize_kv(k, v, config, max_seq_len, num_q_heads)
     cache = QuantizedKVCache.empty(b, h, d, dt, config)
@@ -87,6 +137,52 @@ def quantize_kv(k, v, config: OScaRConfig | None = None, backend: str | None = N
     else:  # no tokens yet: the inputs' container is still the cache's (see append)
         cache._store.adopt_container("k", k)
     return cache
+
+
+def torch_device(cache):
+    import torch
+
+    return torch.device(cache.device)
+
+
+def _torch_bool():
+    import torch
+
+    return torch.bool
+
+
+def _check_cu_seqlens(cu_seqlens, batch: int, total: int) -> np.ndarray:
+    """``cu_seqlens`` as int64 NumPy ``[rows + 1]``; ValueError/TypeError naming it."""
+    if V.is_torch(cu_seqlens):
+        cu_seqlens = cu_seqlens.detach().cpu().numpy()
+    cu = np.asarray(cu_seqlens)
+    if cu.dtype.kind not in "iu":
+        raise TypeError(f"cu_seqlens: expected integers, got dtype {cu.dtype}")
+    if batch != 1:
+        raise ValueError(f"k: expected [1, num_kv_heads, total_tokens, head_dim] with "
+                         f"cu_seqlens (the prompts one after the other), got batch {batch}")
+    cu = cu.astype(np.int64)
+    if (cu.ndim != 1 or cu.size < 2 or cu[0] != 0 or cu[-1] != total
+            or (np.diff(cu) < 0).any()):
+        raise ValueError(f"cu_seqlens: expected [0, ..., {total}] (non-decreasing, 1-D, at least "
+                         f"one row), got {cu.tolist() if cu.size <= 16 else cu.shape}")
+    return cu
+
+
+def check_seq_lens(seq_lens, batch: int, seq_len: int) -> np.ndarray:
+    """``seq_lens`` as int64 NumPy ``[batch]`` in ``[0, seq_len]``; ValueError/TypeError."""
+    if V.is_torch(seq_lens):
+        seq_lens = seq_lens.detach().cpu().numpy()
+    lens = np.asarray(seq_lens)
+    if lens.dtype.kind not in "iu":
+        raise TypeError(f"seq_lens: expected integers, got dtype {lens.dtype}")
+    if lens.shape != (batch,):
+        raise ValueError(f"seq_lens: expected shape [batch] = [{batch}], got {lens.shape}")
+    lens = lens.astype(np.int64)
+    if lens.min() < 0 or lens.max() > seq_len:
+        raise ValueError(f"seq_lens: expected values in [0, seq_len = {seq_len}], got "
+                         f"{lens.tolist()}")
+    return lens
 
 
 def check_num_q_heads(num_q_heads, num_kv_heads) -> None:
@@ -122,11 +218,19 @@ def check_query(q, cache: QuantizedKVCache):
     if hq % cache.num_kv_heads:
         raise ValueError(f"q: num_q_heads ({hq}) must be a multiple of the cache's "
                          f"num_kv_heads ({cache.num_kv_heads})")
-    if cache.seq_len == 0:
+    lens = cache._store.known_lengths()
+    if lens is None:  # prepared for capture: the lengths live on the device (not checked here)
+        return dt
+    lo, hi = int(lens.min()), int(lens.max())
+    if hi == 0:
         raise ValueError("cache: expected at least one token, got an empty cache")
-    if not 1 <= q_len <= cache.seq_len:
-        raise ValueError(f"q: expected 1 <= q_len <= cache.seq_len ({cache.seq_len}) (the "
-                         f"queries are the last q_len tokens of the cache), got q_len={q_len}")
+    # empty rows (reset, not refilled yet) are allowed: their output is zeros
+    shortest = hi if lo == hi else int(lens[lens > 0].min())
+    if not 1 <= q_len <= shortest:
+        what = (f"cache.seq_len ({shortest})" if (lens == shortest).all() else
+                f"the shortest non-empty row's seq_len ({shortest})")
+        raise ValueError(f"q: expected 1 <= q_len <= {what} (the queries are the last q_len "
+                         f"tokens of each row), got q_len={q_len}")
     return dt
 
 
@@ -134,6 +238,16 @@ def _check_start(start, cache: QuantizedKVCache, q_len: int):
     """``start`` as an int64 NumPy ``[batch]`` (None stays None); ValueError/TypeError if bad."""
     if start is None:
         return None
+    if V.is_torch(start) and start.is_cuda:
+        if cache.backend != "numba" or start.device != torch_device(cache):
+            raise ValueError(f"start: a CUDA tensor needs a CUDA cache on its device, got one on "
+                             f"{start.device} for a {cache.backend} cache on {cache.device}")
+        if start.dtype.is_floating_point or start.dtype.is_complex or start.dtype == _torch_bool():
+            raise TypeError(f"start: expected an integer dtype, got {start.dtype}")
+        if tuple(start.shape) != (cache.batch,):
+            raise ValueError(f"start: expected shape [batch] = [{cache.batch}], got "
+                             f"{tuple(start.shape)}")
+        return start  # on the device, as it is (capturable): its values are not checked
     if V.is_torch(start):
         start = start.detach().cpu().numpy()
     if isinstance(start, (list, tuple)):
@@ -146,12 +260,17 @@ def _check_start(start, cache: QuantizedKVCache, q_len: int):
     if start.shape != (cache.batch,):
         raise ValueError(f"start: expected shape [batch] = [{cache.batch}], got {start.shape}")
     start = start.astype(np.int64)
-    hi = cache.seq_len - q_len  # the first query's position: every query must see a token
+    # the first query's position: every query must see a token (an empty row: start 0)
+    lens = cache._store.known_lengths()
+    if lens is None:  # lengths on the device (prepare_capture): only the sign is checked here
+        lens = np.full(cache.batch, np.iinfo(np.int32).max, np.int64)
+    hi = np.maximum(lens - q_len, 0)
     bad = (start < 0) | (start > hi)
     if bad.any():
         b = int(np.argmax(bad))
-        raise ValueError(f"start: expected 0 <= start[b] <= seq_len - q_len = {hi} (every query "
-                         f"must see at least one token), got start[{b}] = {int(start[b])}")
+        raise ValueError(f"start: expected 0 <= start[b] <= seq_len - q_len = {int(hi[b])} "
+                         f"(every query must see at least one token), got start[{b}] = "
+                         f"{int(start[b])}")
     return start
 
 
@@ -165,9 +284,15 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float | None = None,
 
     ``start`` (optional, int ``[batch]``, NumPy array, list or torch tensor): row b attends only
     tokens ``start[b] .. `` (the first valid token of a left-padded row, or the first key of a
-    sliding window for one query); ``0 <= start[b] <= seq_len - q_len``. The reference backend
-    takes it; the CUDA kernels do not yet, so a CUDA cache raises ValueError for any
-    ``start[b] > 0`` (all zeros is the same as None).
+    sliding window for one query); ``0 <= start[b] <= seq_len[b] - q_len``; all zeros is the
+    same as None. Both backends take it; the CUDA kernels read it from the cache's device
+    lengths (whole key groups before it are skipped). On a CUDA cache a CUDA integer tensor is
+    copied on the device as it is (capturable in a CUDA graph; its values are not checked: a
+    row whose start passes its last token gets zeros); host values are checked.
+
+    Rows may have different lengths (:attr:`QuantizedKVCache.seq_lens`): each row's queries are
+    its last q_len tokens; an empty row (after :meth:`QuantizedKVCache.reset_rows`) returns
+    zeros and lse -inf. ``q_len`` must not exceed the shortest non-empty row.
 
     Returns ``out [batch, num_q_heads, q_len, head_dim]`` in q's dtype and container, and with
     ``return_lse=True`` also the float32 natural-log log-sum-exp ``[batch, num_q_heads, q_len]``.
@@ -177,23 +302,20 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float | None = None,
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
     start = _check_start(start, cache, int(q.shape[2]))
-    if start is not None and not start.any():
+    if isinstance(start, np.ndarray) and not start.any():
         start = None
     if cache.backend == "numba":
-        if start is not None:
-            raise ValueError(
-                "start: per-row first tokens (left-padded batches, sliding windows) on CUDA need "
-                "per-row starts in the decode kernels: not supported yet; run such batches on "
-                "the reference backend (CPU tensors) or without padding")
-        return _numba_backend().decode_attention(q, cache, scale, return_lse)
+        return _numba_backend().decode_attention(q, cache, scale, return_lse, start)
     if V.is_torch(q) and q.is_cuda:
         raise ValueError(f"q: expected a host array for a reference-backend cache, got a "
                          f"tensor on {q.device}")
     q32 = V.to_numpy_f32(q)
     V.check_finite("q", q32)
     k_res, v_res = cache.residual()
+    lens = cache.seq_lens
     out, lse = _ref_decode_attention(q32, cache.packed(), k_res, v_res, cache.config, scale,
-                                     return_lse=True, start=start)
+                                     return_lse=True, start=start,
+                                     seq_lens=None if (lens == lens[0]).all() else lens)
     out = _like(q, out, dt)
     return (out, _like(q, lse, "float32")) if return_lse else out
 
@@ -215,6 +337,10 @@ def dequantize_kv(cache: QuantizedKVCache, dtype: str | None = None):
     if dtype is not None and dtype not in V.FLOAT_DTYPES:
         raise ValueError(f"dtype: expected one of {V.FLOAT_DTYPES} or None, got {dtype!r}")
     out_dtype = cache.dtype if dtype is None else dtype
+    lens = cache.seq_lens
+    if (lens != lens[0]).any():
+        raise ValueError(f"cache: dequantize_kv needs rows of one length, got seq_lens "
+                         f"{lens.tolist()}; take rows alone with cache.copy().select_batch([b])")
     if cache.backend == "numba":
         k_out, v_out = _numba_backend().dequantize_kv(cache, out_dtype)
     else:

@@ -31,8 +31,34 @@ _NUMPY_RESIDUAL_DTYPE = {"float16": np.float16, "float32": np.float32,
                          "bfloat16": np.float32}
 
 
+def uniform_length(lens: np.ndarray, name: str) -> int:
+    """The common value of per-row lengths ``lens`` (int64 ``[batch]``); ValueError naming
+    ``name`` when the rows differ (a variable-length cache: use the per-row ``*_lens``)."""
+    first = int(lens[0])
+    if (lens != first).any():
+        raise ValueError(f"{name}: the cache's rows have different lengths (seq_lens "
+                         f"{lens.tolist() if lens.size <= 16 else '...'}); use the per-row "
+                         f"{name.replace('_len', '_lens')} or select_batch() one row")
+    return first
+
+
+def _token_axis(name: str, tokens: int, config: OScaRConfig) -> int:
+    """Length along the token axis (axis 2) of packed array ``name`` for ``tokens`` tokens."""
+    if name == "k_codes":
+        return tokens // 32
+    if name == "k_params":
+        return tokens // config.key_group_size
+    return tokens
+
+
 class ReferenceStore:
-    """Storage and operations of the reference backend (NumPy arrays on the host)."""
+    """Storage and operations of the reference backend (NumPy arrays on the host).
+
+    Rows have their own lengths (``seq_lens``, int64 ``[batch]``): row b holds
+    ``quantized_lens[b] = seq_lens[b] // R * R`` packed tokens (the first ones of the packed
+    arrays' token axis, which is as long as the longest row; the rest of a shorter row is
+    padding that nothing reads) and ``residual_lens[b] = seq_lens[b] % R`` residual tokens.
+    """
 
     backend = "reference"
 
@@ -44,7 +70,7 @@ class ReferenceStore:
         rdt = _NUMPY_RESIDUAL_DTYPE[dtype]
         self.k_res = np.zeros((batch, num_kv_heads, r, head_dim), rdt)
         self.v_res = np.zeros((batch, num_kv_heads, r, head_dim), rdt)
-        self.residual_len = 0
+        self.seq_lens = np.zeros(batch, np.int64)
         # The container of the first tokens ("numpy" or "torch"; None before any): fixed for
         # the cache's life, so that dequantize_kv's output container never changes under it.
         self.container = None
@@ -64,9 +90,31 @@ class ReferenceStore:
             raise TypeError(f"{name}: expected a {want} (the cache was built from "
                             f"{self.container} inputs), got {type(x).__name__}")
 
+    # --- lengths -----------------------------------------------------------------------------
+    def lengths_host(self) -> np.ndarray:
+        """Per-row total tokens, int64 ``[batch]`` (a copy)."""
+        return self.seq_lens.copy()
+
+    def known_lengths(self) -> np.ndarray:
+        """The rows' lengths without synchronizing (always known on the host)."""
+        return self.seq_lens
+
+    @property
+    def quantized_lens(self) -> np.ndarray:
+        r = self.config.residual_length
+        return self.seq_lens // r * r
+
+    @property
+    def residual_lens(self) -> np.ndarray:
+        return self.seq_lens % self.config.residual_length
+
     @property
     def quantized_len(self) -> int:
-        return self.block.seq_len
+        return uniform_length(self.quantized_lens, "quantized_len")
+
+    @property
+    def residual_len(self) -> int:
+        return uniform_length(self.residual_lens, "residual_len")
 
     def check_device(self, name, x) -> None:
         if V.is_torch(x) and x.is_cuda:
@@ -75,21 +123,31 @@ class ReferenceStore:
         if self.container is not None:
             self.adopt_container(name, x)
 
-    def append(self, k, v, names=("k", "v")) -> None:
-        """Append validated tokens ``[B, H, n, D]`` (NumPy or CPU torch); ``names`` are the
-        caller's argument names for error messages."""
+    def _rounded(self, names, k, v):
+        """float32 copies of ``k, v``, checked finite and rounded to the residual dtype (values
+        are rounded to it before quantization, exactly as a cache holding them in that dtype
+        would see them)."""
         k32 = V.to_numpy_f32(k)
         v32 = V.to_numpy_f32(v)
         V.check_finite(names[0], k32)
         V.check_finite(names[1], v32)
-        # Residual storage in the input dtype: values are rounded to it before quantization,
-        # exactly as a cache holding them in that dtype would see them.
         rdt = self.k_res.dtype
-        k32 = k32.astype(rdt).astype(np.float32)
-        v32 = v32.astype(rdt).astype(np.float32)
+        return k32.astype(rdt).astype(np.float32), v32.astype(rdt).astype(np.float32)
+
+    def append(self, k, v, names=("k", "v")) -> None:
+        """Append validated tokens ``[B, H, n, D]`` (NumPy or CPU torch) to every row, each at
+        its own length; ``names`` are the caller's argument names for error messages."""
+        k32, v32 = self._rounded(names, k, v)
+        if (self.seq_lens != self.seq_lens[0]).any():  # variable-length rows: row by row
+            self._append_rows(np.arange(self.k_res.shape[0]), k32, v32, names)
+        else:
+            self._append_uniform(k32, v32, names)
+        self.adopt_container("k", k)
+
+    def _append_uniform(self, k32, v32, names) -> None:
         r = self.config.residual_length
         n = k32.shape[2]
-        filled = self.residual_len
+        filled = int(self.residual_lens[0])
         # New tokens that complete windows: the stored residual plus these are quantized as one
         # block (windows are independent: same bytes as one window at a time), *before* any
         # state changes, so that an append the quantizer rejects (float16 range) leaves the
@@ -108,13 +166,74 @@ class ReferenceStore:
                 np.concatenate((self.v_res[:, :, :filled].astype(np.float32),
                                 v32[:, :, :take]), axis=2),
             )
-            self.block = new if self.block.seq_len == 0 else concat_blocks([self.block, new])
+            self._place(slice(None), int(self.quantized_lens[0]), new)
             filled = 0
         rest = n - take
         self.k_res[:, :, filled : filled + rest] = k32[:, :, take:]
         self.v_res[:, :, filled : filled + rest] = v32[:, :, take:]
-        self.residual_len = filled + rest
-        self.adopt_container("k", k)
+        self.seq_lens += n
+
+    def _append_rows(self, rows, k32, v32, names) -> None:
+        """Append ``k32[i], v32[i]`` (float32 ``[len(rows), H, n, D]``, rounded) to row
+        ``rows[i]``: every row's new windows are quantized and checked first, then committed
+        (an error leaves the cache as it was)."""
+        r = self.config.residual_length
+        n = k32.shape[2]
+        plans = []
+        for i, b in enumerate(rows):
+            filled = int(self.seq_lens[b] % r)
+            take = max(0, (filled + n) // r * r - filled)
+            kb, vb = k32[i : i + 1], v32[i : i + 1]
+            check_residual_tokens(
+                self.k_res[b : b + 1, :, : 0 if take else filled].astype(np.float32),
+                kb[:, :, take:], vb[:, :, take:], self.config, names)
+            new = None
+            if take:
+                new = self._quantize_named(
+                    names,
+                    np.concatenate((self.k_res[b : b + 1, :, :filled].astype(np.float32),
+                                    kb[:, :, :take]), axis=2),
+                    np.concatenate((self.v_res[b : b + 1, :, :filled].astype(np.float32),
+                                    vb[:, :, :take]), axis=2))
+            plans.append((b, filled, take, new))
+        for i, (b, filled, take, new) in enumerate(plans):
+            if new is not None:
+                self._place(slice(b, b + 1), int(self.seq_lens[b] // r * r), new)
+                filled = 0
+            rest = n - take
+            self.k_res[b, :, filled : filled + rest] = k32[i, :, take:]
+            self.v_res[b, :, filled : filled + rest] = v32[i, :, take:]
+            self.seq_lens[b] += n
+
+    def _place(self, rows, pos: int, new: PackedBlock) -> None:
+        """Write the packed tokens of ``new`` at token ``pos`` of ``rows`` (a slice), growing
+        the token axis (zero padding) when it is too short."""
+        cur = self.block.arrays()
+        end = pos + new.seq_len
+        out = {}
+        for name, arr in cur.items():
+            need = _token_axis(name, end, self.config)
+            if arr.shape[2] < need:
+                pad = np.zeros(arr.shape[:2] + (need - arr.shape[2],) + arr.shape[3:], arr.dtype)
+                arr = np.concatenate((arr, pad), axis=2)
+            else:
+                arr = arr.copy() if arr is getattr(self.block, name) else arr
+            a = _token_axis(name, pos, self.config)
+            arr[rows, :, a:need] = getattr(new, name)
+            out[name] = arr
+        self.block = PackedBlock(k_codes=out["k_codes"], k_params=out["k_params"],
+                                 v_codes=out["v_codes"], v_params=out["v_params"],
+                                 norms=out.get("norms"))
+
+    def fill_row(self, row: int, k, v, names=("k", "v")) -> None:
+        """Append validated tokens ``[1, H, n, D]`` to row ``row`` only."""
+        k32, v32 = self._rounded(names, k, v)
+        self._append_rows([row], k32, v32, names)
+        self.adopt_container(names[0], k)
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        """Empty rows ``rows`` (validated int64): length 0; their storage is reused."""
+        self.seq_lens[rows] = 0
 
     def _quantize_named(self, names, k, v) -> PackedBlock:
         """quantize_block, its errors naming the caller's arguments (``k_new:`` for append)."""
@@ -128,15 +247,29 @@ class ReferenceStore:
             raise
 
     def residual(self):
-        return (self.k_res[:, :, : self.residual_len].astype(np.float32),
-                self.v_res[:, :, : self.residual_len].astype(np.float32))
+        """``(k, v)`` float32 ``[B, H, max residual_len, D]`` (rows padded past their own)."""
+        n = int(self.residual_lens.max(initial=0))
+        return (self.k_res[:, :, :n].astype(np.float32), self.v_res[:, :, :n].astype(np.float32))
 
     def packed(self) -> PackedBlock:
-        return self.block
+        """The packed arrays up to the longest row's quantized tokens."""
+        t = int(self.quantized_lens.max(initial=0))
+        if self.block.seq_len == t:
+            return self.block
+        b = {n: a[:, :, : _token_axis(n, t, self.config)] for n, a in self.block.arrays().items()}
+        return PackedBlock(k_codes=b["k_codes"], k_params=b["k_params"], v_codes=b["v_codes"],
+                           v_params=b["v_params"], norms=b.get("norms"))
 
     def nbytes(self) -> int:
-        res = 2 * self.k_res[:, :, : self.residual_len].size * _ITEMSIZE[self.dtype]
-        return self.block.nbytes + res
+        """Bytes of the valid tokens of every row (packed and residual)."""
+        arrays = self.block.arrays()
+        ql, rl = self.quantized_lens, self.residual_lens
+        total = 0
+        for name, a in arrays.items():
+            per_row = a[0:1].nbytes // max(1, a.shape[2]) if a.shape[2] else 0
+            total += sum(per_row * _token_axis(name, int(t), self.config) for t in ql)
+        per_tok = self.k_res.shape[1] * self.k_res.shape[3] * _ITEMSIZE[self.dtype]
+        return total + 2 * per_tok * int(rl.sum())
 
     # --- batch and length edits, loading (beam search, crop, save/load) ------------------------
     def select_batch(self, idx: np.ndarray) -> None:
@@ -147,10 +280,11 @@ class ReferenceStore:
                                  norms=None if b.norms is None else b.norms[idx])
         self.k_res = self.k_res[idx]
         self.v_res = self.v_res[idx]
+        self.seq_lens = self.seq_lens[idx]
 
     def truncate(self, seq_len: int) -> None:
         """Drop residual tokens after ``seq_len`` (validated: ``quantized_len <= seq_len``)."""
-        self.residual_len = seq_len - self.quantized_len
+        self.seq_lens[:] = seq_len
 
     def load_state(self, packed: dict, k_res: np.ndarray, v_res: np.ndarray,
                    quantized_len: int) -> None:
@@ -162,7 +296,7 @@ class ReferenceStore:
         n = k_res.shape[2]
         self.k_res[:, :, :n] = k_res
         self.v_res[:, :, :n] = v_res
-        self.residual_len = n
+        self.seq_lens[:] = quantized_len + n
 
 
 class QuantizedKVCache:
@@ -235,18 +369,39 @@ class QuantizedKVCache:
         return self._store.backend
 
     @property
+    def seq_lens(self) -> np.ndarray:
+        """Tokens of each row, int64 NumPy ``[batch]`` (rows may differ: variable-length
+        prefill, :meth:`fill_row`, :meth:`reset_rows`). On CUDA after a replayed CUDA graph
+        this reads the device lengths (synchronizes; :meth:`sync_lengths`)."""
+        return self._store.lengths_host()
+
+    @property
+    def quantized_lens(self) -> np.ndarray:
+        """Packed tokens of each row, ``seq_lens // residual_length * residual_length``."""
+        r = self.config.residual_length
+        return self.seq_lens // r * r
+
+    @property
+    def residual_lens(self) -> np.ndarray:
+        """Residual (unquantized) tokens of each row, ``seq_lens % residual_length``."""
+        return self.seq_lens % self.config.residual_length
+
+    @property
     def quantized_len(self) -> int:
-        """Tokens held in packed form (a multiple of residual_length)."""
-        return self._store.quantized_len
+        """Tokens held in packed form (a multiple of residual_length); ValueError when the rows
+        have different lengths (use :attr:`quantized_lens`)."""
+        return uniform_length(self.quantized_lens, "quantized_len")
 
     @property
     def residual_len(self) -> int:
-        """Most recent tokens held unquantized (0 .. residual_length - 1)."""
-        return self._store.residual_len
+        """Most recent tokens held unquantized (0 .. residual_length - 1); ValueError when the
+        rows have different lengths (use :attr:`residual_lens`)."""
+        return uniform_length(self.residual_lens, "residual_len")
 
     @property
     def seq_len(self) -> int:
-        return self.quantized_len + self.residual_len
+        """Tokens of every row; ValueError when the rows differ (use :attr:`seq_lens`)."""
+        return uniform_length(self.seq_lens, "seq_len")
 
     @property
     def nbytes(self) -> int:
@@ -256,12 +411,12 @@ class QuantizedKVCache:
     @property
     def bf16_nbytes(self) -> int:
         """Bytes of a bfloat16 cache of the same tokens (K and V)."""
-        return 2 * 2 * self.batch * self.num_kv_heads * self.seq_len * self.head_dim
+        return 2 * 2 * self.num_kv_heads * int(self.seq_lens.sum()) * self.head_dim
 
     @property
     def bits_per_element(self) -> float:
         """Average stored bits per K or V element (``8 * nbytes / (2 B H T D)``)."""
-        n = 2 * self.batch * self.num_kv_heads * self.seq_len * self.head_dim
+        n = 2 * self.num_kv_heads * int(self.seq_lens.sum()) * self.head_dim
         return 8.0 * self.nbytes / n if n else 0.0
 
     @property
@@ -292,6 +447,88 @@ class QuantizedKVCache:
             self._store.append(k_new, v_new)
         return self
 
+    def _check_rows(self, rows, name="rows") -> np.ndarray:
+        """``rows`` (an int, or 1-D ints: NumPy, list, torch) as distinct int64 in [0, batch)."""
+        if V.is_torch(rows):
+            rows = rows.detach().cpu().numpy()
+        idx = np.asarray(rows)
+        if idx.ndim == 0:
+            idx = idx.reshape(1)
+        if idx.ndim != 1 or idx.dtype.kind not in "iu" or idx.size == 0:
+            raise ValueError(f"{name}: expected a row index or a non-empty 1-D integer array, "
+                             f"got {rows!r}")
+        idx = idx.astype(np.int64)
+        if idx.min() < 0 or idx.max() >= self.batch:
+            raise ValueError(f"{name}: expected rows in [0, {self.batch}) (the cache's batch), "
+                             f"got {idx.tolist()}")
+        if np.unique(idx).size != idx.size:
+            raise ValueError(f"{name}: expected distinct rows, got {idx.tolist()}")
+        return idx
+
+    def reset_rows(self, rows) -> "QuantizedKVCache":
+        """Empty rows ``rows`` (continuous batching: a finished sequence's row is refilled with
+        :meth:`fill_row` while the other rows go on); returns self. Nothing is reallocated: the
+        row's storage is reused. An empty row's decode output is zeros (lse -inf)."""
+        idx = self._check_rows(rows)
+        self._store.reset_rows(idx)
+        return self
+
+    def fill_row(self, row, k, v) -> "QuantizedKVCache":
+        """Append tokens ``k, v [1, num_kv_heads, n, head_dim]`` to row ``row`` only (the prompt
+        of a new sequence after :meth:`reset_rows`, or a variable-length prefill row by row);
+        returns self. Same validation as :meth:`append`; the other rows are untouched."""
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+            raise TypeError(f"row: expected an int, got {type(row).__name__}")
+        (b,) = self._check_rows(int(row), "row")
+        shape, dt = V.check_kv(k, v, "k", "v")
+        expected = (1, self.num_kv_heads, shape[2], self.head_dim)
+        if shape != expected or shape[2] == 0:
+            raise ValueError(
+                "k: expected shape [1, num_kv_heads, n >= 1, head_dim] = "
+                f"[1, {self.num_kv_heads}, n, {self.head_dim}], got {shape}")
+        if dt != self.dtype:
+            raise TypeError(f"k: expected dtype {self.dtype} (the cache's), got {dt}")
+        self._store.check_device("k", k)
+        self._store.fill_row(int(b), k, v)
+        return self
+
+    def prepare_capture(self, max_seq_len: int) -> "QuantizedKVCache":
+        """Make this cache's decode step capturable in a CUDA graph (issue 25); returns self.
+
+        On CUDA: packed room for ``max_seq_len`` tokens per row is reserved now (the capacity
+        contract: a captured step cannot reallocate or raise), the lengths move to the device
+        (``static``): every :meth:`append` of one token per row launches the append kernel
+        (each row at its own length, read and advanced on the device) and the row-flush kernel
+        (packs the windows that filled; a no-op for the others), and
+        :func:`oscar.decode_attention` plans its launches for any length up to the capacity and
+        reads each row's length on the device. No host synchronization, no Python branching on
+        lengths: the same launches every step. A row that would pass the capacity takes no
+        token and sets a status bit that :meth:`check` raises. Read the lengths back with
+        :meth:`sync_lengths` (which leaves the mode). The reference backend has nothing to
+        prepare (it validates ``max_seq_len`` and returns).
+        """
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0:
+            raise ValueError(f"max_seq_len: expected a non-negative int, got {max_seq_len!r}")
+        longest = int(self.seq_lens.max(initial=0))
+        if max_seq_len < longest:
+            raise ValueError(f"max_seq_len: expected at least the longest row's seq_len "
+                             f"({longest}), got {max_seq_len}")
+        if hasattr(self._store, "prepare_capture"):
+            self._store.prepare_capture(max_seq_len)
+        return self
+
+    @property
+    def static(self) -> bool:
+        """True while the lengths live on the device (:meth:`prepare_capture`)."""
+        return bool(getattr(self._store, "static", False))
+
+    def sync_lengths(self) -> np.ndarray:
+        """Read the rows' lengths back from the device after replayed CUDA graphs (synchronizes)
+        and leave the capture mode of :meth:`prepare_capture`; returns :attr:`seq_lens`."""
+        if hasattr(self._store, "sync_lengths"):
+            return self._store.sync_lengths()
+        return self.seq_lens
+
     def reserve(self, seq_len: int) -> "QuantizedKVCache":
         """Pre-allocate packed storage for ``seq_len`` tokens (CUDA caches; no-op on the host).
 
@@ -315,6 +552,10 @@ class QuantizedKVCache:
         word that this method reads (and later flushes go on).
         """
         status = self._store.read_status() if hasattr(self._store, "read_status") else 0
+        if status & 8:
+            raise ValueError("cache: a row reached its packed capacity inside a prepared "
+                             "(captured) decode loop; its later tokens were dropped (reserve a "
+                             "larger max_seq_len in prepare_capture)")
         if status & 1:
             raise ValueError("cache: a flush met NaN or Inf in k or v; the affected groups "
                              "hold NaN parameters")
@@ -336,9 +577,15 @@ class QuantizedKVCache:
         return self._store.residual()
 
     def __repr__(self) -> str:
+        lens = self.seq_lens
+        if (lens == lens[0]).all():
+            r = self.config.residual_length
+            t, q = int(lens[0]), int(lens[0]) // r * r
+            length = f"seq_len={t} (quantized {q}, residual {t - q})"
+        else:
+            length = f"seq_lens {int(lens.min())}..{int(lens.max())} (variable)"
         return (f"QuantizedKVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, seq_len={self.seq_len} (quantized "
-                f"{self.quantized_len}, residual {self.residual_len}), dtype={self.dtype}, "
+                f"head_dim={self.head_dim}, {length}, dtype={self.dtype}, "
                 f"backend={self.backend!r}, {self.bits_per_element:.2f} bits/element)")
 
 
@@ -411,6 +658,6 @@ class QuantizedKVCache:
 
 def dequantize_reference(store: ReferenceStore):
     """``(k_hat, v_hat)`` float32 ``[B, H, seq_len, D]`` of a reference store."""
-    k_hat, v_hat = dequantize_block(store.block, store.config)
+    k_hat, v_hat = dequantize_block(store.packed(), store.config)
     k_res, v_res = store.residual()
     return (np.concatenate((k_hat, k_res), axis=2), np.concatenate((v_hat, v_res), axis=2))

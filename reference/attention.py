@@ -34,12 +34,17 @@ def _causal_mask(q_len: int, seq_len: int) -> np.ndarray:
 
 
 def _softmax(scores: np.ndarray, mask: np.ndarray):
+    """Masked softmax and lse; a row that sees no token (an empty cache row) gets weights 0
+    and lse -inf (its output is then zeros)."""
     s = np.where(mask, scores, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     e = np.exp(s - m)
     total = e.sum(axis=-1, keepdims=True)
-    return e / total, (m + np.log(total))[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(total == 0, 0.0, e / np.where(total == 0, 1.0, total))
+        lse = (m + np.log(total))[..., 0]
+    return p, lse
 
 
 def attention_dense(q, k, v, scale=None, return_lse=False):
@@ -56,7 +61,7 @@ def attention_dense(q, k, v, scale=None, return_lse=False):
 
 
 def decode_attention(q, block: PackedBlock, k_residual, v_residual, config, scale=None,
-                     return_lse=False, start=None):
+                     return_lse=False, start=None, seq_lens=None):
     """Attention of ``q [B, num_q_heads, q_len, D]`` over a packed block plus residual tokens.
 
     Args:
@@ -71,6 +76,12 @@ def decode_attention(q, block: PackedBlock, k_residual, v_residual, config, scal
             token of a left-padded row, or the first key of a sliding window); tokens before it
             get zero weight. None (default) is the same as all zeros, bit for bit. The caller
             keeps ``start[b] <= seq_len - q_len`` so that every query sees a token.
+        seq_lens: optional int ``[B]``, rows of different lengths: row b holds
+            ``seq_lens[b] // R * R`` quantized tokens (the first of the block's token axis, which
+            is as long as the longest row) and ``seq_lens[b] % R`` residual tokens (the first of
+            the residual arrays), R = ``config.residual_length``; its queries sit at positions
+            ``seq_lens[b] - q_len + i``. A row that sees no token (e.g. empty) gets zeros and lse
+            -inf. None: every row holds the whole block and residual.
 
     Returns float64 ``out [B, num_q_heads, q_len, D]`` (and ``lse``).
     """
@@ -92,10 +103,23 @@ def decode_attention(q, block: PackedBlock, k_residual, v_residual, config, scal
         s_q = s_q * n
     s_r = np.einsum("bhld,bhtd->bhlt", q, _expand_heads(k_res, group))
     s = scale * np.concatenate((s_q, s_r), axis=-1)
-    mask = _causal_mask(q_len, t_q + t_r)
-    if start is not None:  # [B, 1, q_len, T]: causal and at or after the row's first token
-        first = np.asarray(start, np.int64).reshape(b, 1, 1, 1)
-        mask = mask[None, None] & (np.arange(t_q + t_r)[None, None, None, :] >= first)
+    if seq_lens is None:
+        mask = _causal_mask(q_len, t_q + t_r)
+        if start is not None:  # [B, 1, q_len, T]: causal and at or after the row's first token
+            first = np.asarray(start, np.int64).reshape(b, 1, 1, 1)
+            mask = mask[None, None] & (np.arange(t_q + t_r)[None, None, None, :] >= first)
+    else:  # per row: valid tokens, their positions, causal and from the row's first token
+        r_len = config.residual_length
+        seq = np.asarray(seq_lens, np.int64).reshape(b, 1)
+        ql, rl = seq // r_len * r_len, seq % r_len
+        tq, tr = np.arange(t_q)[None, :], np.arange(t_r)[None, :]
+        pos = np.concatenate((np.broadcast_to(tq, (b, t_q)), ql + tr), axis=1)  # [B, T]
+        valid = np.concatenate((tq < ql, tr < rl), axis=1)
+        last = seq - q_len + np.arange(q_len)[None, :]  # [B, q_len]
+        mask = valid[:, None, :] & (pos[:, None, :] <= last[:, :, None])
+        if start is not None:
+            mask &= pos[:, None, :] >= np.asarray(start, np.int64).reshape(b, 1, 1)
+        mask = mask[:, None]  # [B, 1, q_len, T]
     p, lse = _softmax(s, mask)
 
     out_rot = np.einsum("bhlt,bhtd->bhld", p[..., :t_q], _expand_heads(v_rot, group))

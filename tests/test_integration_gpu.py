@@ -86,13 +86,23 @@ def test_save_load_cuda_bit_exact(tmp_path, dtype):
     _same_packed(d, h)
 
 
-def test_decode_attention_start_on_cuda_raises():
+def test_decode_attention_start_on_cuda_matches_the_reference():
+    # issue 22 item 2 / issue 25: per-row first tokens on the CUDA kernels, host list or device
+    # tensor, equal to the reference backend on the same packed bytes
     k, v = _kv()
     c = oscar.quantize_kv(k.cuda(), v.cuda(), INT2)
-    q = torch.randn(3, 4, 1, 64, dtype=torch.float16, device="cuda")
-    oscar.decode_attention(q, c, start=[0, 0, 0])  # all zeros: the plain kernel
-    with pytest.raises(ValueError, match="per-row starts in the decode kernels"):
-        oscar.decode_attention(q, c, start=[0, 3, 0])
+    h = oscar.quantize_kv(k, v, INT2)
+    q = torch.randn(3, 4, 1, 64, dtype=torch.float16)
+    for start in ([0, 3, 0], [5, 0, int(k.shape[2]) - 1], torch.tensor([2, 40, 0])):
+        want = oscar.decode_attention(q.float(), h, start=start).float()
+        dev_start = start.cuda() if isinstance(start, torch.Tensor) else start
+        got = oscar.decode_attention(q.cuda(), c, start=dev_start).float().cpu()
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    plain = oscar.decode_attention(q.cuda(), c).float().cpu()  # start None after a start
+    torch.testing.assert_close(plain, oscar.decode_attention(q.float(), h).float(),
+                               atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="start"):
+        oscar.decode_attention(q.cuda(), c, start=[0, int(k.shape[2]), 0])
 
 
 def test_transformers_on_cuda():
@@ -120,5 +130,10 @@ def test_transformers_on_cuda():
     assert out.shape == (2, 48)
     am = torch.ones_like(ids)
     am[1, :3] = 0
-    with pytest.raises(ValueError, match="left-padded batch on CUDA needs per-row starts"):
-        run("oscar", OScaRCache(model.config, INT2), attention_mask=am)
+    # left padding on CUDA (issue 22 item 2): the packed path with per-row starts; the
+    # never-quantizing configuration equals SDPA exactly, INT2 equals the CPU reference's tokens
+    ref = run("sdpa", transformers.DynamicCache(config=model.config), attention_mask=am)
+    out = run("oscar", OScaRCache(model.config, NEVER), attention_mask=am)
+    assert torch.equal(ref, out)
+    out = run("oscar", OScaRCache(model.config, INT2), attention_mask=am)
+    assert out.shape == (2, 48)

@@ -30,9 +30,10 @@ How it plugs in (public transformers interfaces only: ``Cache``, ``CacheLayerMix
     sliding window with several queries): dequantize the history once for this chunk
     (``oscar.dequantize_kv``) and run exact SDPA over it with the dense mask.
 
-CUDA: the decode kernels take no per-row start yet, so a left-padded batch, or a window that
-cuts into the history, raises ValueError (never a silently wrong result). docs/integrations.md
-has the details, the limits and the file format of :meth:`OScaRCache.save`.
+CUDA: the decode kernels take the per-row start (issue 25: it travels in the cache's device
+lengths array), so left-padded batches and windows with one query run on the packed path there
+too. docs/integrations.md has the details, the limits and the file format of
+:meth:`OScaRCache.save`.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class OScaRMask:
         self._dense = self._full = self._pad = None
         self._have = set()
         self._starts: dict = {}
+        self._device_starts: dict = {}
 
     def dense(self, materialize: bool = False):
         """Boolean ``[B or 1, 1, q_len, kv_len]`` (True = attend) or None (plain causal; only
@@ -163,6 +165,17 @@ class OScaRMask:
             res = (ok, start if ok and start.any() else None)
         self._starts[key] = res
         return res
+
+    def device_start(self, start: np.ndarray, device):
+        """``start`` (a host array from :meth:`row_start`) as an int32 tensor on ``device``, once
+        per mask and device: every layer of a forward shares one host-to-device copy (the
+        decode kernels read it from the device; ``row_start`` has checked its values)."""
+        key = (id(start), str(device))
+        t = self._device_starts.get(key)
+        if t is None:
+            t = torch.from_numpy(start.astype(np.int32)).to(device)
+            self._device_starts[key] = t
+        return t
 
 
 def oscar_mask(**kwargs):
@@ -261,11 +274,8 @@ class OScaRLayer(CacheLayerMixin):
                              f"got {type(mask).__name__} (custom 4-D masks are not supported "
                              "by OScaRCache)")
         pad = mask.padding() if mask is not None else None
-        on_cuda = k_new.is_cuda
         if self.cache is None:  # prefill: exact attention over the prompt, then quantize
             _check_sharding(i, int(k_new.shape[1]), self.num_kv_heads, self.config)
-            if on_cuda and pad is not None:
-                raise ValueError(_cuda_start_message(i, "a left-padded batch"))
             out, _ = sdpa_attention_forward(module, query, k_new, v_new,
                                             mask.dense() if mask is not None else None,
                                             dropout=0.0, scaling=scaling, **kwargs)
@@ -285,11 +295,9 @@ class OScaRLayer(CacheLayerMixin):
         q_len, seq_len = int(query.shape[2]), self.cache.seq_len
         ok, start = mask.row_start(q_len, seq_len) if mask is not None else (True, None)
         rows = int(query.shape[1]) // self.cache.num_kv_heads * q_len
-        if on_cuda and (start is not None or not ok):
-            what = "a left-padded batch" if pad is not None else (
-                f"a sliding window of {mask.window} tokens over {seq_len} tokens")
-            raise ValueError(_cuda_start_message(i, what))
         if ok and rows <= MAX_DECODE_ROWS:
+            if start is not None and query.is_cuda:
+                start = mask.device_start(start, query.device)
             out = decode_attention(query, self.cache, scale=scaling, start=start)
             return out.transpose(1, 2).contiguous()
         # chunk path: the history dequantized once for this chunk, exact SDPA with the mask
@@ -315,13 +323,6 @@ def _check_sharding(layer_idx, heads: int, model_heads, config: OScaRConfig) -> 
             "(tensor parallelism?); norm_scope='token' would normalize each token over these "
             "heads only, unlike a single process. Use OScaRConfig(norm_scope='head'), which "
             "keeps ranks independent (docs/integrations.md)")
-
-
-def _cuda_start_message(layer_idx, what):
-    return (f"layer {layer_idx}: {what} on CUDA needs per-row starts in the decode kernels: not "
-            "supported yet; run it on the CPU (reference backend), one prompt at a time or with "
-            "prompts of equal length, or make this layer unquantized (None in the per-layer "
-            "configurations)")
 
 
 def _causal(q_len, seq_len, device):
