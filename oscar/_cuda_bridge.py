@@ -118,8 +118,8 @@ def initial_capacity(tokens: int, residual_length: int, max_seq_len: int | None)
     quantized tokens): a decode loop up to ``max_seq_len`` never reallocates. Without: the
     prompt's quantized tokens plus ``max(1/8 of them, 8 windows)``, so that a generation of up to
     that many tokens does not reallocate either; past it the capacity doubles in one step (a
-    reallocation and a copy of the cache: 20-130 ms measured at 32K tokens on an H200,
-    docs/benchmarks.md). The headroom costs 1/8 more packed memory on long prompts.
+    reallocation, a copy of the cache and new launch plans: 3-4 ms measured per layer at 32K
+    tokens on an H100, docs/benchmarks.md). The headroom costs 1/8 more packed memory on long prompts.
     """
     r = residual_length
     quantized = tokens // r * r
