@@ -16,7 +16,7 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log
   tail -20 "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$SECONDS
-timeout "${1:-180}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_graph_step.py \
+timeout -s INT -k 15 "${1:-180}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_graph_step.py \
   tests/test_integration_gpu.py tests/test_gpu_runtime.py tests/test_gpu_bridge.py \
   "tests/test_kernels_attention.py::test_gpu_matches_reference" >"$OUT/tests.log" 2>&1
 echo "tests exit $? in $((SECONDS - t0)) s"; grep -E "passed|failed|FAILED|^E " "$OUT/tests.log" | cut -c1-240 | tail -25

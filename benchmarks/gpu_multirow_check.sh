@@ -27,7 +27,7 @@ timeout 120 python3 benchmarks/warm_tests.py --workers 8 >"$OUT/warm_tests.log" 
 echo "warm_tests exit $? in $((SECONDS - t0)) s"; tail -1 "$OUT/warm_tests.log"
 wait; echo "warm (benchmark) done in $((SECONDS - t0)) s"; tail -1 "$OUT/warm_bench.log"
 t0=$SECONDS
-timeout "$TESTS_CAP" python3 -m pytest -q -p no:cacheprovider -rf tests/test_kernels_attention.py \
+timeout -s INT -k 15 "$TESTS_CAP" python3 -m pytest -q -p no:cacheprovider -rf tests/test_kernels_attention.py \
   -k "multirow or (split-v3 and test_gpu_matches_reference and (llama-32k-bf16 or qlen2))" \
   >"$OUT/tests.log" 2>&1
 echo "tests exit $? in $((SECONDS - t0)) s"; grep -E "passed|failed|FAILED|^E " "$OUT/tests.log" | cut -c1-240 | tail -20

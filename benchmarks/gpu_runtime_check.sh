@@ -18,7 +18,7 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/oscar-instal
   tail -20 /tmp/oscar-install.log; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 t0=$SECONDS
-timeout "${1:-240}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu_runtime.py \
+timeout -s INT -k 15 "${1:-240}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu_runtime.py \
   tests/test_kernels_append.py tests/test_integration_gpu.py tests/test_gpu_bridge.py \
   tests/test_paged_cuda.py \
   >"$OUT/tests.log" 2>&1

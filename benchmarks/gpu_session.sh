@@ -5,6 +5,7 @@
 # parallel processes (the machine has 16 cores; one kernel takes 5-10 s), then the GPU tests in
 # priority order, then short benchmarks. Every step has a time cap and the script goes on after a
 # failing step; at most 8 files land in $OUT (the device tool's limit).
+# pytest steps get SIGINT at their cap, so that pytest still prints the failures it has seen.
 #   bash benchmarks/gpu_session.sh [scale]   (scale multiplies every cap; default 1)
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT" /tmp/bench
@@ -32,18 +33,18 @@ step warm 0 $((SECONDS - t0)); tail -n 2 /tmp/warm1.log /tmp/warm2.log /tmp/warm
 
 # 2. tests, most important first
 t0=$SECONDS
-timeout "$(cap 110)" python3 -m pytest -q -p no:cacheprovider -rf tests/test_graph_step.py \
+timeout -s INT -k 15 "$(cap 110)" python3 -m pytest -q -p no:cacheprovider -rf tests/test_graph_step.py \
   tests/test_kernels_varlen.py "tests/test_gpu_runtime.py::test_fresh_process_loads_compiled_kernels" \
   "tests/test_gpu_runtime.py::test_plan_launches_equal_dispatcher_launches" \
   >"$OUT/tests_capture.log" 2>&1
 step tests_capture $? $((SECONDS - t0)); grep -E "passed|failed|FAILED|^E " "$OUT/tests_capture.log" | cut -c1-200 | tail -12 | tee -a "$LOG"
 t0=$SECONDS
-timeout "$(cap 80)" python3 -m pytest -q -p no:cacheprovider -rf tests/test_kernels_attention.py \
+timeout -s INT -k 15 "$(cap 80)" python3 -m pytest -q -p no:cacheprovider -rf tests/test_kernels_attention.py \
   -k "multirow or (split-v3 and test_gpu_matches_reference and (llama-32k-bf16 or qlen2))" \
   >"$OUT/tests_multirow.log" 2>&1
 step tests_multirow $? $((SECONDS - t0)); grep -E "passed|failed|FAILED|^E " "$OUT/tests_multirow.log" | cut -c1-200 | tail -8 | tee -a "$LOG"
 t0=$SECONDS
-timeout "$(cap 60)" python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu_bridge.py \
+timeout -s INT -k 15 "$(cap 60)" python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu_bridge.py \
   -k "underflow or overflow or nonfinite" tests/test_integration_gpu.py tests/test_paged_cuda.py \
   >"$OUT/tests_other.log" 2>&1
 step tests_other $? $((SECONDS - t0)); grep -E "passed|failed|FAILED|^E " "$OUT/tests_other.log" | cut -c1-200 | tail -8 | tee -a "$LOG"
