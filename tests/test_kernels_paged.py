@@ -129,14 +129,14 @@ pytestmark = [pytest.mark.sim,
                                  "test_paged_cuda.py)")]
 
 
-@pytest.mark.parametrize("q_len, norm_scope, num_splits", [(1, "token", 2), (2, "head", 2)])
+@pytest.mark.parametrize("q_len, norm_scope, num_splits", [(1, "token", 2)])
 def test_sim_paged_kernel_equals_contiguous_bit_for_bit_and_the_reference(q_len, norm_scope,
                                                                           num_splits):
     """Random block tables, a shared prefix page, rows of different lengths (one spanning two
     pages, one of a single, shared page): the paged kernel equals the contiguous v3 kernel bit
-    for bit and the reference within the varlen tests' tolerance. q_len 2 x GQA 2 = 4 rows,
-    head-scoped norms there. (Row groups, rows > 8, share the paged prefetch: the compile test
-    covers them; the GPU test runs them.)"""
+    for bit and the reference within the varlen tests' tolerance, over two splits. (q_len 2 and
+    head-scoped norms: tests/test_paged_cuda.py, through the cache; row groups, rows > 8, share
+    the paged prefetch: the compile test covers them, the GPU test runs them.)"""
     cfg = oscar.OScaRConfig(residual_length=R, norm_scope=norm_scope)
     lens = (136, 70)  # packed 128 (2 pages), 64 (row 0's first page, shared)
     cache, _pool, views, table, lengths = _state(cfg, lens, seed=3)

@@ -260,3 +260,67 @@ def test_copy_kernels_equal_indexing():
             want_k[rows[i], :, pos[i]] = tokens[i]
         got_k, got_v = d_k.copy_to_host(), d_v.copy_to_host()
         assert np.array_equal(got_k, want_k) and np.array_equal(got_v, -want_k)
+
+
+def _two_sequences(backend, p, norm_scope="token"):
+    """Slots 0 and 1 (GQA-ready shapes the v3 kernel takes: 2 KV heads, head_dim 64, R = 32):
+    slot 0 holds 137 tokens (pages of P, reversed ids), slot 1 shares slot 0's first page and
+    adds its own tokens (77 in all: one more flush, 13 residual)."""
+    cfg = oscar.OScaRConfig(residual_length=32, norm_scope=norm_scope)
+    h, d = 2, 64
+    cache = PagedKVCache.empty(12, p, h, d, max_seqs=2, config=cfg, backend=backend)
+    k, v = (x[0].transpose(1, 0, 2).copy() for x in make_kv(1, h, 137, d, seed=6))
+    k1, v1 = (x[0].transpose(1, 0, 2).copy() for x in make_kv(1, h, 77, d, seed=7))
+    k1[:p], v1[:p] = k[:p], v[:p]
+    tables = np.full((2, 6), -1, np.int32)
+    n0 = -(-137 // p)
+    tables[0, :n0] = cache.allocate(n0)[::-1]
+    cache.reset(0)
+    cache.write(k, v, slot_mapping(tables[0], np.arange(137), p), np.zeros(137, np.int32))
+    cache.retain(tables[0, :1])
+    n1 = -(-77 // p)
+    tables[1, 0] = tables[0, 0]
+    tables[1, 1:n1] = cache.allocate(n1 - 1)
+    cache.reset(1, cached_len=p)
+    cache.write(k1[p:], v1[p:], slot_mapping(tables[1], np.arange(p, 77), p),
+                np.ones(77 - p, np.int32))
+    return cache, tables
+
+
+@pytest.mark.sim
+@pytest.mark.skipif(not SIMULATOR, reason="simulator shapes; the GPU test below covers a GPU")
+@pytest.mark.parametrize("p, q_len, seq_ids, norm_scope", [(32, 1, None, "token"),
+                                                           (64, 2, [1, 0], "head")])
+def test_sim_decode_runs_the_paged_v3_kernel(p, q_len, seq_ids, norm_scope, monkeypatch):
+    """Where v3 runs, decode is the paged v3 kernel through the block table, not the interim
+    gather: a shared prefix page, rows of different lengths, slots in order (windows read in
+    place) and swapped (windows gathered by row), P = 32 and 64, q_len 1 and 2, token- and
+    head-scoped norms. Its output equals the interim path's (the contiguous v3 kernel on the
+    gathered pages, the same one-split plan at these lengths) bit for bit (swapped case), and
+    the reference
+    within 2 % of max |v| (v3's float16 operands; the exact bound is derived in
+    test_kernels_attention.py)."""
+    from oscar import _paged_cuda
+
+    calls = []
+    paged = _paged_cuda.PagedNumbaStore._decode_paged
+    gather = _paged_cuda.PagedNumbaStore._decode_gather
+    monkeypatch.setattr(_paged_cuda.PagedNumbaStore, "_decode_paged",
+                        lambda self, *a: calls.append("paged") or paged(self, *a))
+    monkeypatch.setattr(_paged_cuda.PagedNumbaStore, "_decode_gather",
+                        lambda self, *a: calls.append("gather") or gather(self, *a))
+    num, tables = _two_sequences("numba", p, norm_scope)
+    ref, _ = _two_sequences("reference", p, norm_scope)
+    _assert_same_state(num, ref, 1)
+    rows = [0, 1] if seq_ids is None else seq_ids
+    q = make_q(2, 4, q_len, 64, seed=q_len)
+    out, lse = num.decode_attention(q, tables[rows], seq_ids=seq_ids, return_lse=True)
+    assert calls == ["paged"]
+    if seq_ids is not None:  # (one case: the simulator's time; test_kernels_paged.py has more)
+        want, want_lse = gather(num._store, q, num._rows(tables[rows], seq_ids, 2), 1 / 8,
+                                "float32")
+        assert np.array_equal(out, want) and np.array_equal(lse, want_lse)
+    ref_out, ref_lse = ref.decode_attention(q, tables[rows], seq_ids=seq_ids, return_lse=True)
+    vmax = max(np.abs(x).max() for s in (0, 1) for x in ref.residual(s))
+    np.testing.assert_allclose(out, ref_out, atol=0.02 * vmax, rtol=0)
+    np.testing.assert_allclose(lse, ref_lse, atol=0.02, rtol=0)
