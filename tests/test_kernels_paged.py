@@ -33,16 +33,41 @@ H, G, D = 2, 2, 64
 
 
 def _fake(x):
-    """A simulator device view of ``x`` without a copy (strided page views stay strided)."""
+    """A device view of ``x``: in the simulator without a copy (strided page views stay
+    strided); on a GPU a copy (C-contiguous arrays only: page views go through _pool_views)."""
+    if not SIMULATOR:
+        return cuda.to_device(np.ascontiguousarray(x))
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
     return FakeCUDAArray(x)
 
 
-def _state(cfg, lens, seed, share_prefix=True):
+def _pool_views(pool, layout):
+    """Device section views of a host pool: the simulator's NumPy views, or on a GPU strided
+    views of one device copy of the pool (the store's own construction)."""
+    if SIMULATOR:
+        return {n: _fake(x) for n, x in layout.views(pool).items()}
+    from oscar._paged_cuda import _ArrayView
+
+    d_pool = cuda.to_device(pool)
+    base = d_pool.device_ctypes_pointer.value
+    out = {}
+    for name, (off, shape, dt) in layout.sections.items():
+        strides, size = [], np.dtype(dt).itemsize
+        for n in reversed(shape):
+            strides.insert(0, size)
+            size *= n
+        out[name] = cuda.as_cuda_array(_ArrayView(d_pool, base + off, (len(pool),) + shape,
+                                                  (layout.page_bytes,) + tuple(strides), dt))
+    return out
+
+
+def _state(cfg, lens, seed, share_prefix=True, h=H, d=D, p=P):
     """Variable-length reference cache (row 1 repeats row 0's first P tokens), its pages in a
     poisoned pool through shuffled block tables (row 1 shares row 0's first page), and the
     contiguous arrays at capacity for the contiguous kernel."""
+    H, D, P = h, d, p  # noqa: N806 (the module's tiny shapes unless given)
+    R = cfg.residual_length  # noqa: N806
     rng = np.random.default_rng(seed)
     b = len(lens)
     k, v = make_kv(b, H, max(lens) + 1, D, seed=seed)
@@ -85,9 +110,12 @@ def _rows(name, tokens, cfg):
     return {"k_codes": tokens // 32, "k_params": tokens // cfg.key_group_size}.get(name, tokens)
 
 
-def _run(cfg, q, arrays, cache, lengths, bound, num_splits, table=None):
-    """One decode (contiguous when ``table`` is None, else paged: ``arrays`` = page views)."""
+def _run(cfg, q, arrays, cache, lengths, bound, num_splits, table=None, pool=None, p=P,
+         q_dtype="float32"):
+    """One decode (contiguous when ``table`` is None, else paged: ``arrays`` = page views of
+    host ``pool``)."""
     b, hq, lq, d = q.shape
+    H, D, R = arrays["k_codes"].shape[1], d, cfg.residual_length  # noqa: N806
     kr, vr = cache.residual()
     k_res = np.zeros((b, H, R, D), np.float32)
     v_res = np.zeros((b, H, R, D), np.float32)
@@ -95,19 +123,29 @@ def _run(cfg, q, arrays, cache, lengths, bound, num_splits, table=None):
         n = int(lengths[i, K.LEN_RESIDUAL])
         k_res[i, :, :n] = kr[i, :, :n]
         v_res[i, :, :n] = vr[i, :, :n]
-    out = np.full((b, hq, lq, d), np.nan, np.float32)
+    out = np.full((b, hq, lq, d), np.nan, np.float16 if q_dtype == "float16" else np.float32)
     lse = np.full((b, hq, lq), np.nan, np.float32)
     ws = {n: (np.full(s, np.nan, np.float32) if n != "split_count" else np.zeros(s, np.int32))
           for n, s in K.workspace_shapes(b, hq, lq, d, num_splits).items()}
     norms = arrays.get("norms")
     if norms is None:
         norms = np.zeros((1, 1, 1), np.float32)
-    packed = [_fake(arrays[n]) for n in ("k_codes", "k_params", "v_codes", "v_params")]
-    extra = {} if table is None else {"block_table": _fake(table), "page_size": P}
-    K.decode_attention(_fake(np.ascontiguousarray(q)), *packed, _fake(norms), _fake(k_res),
-                       _fake(v_res), _fake(out), _fake(lse), {n: _fake(w) for n, w in ws.items()},
-                       cfg, 1.0 / np.sqrt(D), bound, R - 1, "float32", "float32", num_splits,
-                       _fake(lengths), **extra)
+    if table is None:
+        dev = {n: _fake(a) for n, a in arrays.items()}
+        extra = {}
+    else:
+        dev = _pool_views(pool, page_layout(cfg, p, H, D))
+        extra = {"block_table": _fake(table), "page_size": p}
+    d_norms = dev["norms"] if "norms" in arrays else _fake(norms)
+    packed = [dev[n] for n in ("k_codes", "k_params", "v_codes", "v_params")]
+    qx = np.ascontiguousarray(q.astype(np.float16) if q_dtype == "float16" else q)
+    d_out, d_lse = _fake(out), _fake(lse)
+    K.decode_attention(_fake(qx), *packed, d_norms, _fake(k_res.astype(qx.dtype)),
+                       _fake(v_res.astype(qx.dtype)), d_out, d_lse,
+                       {n: _fake(w) for n, w in ws.items()}, cfg, 1.0 / np.sqrt(D), bound, R - 1,
+                       q_dtype, q_dtype, num_splits, _fake(lengths), **extra)
+    if not SIMULATOR:
+        return d_out.copy_to_host(), d_lse.copy_to_host()
     return out, lse
 
 
@@ -124,11 +162,11 @@ def _contiguous(cache, cfg, cap):
     return out
 
 
-pytestmark = [pytest.mark.sim,
-              pytest.mark.skipif(not SIMULATOR, reason="simulator shapes (the GPU test is in "
-                                 "test_paged_cuda.py)")]
+_SIM_ONLY = pytest.mark.skipif(not SIMULATOR, reason="simulator shapes (GPU: the test below)")
 
 
+@pytest.mark.sim
+@_SIM_ONLY
 @pytest.mark.parametrize("q_len, norm_scope, num_splits", [(1, "token", 2)])
 def test_sim_paged_kernel_equals_contiguous_bit_for_bit_and_the_reference(q_len, norm_scope,
                                                                           num_splits):
@@ -147,7 +185,7 @@ def test_sim_paged_kernel_equals_contiguous_bit_for_bit_and_the_reference(q_len,
     q = (0.3 * rng.standard_normal((len(lens), H * G, q_len, D))).astype(np.float32)
     want, want_lse = _run(cfg, q, _contiguous(cache, cfg, 256), cache, lengths, bound,
                           num_splits)
-    got, got_lse = _run(cfg, q, views, cache, lengths, bound, num_splits, table)
+    got, got_lse = _run(cfg, q, views, cache, lengths, bound, num_splits, table, _pool)
     assert np.array_equal(got, want) and np.array_equal(got_lse, want_lse)
     assert np.isfinite(got).all()  # a poisoned page (NaN params) read anywhere would be NaN
     kr, vr = cache.residual()
@@ -158,6 +196,8 @@ def test_sim_paged_kernel_equals_contiguous_bit_for_bit_and_the_reference(q_len,
     np.testing.assert_allclose(got_lse, ref_lse, rtol=0, atol=0.02)
 
 
+@pytest.mark.sim
+@_SIM_ONLY
 def test_sim_paged_kernel_rejects_bad_block_tables():
     """ValueError / TypeError from the launcher's checks (decode_attention runs them before any
     launch): page ids out of range in the entries a row
@@ -204,3 +244,37 @@ def test_sim_paged_kernel_rejects_bad_block_tables():
     other = page_layout(cfg, P, H, D).views(twice)["norms"][::2]  # twice the page stride
     with pytest.raises(ValueError, match=r"norms: expected the page stride of k_codes"):
         run(table, arrays={"norms": other})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len, p, residual_blocks", [(1, 128, "on"), (1, 64, "off"),
+                                                       (4, 128, "on")])
+def test_gpu_paged_kernel_equals_contiguous_at_llama_shapes(q_len, p, residual_blocks,
+                                                            monkeypatch):
+    """Llama-3.1-8B layer shapes (8 KV heads, D = 128, GQA 4, R = 128), float16: four rows of
+    different lengths (one shares row 0's first page), shuffled pages in a poisoned pool, -1
+    padding: the paged kernel equals the contiguous v3 kernel bit for bit at the same split
+    plan (q_len 4: 16 rows, row groups; residual blocks on, or the merge kernel scoring the
+    residual), and the reference within 2 % of max |v|."""
+    monkeypatch.setattr(K, "RESIDUAL_BLOCKS", residual_blocks)
+    cfg = oscar.OScaRConfig()
+    h, d, g = 8, 128, 4
+    lens = (3000, 700, 129, 4200)
+    cache, pool, views, table, lengths = _state(cfg, lens, seed=11, h=h, d=d, p=p)
+    assert table[1, 0] == table[0, 0]
+    bound = int(lengths[:, K.LEN_QUANTIZED].max())
+    rng = np.random.default_rng(12)
+    q = (0.3 * rng.standard_normal((len(lens), h * g, q_len, d))).astype(np.float32)
+    for num_splits in (1, 7):
+        want, want_lse = _run(cfg, q, _contiguous(cache, cfg, -(-bound // p) * p), cache,
+                              lengths, bound, num_splits, q_dtype="float16")
+        got, got_lse = _run(cfg, q, views, cache, lengths, bound, num_splits, table, pool, p=p,
+                            q_dtype="float16")
+        assert np.array_equal(got, want) and np.array_equal(got_lse, want_lse)
+        assert np.isfinite(got.astype(np.float32)).all()
+    kr, vr = cache.residual()
+    ref_out, ref_lse = ref_decode(q.astype(np.float16).astype(np.float32), cache.packed(), kr,
+                                  vr, cfg, return_lse=True, seq_lens=cache.seq_lens)
+    vmax = np.abs(vr).max()
+    np.testing.assert_allclose(got.astype(np.float32), ref_out, rtol=0, atol=0.02 * vmax)
+    np.testing.assert_allclose(got_lse, ref_lse, rtol=0, atol=0.02)
