@@ -45,6 +45,16 @@ merge                    **fused** into the v3 launch (attention_fused.py: the l
                          FUSED_MAX_ARRIVALS`` and ``ceil(quantized_len / 32) <=
                          FUSED_MAX_TILES_PER_SPLIT * num_splits`` (:func:`merge_in_split`).
                          Otherwise the **merge kernel**, attention_merge.py (launch 2).
+paged cache              ``decode_attention(..., block_table=, page_size=)`` (issue 27): the
+                         **paged v3** split kernel, v3 compiled with ``page_size`` in its key
+                         (attention_mma.build_split_v3: tile t of row b read from page
+                         ``block_table[b, t // (P / 32)]`` of the pool's section views; every
+                         other line is the contiguous kernel's), where
+                         :func:`paged_unsupported` is None (v3 runs and P is a multiple of 32
+                         and of the key group); residual blocks, fused merge and merge kernel
+                         as above. No v1 specialization: oscar/_paged_cuda.py gathers pages into
+                         a contiguous workspace for the v1 configurations. Simulator and sm_90
+                         compile verified; not yet run on a GPU.
 num_splits               the caller's: :func:`plan_splits` fills one wave of resident blocks
                          (v3: from its compiled registers and shared memory; v1:
                          TARGET_BLOCKS_PER_SM), leaving slots for residual blocks
