@@ -58,15 +58,16 @@ def _paged_step(paged, q, table):
             for n, sh in A.workspace_shapes(b, hq, q_len, d, nsplit).items()}
     out = torch.empty(b, hq, q_len, d, dtype=torch.bfloat16, device="cuda")
     lse = torch.empty(b, hq, q_len, dtype=torch.float32, device="cuda")
-    views = st.section_views()
-    nb = st.mem.nb
-    args = (nb(q.contiguous().view(torch.int16)), views["k_codes"], views["k_params"],
-            views["v_codes"], views["v_params"], views["norms"], nb(st.k_res[:b]),
-            nb(st.v_res[:b]), nb(out.view(torch.int16)), nb(lse), {n: nb(w) for n, w in
-                                                                   work.items()},
-            st.config, 1.0 / np.sqrt(d), qmax, rmax, "bfloat16", "bfloat16", nsplit, nb(d_len))
-    A.decode_attention(*args, block_table=nb(d_tab), page_size=p)  # checks once
-    launches = A.decode_launches(*args, block_table=nb(d_tab), page_size=p)
+    with _Launch(q.device):  # Numba views in the device's context
+        views = st.section_views()
+        nb = st.mem.nb
+        args = (nb(q.contiguous().view(torch.int16)), views["k_codes"], views["k_params"],
+                views["v_codes"], views["v_params"], views["norms"], nb(st.k_res[:b]),
+                nb(st.v_res[:b]), nb(out.view(torch.int16)), nb(lse), {n: nb(w) for n, w in
+                                                                       work.items()},
+                st.config, 1.0 / np.sqrt(d), qmax, rmax, "bfloat16", "bfloat16", nsplit, nb(d_len))
+        A.decode_attention(*args, block_table=nb(d_tab), page_size=p)  # checks once
+        launches = A.decode_launches(*args, block_table=nb(d_tab), page_size=p)
     keep = (d_len, d_tab, work, out, lse)
 
     def step():

@@ -358,11 +358,10 @@ class PagedNumbaStore:
                                    _attn._num_sms(), page_size=p)
         work = {n: self.mem.zeros(sh, _attn.WORKSPACE_DTYPES[n])
                 for n, sh in _attn.workspace_shapes(b, hq, q_len, d, nsplit).items()}
-        views = self.section_views()
-        norms = views.get("norms")
-        if norms is None:
-            norms = self.mem.nb(self.mem.zeros((1, 1, 1), np.float32))
-        with self._launch() as stream:
+        no_norms = None if "norms" in lay.sections else self.mem.zeros((1, 1, 1), np.float32)
+        with self._launch() as stream:  # (Numba views are made in the device's context)
+            views = self.section_views()
+            norms = views["norms"] if no_norms is None else self.mem.nb(no_norms)
             if np.array_equal(seqs, np.arange(b)):  # slots 0 .. b - 1: their own windows
                 k_res, v_res = self.k_res[:b], self.v_res[:b]
             else:  # the rows' windows, gathered by row (one launch)
