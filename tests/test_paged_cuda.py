@@ -2,10 +2,11 @@
 
 Simulator (CPU CI, tiny shapes): the same engine-driven writes on the "numba" and "reference"
 backends leave the same pool bytes, residual windows and lengths (the write path: token routing,
-the fused quantize kernel on staging windows, the run scatter into pages); the interim decode
-(page gather + the contiguous kernels) through a block table with rows of different lengths
-matches the reference. GPU (``gpu`` marker): the same on Llama-like shapes with torch CUDA
-tensors, bfloat16 included.
+the fused quantize kernel on staging windows, the run scatter into pages); decode through a block
+table with rows of different lengths matches the reference, on both paths: the paged v3 kernel
+(where v3 runs; also bit for bit the interim path's result) and the interim gather (page gather +
+the contiguous kernels; head_dim 32 at 2 bits is a v1 configuration). GPU (``gpu`` marker): the
+same on Llama-like shapes with torch CUDA tensors, bfloat16 included (the paged v3 kernel).
 """
 
 import numpy as np
@@ -121,7 +122,11 @@ def _shared_prefix(backend):
 @pytest.mark.skipif(not SIMULATOR, reason="simulator shapes; the GPU test below covers a GPU")
 def test_sim_decode_through_block_table():
     """A shared prefix page and rows of different lengths (one with an empty residual window),
-    GQA 2, q_len 1: pool bytes equal the reference's and the interim decode matches it."""
+    GQA 2, q_len 1: pool bytes equal the reference's and the interim decode (head_dim 32 at 2
+    bits: a v1 configuration, no paged kernel) matches it."""
+    from oscar.kernels_numba import attention as K
+
+    assert K.paged_unsupported(oscar.OScaRConfig(residual_length=32), 32, 2, 1, 32) is not None
     num, tables = _shared_prefix("numba")
     ref, _ = _shared_prefix("reference")
     _assert_same_state(num, ref, 2)
@@ -157,7 +162,8 @@ def test_numba_backend_errors():
 def test_gpu_paged_equals_reference(dtype, q_len):
     """Llama-3.1-8B layer shapes (8 KV heads, D = 128, GQA 4), P = 64, R = 128: three sequences
     of different lengths written in interleaved chunks (prefill chunks and single tokens): pool
-    bytes equal the reference's; the interim decode matches it."""
+    bytes equal the reference's; the decode (the paged v3 kernel: GQA 4 x q_len 1 or 2 rows)
+    matches it."""
     import torch
 
     cfg = oscar.OScaRConfig()
