@@ -4,7 +4,7 @@ Simulator (CPU CI, tiny shapes): the same engine-driven writes on the "numba" an
 backends leave the same pool bytes, residual windows and lengths (the write path: token routing,
 the fused quantize kernel on staging windows, the run scatter into pages); decode through a block
 table with rows of different lengths matches the reference, on both paths: the paged v3 kernel
-(where v3 runs; also bit for bit the interim path's result) and the interim gather (page gather +
+(where v3 runs) and the interim gather (page gather +
 the contiguous kernels; head_dim 32 at 2 bits is a v1 configuration). GPU (``gpu`` marker): the
 same on Llama-like shapes with torch CUDA tensors, bfloat16 included (the paged v3 kernel).
 """
@@ -301,20 +301,18 @@ def test_sim_decode_runs_the_paged_v3_kernel(p, q_len, seq_ids, norm_scope, monk
     """Where v3 runs, decode is the paged v3 kernel through the block table, not the interim
     gather: a shared prefix page, rows of different lengths, slots in order (windows read in
     place) and swapped (windows gathered by row), P = 32 and 64, q_len 1 and 2, token- and
-    head-scoped norms. Its output equals the interim path's (the contiguous v3 kernel on the
-    gathered pages, the same one-split plan at these lengths) bit for bit (swapped case), and
-    the reference
-    within 2 % of max |v| (v3's float16 operands; the exact bound is derived in
-    test_kernels_attention.py)."""
+    head-scoped norms. Its output equals the reference within 2 % of max |v| (v3's float16
+    operands; the exact bound is derived in test_kernels_attention.py): another row's residual
+    window or page would be off by O(1). (Bit for bit against the contiguous v3 kernel:
+    test_kernels_paged.py; at these lengths both paths also gave the same bits when checked.)"""
     from oscar import _paged_cuda
 
     calls = []
     paged = _paged_cuda.PagedNumbaStore._decode_paged
-    gather = _paged_cuda.PagedNumbaStore._decode_gather
     monkeypatch.setattr(_paged_cuda.PagedNumbaStore, "_decode_paged",
                         lambda self, *a: calls.append("paged") or paged(self, *a))
     monkeypatch.setattr(_paged_cuda.PagedNumbaStore, "_decode_gather",
-                        lambda self, *a: calls.append("gather") or gather(self, *a))
+                        lambda self, *a: calls.append("gather"))
     num, tables = _two_sequences("numba", p, norm_scope)
     ref, _ = _two_sequences("reference", p, norm_scope)
     _assert_same_state(num, ref, 1)
@@ -322,10 +320,6 @@ def test_sim_decode_runs_the_paged_v3_kernel(p, q_len, seq_ids, norm_scope, monk
     q = make_q(2, 4, q_len, 64, seed=q_len)
     out, lse = num.decode_attention(q, tables[rows], seq_ids=seq_ids, return_lse=True)
     assert calls == ["paged"]
-    if seq_ids is not None:  # (one case: the simulator's time; test_kernels_paged.py has more)
-        want, want_lse = gather(num._store, q, num._rows(tables[rows], seq_ids, 2), 1 / 8,
-                                "float32")
-        assert np.array_equal(out, want) and np.array_equal(lse, want_lse)
     ref_out, ref_lse = ref.decode_attention(q, tables[rows], seq_ids=seq_ids, return_lse=True)
     vmax = max(np.abs(x).max() for s in (0, 1) for x in ref.residual(s))
     np.testing.assert_allclose(out, ref_out, atol=0.02 * vmax, rtol=0)
