@@ -269,11 +269,12 @@ def test_copy_kernels_equal_indexing():
 
 
 def _two_sequences(backend, p, norm_scope="token"):
-    """Slots 0 and 1 (GQA-ready shapes the v3 kernel takes: 2 KV heads, head_dim 64, R = 32):
+    """Slots 0 and 1 (shapes the v3 kernel takes: 1 KV head, head_dim 64, R = 32; more heads in
+    test_kernels_paged.py):
     slot 0 holds 137 tokens (pages of P, reversed ids), slot 1 shares slot 0's first page and
     adds its own tokens (77 in all: one more flush, 13 residual)."""
     cfg = oscar.OScaRConfig(residual_length=32, norm_scope=norm_scope)
-    h, d = 2, 64
+    h, d = 1, 64
     cache = PagedKVCache.empty(12, p, h, d, max_seqs=2, config=cfg, backend=backend)
     k, v = (x[0].transpose(1, 0, 2).copy() for x in make_kv(1, h, 137, d, seed=6))
     k1, v1 = (x[0].transpose(1, 0, 2).copy() for x in make_kv(1, h, 77, d, seed=7))
@@ -317,7 +318,7 @@ def test_sim_decode_runs_the_paged_v3_kernel(p, q_len, seq_ids, norm_scope, monk
     ref, _ = _two_sequences("reference", p, norm_scope)
     _assert_same_state(num, ref, 1)
     rows = [0, 1] if seq_ids is None else seq_ids
-    q = make_q(2, 4, q_len, 64, seed=q_len)
+    q = make_q(2, 2, q_len, 64, seed=q_len)  # GQA 2
     out, lse = num.decode_attention(q, tables[rows], seq_ids=seq_ids, return_lse=True)
     assert calls == ["paged"]
     ref_out, ref_lse = ref.decode_attention(q, tables[rows], seq_ids=seq_ids, return_lse=True)
