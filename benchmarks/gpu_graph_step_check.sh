@@ -6,15 +6,7 @@
 # Every step has a time cap and the script goes on after a failing step; logs go to $OUT.
 #   bash benchmarks/gpu_graph_step_check.sh [tests_cap_s] [bench_cap_s] [--quick]
 set -uo pipefail
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 OSCAR_CACHE_DIR=${OSCAR_CACHE_DIR:-/tmp/oscar-kernel-cache}
-if [[ -f .gpucache/kcache.tgz && ! -d $OSCAR_CACHE_DIR ]]; then
-  mkdir -p "$OSCAR_CACHE_DIR" && tar -xzf .gpucache/kcache.tgz -C "$OSCAR_CACHE_DIR"
-fi
-trap 'tar -czf "$OUT/kcache.tgz" -C "$OSCAR_CACHE_DIR" . 2>/dev/null' EXIT
-python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || {
-  tail -20 "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"
 t0=$SECONDS
 timeout -s INT -k 15 "${1:-180}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_graph_step.py \
   tests/test_integration_gpu.py tests/test_gpu_runtime.py tests/test_gpu_bridge.py \

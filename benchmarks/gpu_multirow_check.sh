@@ -7,17 +7,7 @@
 # $OUT (default ./gpu_out).
 #   bash benchmarks/gpu_multirow_check.sh [tests_cap_s] [bench_cap_s] [bench args...]
 set -uo pipefail
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 OSCAR_CACHE_DIR=${OSCAR_CACHE_DIR:-/tmp/oscar-kernel-cache}
-# A kernel cache carried from an earlier run (device tool: carry .gpucache) saves the compiles;
-# the cache checks every entry, so a stale archive only costs recompiles.
-if [[ -f .gpucache/kcache.tgz && ! -d $OSCAR_CACHE_DIR ]]; then
-  mkdir -p "$OSCAR_CACHE_DIR" && tar -xzf .gpucache/kcache.tgz -C "$OSCAR_CACHE_DIR"
-fi
-trap 'tar -czf "$OUT/kcache.tgz" -C "$OSCAR_CACHE_DIR" . 2>/dev/null' EXIT
-python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || {
-  tail -20 "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_env.sh"
 TESTS_CAP=${1:-120}; BENCH_CAP=${2:-150}; shift $(( $# < 2 ? $# : 2 ))
 t0=$SECONDS
 # compile the tests' and the benchmark's kernels at once (16 processes; the GPU machine has 16

@@ -5,18 +5,7 @@
 # on after a failing step; logs and results go to $OUT (default ./gpu_out).
 #   bash benchmarks/gpu_runtime_check.sh [tests_cap_s] [bench_cap_s] [generate_cap_s|skip]
 set -uo pipefail
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 OSCAR_CACHE_DIR=${OSCAR_CACHE_DIR:-/tmp/oscar-kernel-cache}
-# A kernel cache carried from an earlier run (device tool: carry .gpucache) saves the compiles;
-# the cache checks every entry, so a stale archive only costs recompiles.
-if [[ -f .gpucache/kcache.tgz && ! -d $OSCAR_CACHE_DIR ]]; then
-  mkdir -p "$OSCAR_CACHE_DIR" && tar -xzf .gpucache/kcache.tgz -C "$OSCAR_CACHE_DIR"
-fi
-trap 'tar -czf "$OUT/kcache.tgz" -C "$OSCAR_CACHE_DIR" . 2>/dev/null' EXIT
-# (the device tool returns at most 8 files from $OUT: the install log stays in /tmp)
-python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/oscar-install.log 2>&1 || {
-  tail -20 /tmp/oscar-install.log; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+source "$(dirname "$0")/gpu_env.sh"
 t0=$SECONDS
 timeout -s INT -k 15 "${1:-240}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_gpu_runtime.py \
   tests/test_kernels_append.py tests/test_integration_gpu.py tests/test_gpu_bridge.py \

@@ -8,13 +8,10 @@
 # pytest steps get SIGINT at their cap, so that pytest still prints the failures it has seen.
 #   bash benchmarks/gpu_session.sh [scale]   (scale multiplies every cap; default 1)
 set -uo pipefail
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT" /tmp/bench
+source "$(dirname "$0")/gpu_env.sh"
+mkdir -p /tmp/bench
 S=${1:-1}
 cap() { python3 -c "print(int($1 * $S))"; }
-export PYTHONUNBUFFERED=1 OSCAR_CACHE_DIR=${OSCAR_CACHE_DIR:-/tmp/oscar-kernel-cache}
-python3 -m pip install -q --no-build-isolation --no-deps -e . >/tmp/oscar-install.log 2>&1 || {
-  tail -20 /tmp/oscar-install.log; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 LOG="$OUT/session.log"
 step() { echo "== $1: exit $2 in $3 s" | tee -a "$LOG"; }
 

@@ -758,14 +758,9 @@ MERGE_ARGS = ("q", "k_res", "v_res", "split_max", "split_sum", "split_acc", "out
               "quantized_len", "residual_len", "num_splits", "residual_slot", "lengths")
 
 
-def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
-                     workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
-                     num_splits, lengths, block_table=None, page_size=0):
-    """ValueError / TypeError naming the first argument that breaks the contract."""
-    if page_size or block_table is not None:
-        return _check_paged(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out,
-                            lse, workspace, config, quantized_len, residual_len, q_dtype,
-                            res_dtype, num_splits, lengths, block_table, page_size)
+def _check_query_and_heads(q, k_codes, config, q_dtype, res_dtype):
+    """The checks both argument checkers start with: the dtype names, q's rank and head_dim, and
+    the GQA ratio. Returns ``(batch, num_q_heads, q_len, head_dim, num_kv_heads)``."""
     for name, val in (("q_dtype", q_dtype), ("res_dtype", res_dtype)):
         if val not in Q_DTYPES:
             raise ValueError(f"{name}: expected one of {tuple(Q_DTYPES)}, got {val!r}")
@@ -778,6 +773,18 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
     nkv = int(k_codes.shape[1])
     if nkv <= 0 or nq % nkv:
         raise ValueError(f"num_q_heads ({nq}) must be a multiple of num_kv_heads ({nkv})")
+    return batch, nq, q_len, d, nkv
+
+
+def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
+                     workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
+                     num_splits, lengths, block_table=None, page_size=0):
+    """ValueError / TypeError naming the first argument that breaks the contract."""
+    if page_size or block_table is not None:
+        return _check_paged(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out,
+                            lse, workspace, config, quantized_len, residual_len, q_dtype,
+                            res_dtype, num_splits, lengths, block_table, page_size)
+    batch, nq, q_len, d, nkv = _check_query_and_heads(q, k_codes, config, q_dtype, res_dtype)
     cap = int(v_codes.shape[2]) if len(v_codes.shape) == 4 else -1
     if cap < 0 or cap % config.key_group_size:
         raise ValueError(f"v_codes: expected [batch, num_kv_heads, capacity, words] with capacity "
@@ -885,18 +892,7 @@ def _check_paged(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, o
     ``[num_pages, ...]`` (strided by one page stride, inner axes C-contiguous), the block table
     int32 ``[batch, max_blocks]`` whose entries the rows read are page ids in range (checked on
     the host)."""
-    for name, val in (("q_dtype", q_dtype), ("res_dtype", res_dtype)):
-        if val not in Q_DTYPES:
-            raise ValueError(f"{name}: expected one of {tuple(Q_DTYPES)}, got {val!r}")
-    if len(q.shape) != 4:
-        raise ValueError(f"q: expected [batch, num_q_heads, q_len, head_dim], got {tuple(q.shape)}")
-    batch, nq, q_len, d = (int(s) for s in q.shape)
-    config.check_head_dim(d, "q.shape[3] (head_dim)")
-    if len(k_codes.shape) != 5:
-        raise ValueError(f"k_codes: expected a 5-D array, got shape {tuple(k_codes.shape)}")
-    nkv = int(k_codes.shape[1])
-    if nkv <= 0 or nq % nkv:
-        raise ValueError(f"num_q_heads ({nq}) must be a multiple of num_kv_heads ({nkv})")
+    batch, nq, q_len, d, nkv = _check_query_and_heads(q, k_codes, config, q_dtype, res_dtype)
     if not isinstance(page_size, (int, np.integer)) or isinstance(page_size, bool):
         raise TypeError(f"page_size: expected an int, got {type(page_size).__name__}")
     why = paged_unsupported(config, d, nq // nkv, q_len, page_size)
