@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import _launch
-from .cache import QuantizedKVCache, uniform_length
+from .cache import QuantizedKVCache, RowLengths
 from .config import OScaRConfig
 from .kernels_numba._compat import cuda
 from .kernels_numba import append as _append
@@ -128,7 +128,7 @@ def initial_capacity(tokens: int, residual_length: int, max_seq_len: int | None)
     return _round_up(quantized + max(quantized // HEADROOM_SHARE, HEADROOM_WINDOWS * r), r)
 
 
-class NumbaStore:
+class NumbaStore(RowLengths):
     """Packed capacity buffers + residual window of one layer on one CUDA device."""
 
     backend = "numba"
@@ -172,24 +172,10 @@ class NumbaStore:
         self._alloc(_round_up(max(capacity, r), r))
 
     # --- lengths -----------------------------------------------------------------------------
-    @property
-    def quantized_lens(self) -> np.ndarray:
-        """Per-row packed tokens (read from the device when static: synchronizes)."""
-        r = self.config.residual_length
-        return self.lengths_host() // r * r
-
-    @property
-    def residual_lens(self) -> np.ndarray:
-        """Per-row residual tokens (read from the device when static: synchronizes)."""
-        return self.lengths_host() % self.config.residual_length
-
-    @property
-    def quantized_len(self) -> int:
-        return uniform_length(self.quantized_lens, "quantized_len")
-
-    @property
-    def residual_len(self) -> int:
-        return uniform_length(self.residual_lens, "residual_len")
+    def _row_lengths(self) -> np.ndarray:
+        """Per-row total tokens for :class:`RowLengths` (read from the device when static:
+        synchronizes)."""
+        return self.lengths_host()
 
     def known_lengths(self):
         """The host mirror of the rows' lengths, or None while the device decides (static)."""

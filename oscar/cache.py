@@ -51,7 +51,35 @@ def _token_axis(name: str, tokens: int, config: OScaRConfig) -> int:
     return tokens
 
 
-class ReferenceStore:
+class RowLengths:
+    """Per-row packed / residual token counts derived from ``_row_lengths()`` (int64 ``[batch]``
+    total tokens per row), and their single values when every row has the same length."""
+
+    @property
+    def quantized_lens(self) -> np.ndarray:
+        """Packed tokens of each row, total // residual_length * residual_length."""
+        r = self.config.residual_length
+        return self._row_lengths() // r * r
+
+    @property
+    def residual_lens(self) -> np.ndarray:
+        """Residual (unquantized) tokens of each row, total % residual_length."""
+        return self._row_lengths() % self.config.residual_length
+
+    @property
+    def quantized_len(self) -> int:
+        """Tokens held in packed form (a multiple of residual_length); ValueError when the rows
+        have different lengths (use :attr:`quantized_lens`)."""
+        return uniform_length(self.quantized_lens, "quantized_len")
+
+    @property
+    def residual_len(self) -> int:
+        """Most recent tokens held unquantized (0 .. residual_length - 1); ValueError when the
+        rows have different lengths (use :attr:`residual_lens`)."""
+        return uniform_length(self.residual_lens, "residual_len")
+
+
+class ReferenceStore(RowLengths):
     """Storage and operations of the reference backend (NumPy arrays on the host).
 
     Rows have their own lengths (``seq_lens``, int64 ``[batch]``): row b holds
@@ -95,26 +123,12 @@ class ReferenceStore:
         """Per-row total tokens, int64 ``[batch]`` (a copy)."""
         return self.seq_lens.copy()
 
+    def _row_lengths(self) -> np.ndarray:
+        return self.seq_lens
+
     def known_lengths(self) -> np.ndarray:
         """The rows' lengths without synchronizing (always known on the host)."""
         return self.seq_lens
-
-    @property
-    def quantized_lens(self) -> np.ndarray:
-        r = self.config.residual_length
-        return self.seq_lens // r * r
-
-    @property
-    def residual_lens(self) -> np.ndarray:
-        return self.seq_lens % self.config.residual_length
-
-    @property
-    def quantized_len(self) -> int:
-        return uniform_length(self.quantized_lens, "quantized_len")
-
-    @property
-    def residual_len(self) -> int:
-        return uniform_length(self.residual_lens, "residual_len")
 
     def check_device(self, name, x) -> None:
         if V.is_torch(x) and x.is_cuda:
@@ -299,7 +313,7 @@ class ReferenceStore:
         self.seq_lens[:] = quantized_len + n
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(RowLengths):
     """Packed 2/4/8-bit keys and values of one layer, plus an unquantized residual window.
 
     Build it with :func:`oscar.quantize_kv` (or :meth:`empty`), stream tokens in with
@@ -368,6 +382,9 @@ class QuantizedKVCache:
     def backend(self) -> str:
         return self._store.backend
 
+    def _row_lengths(self) -> np.ndarray:
+        return self.seq_lens
+
     @property
     def seq_lens(self) -> np.ndarray:
         """Tokens of each row, int64 NumPy ``[batch]`` (rows may differ: variable-length
@@ -375,28 +392,6 @@ class QuantizedKVCache:
         this reads the device lengths (synchronizes; :meth:`sync_lengths`)."""
         return self._store.lengths_host()
 
-    @property
-    def quantized_lens(self) -> np.ndarray:
-        """Packed tokens of each row, ``seq_lens // residual_length * residual_length``."""
-        r = self.config.residual_length
-        return self.seq_lens // r * r
-
-    @property
-    def residual_lens(self) -> np.ndarray:
-        """Residual (unquantized) tokens of each row, ``seq_lens % residual_length``."""
-        return self.seq_lens % self.config.residual_length
-
-    @property
-    def quantized_len(self) -> int:
-        """Tokens held in packed form (a multiple of residual_length); ValueError when the rows
-        have different lengths (use :attr:`quantized_lens`)."""
-        return uniform_length(self.quantized_lens, "quantized_len")
-
-    @property
-    def residual_len(self) -> int:
-        """Most recent tokens held unquantized (0 .. residual_length - 1); ValueError when the
-        rows have different lengths (use :attr:`residual_lens`)."""
-        return uniform_length(self.residual_lens, "residual_len")
 
     @property
     def seq_len(self) -> int:
