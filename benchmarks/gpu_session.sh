@@ -47,7 +47,7 @@ step tests_bridge $? $((SECONDS - t0)); grep -E "passed|failed|FAILED|^E " "$OUT
 t0=$SECONDS
 # (-k above applies to every file of its run: these run without it)
 timeout -s INT -k 15 "$(cap 60)" python3 -m pytest -q -p no:cacheprovider -rf tests/test_integration_gpu.py \
-  tests/test_paged_cuda.py >>"$OUT/tests_other.log" 2>&1
+  tests/test_paged_cuda.py tests/test_kernels_paged.py >>"$OUT/tests_other.log" 2>&1
 step tests_integration_paged $? $((SECONDS - t0)); grep -E "passed|failed|FAILED|^E " "$OUT/tests_other.log" | cut -c1-200 | tail -8 | tee -a "$LOG"
 
 # 3. short benchmarks

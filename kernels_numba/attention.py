@@ -45,6 +45,16 @@ merge                    **fused** into the v3 launch (attention_fused.py: the l
                          FUSED_MAX_ARRIVALS`` and ``ceil(quantized_len / 32) <=
                          FUSED_MAX_TILES_PER_SPLIT * num_splits`` (:func:`merge_in_split`).
                          Otherwise the **merge kernel**, attention_merge.py (launch 2).
+paged cache              ``decode_attention(..., block_table=, page_size=)`` (issue 27): the
+                         **paged v3** split kernel, v3 compiled with ``page_size`` in its key
+                         (attention_mma.build_split_v3: tile t of row b read from page
+                         ``block_table[b, t // (P / 32)]`` of the pool's section views; every
+                         other line is the contiguous kernel's), where
+                         :func:`paged_unsupported` is None (v3 runs and P is a multiple of 32
+                         and of the key group); residual blocks, fused merge and merge kernel
+                         as above. No v1 specialization: oscar/_paged_cuda.py gathers pages into
+                         a contiguous workspace for the v1 configurations. Simulator and sm_90
+                         compile verified; not yet run on a GPU.
 num_splits               the caller's: :func:`plan_splits` fills one wave of resident blocks
                          (v3: from its compiled registers and shared memory; v1:
                          TARGET_BLOCKS_PER_SM), leaving slots for residual blocks
@@ -181,16 +191,25 @@ def _uses_v3(key):
     return SPLIT_VERSION == 3 and _split_v3.unsupported(kb, vb, gv, d, g * lq, pdt) is None
 
 
-def _split_signature(param_dtype, q_dtype, res_dtype, out_dtype):
+def _split_signature(param_dtype, q_dtype, res_dtype, out_dtype, paged=False):
     """Numba signature of every split kernel (v1, v3, v3 fused): the arguments
-    :func:`decode_attention` passes to launch 1."""
+    :func:`decode_attention` passes to launch 1. ``paged``: the paged v3 specialization's (the
+    five packed arrays are strided page views, layout ``A``; one more argument, the int32
+    block table)."""
     p, q, r, o = param_dtype, _SIG_TYPE[q_dtype], _SIG_TYPE[res_dtype], _SIG_TYPE[out_dtype]
-    return (f"void({q}[:, :, :, ::1], uint32[:, :, :, :, ::1], {p}[:, :, :, :, ::1], "
-            f"uint32[:, :, :, ::1], {p}[:, :, :, :, ::1], float32[:, :, ::1], "
+    if paged:
+        packed = (f"uint32[:, :, :, :, :], {p}[:, :, :, :, :], uint32[:, :, :, :], "
+                  f"{p}[:, :, :, :, :], float32[:, :, :], ")
+        tail = ", int32[:, ::1])"
+    else:
+        packed = (f"uint32[:, :, :, :, ::1], {p}[:, :, :, :, ::1], uint32[:, :, :, ::1], "
+                  f"{p}[:, :, :, :, ::1], float32[:, :, ::1], ")
+        tail = ")"
+    return (f"void({q}[:, :, :, ::1], {packed}"
             f"{r}[:, :, :, ::1], {r}[:, :, :, ::1], "
             "float32[:, :, :, ::1], float32[:, :, :, ::1], float32[:, :, :, :, ::1], "
             f"float32, int32, int32, int32, int32, {o}[:, :, :, ::1], float32[:, :, ::1], "
-            "int32[:, ::1], int32, int32[:, ::1])")
+            f"int32[:, ::1], int32, int32[:, ::1]{tail}")
 
 
 def residual_in_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa,
@@ -213,7 +232,8 @@ def residual_in_split(key_bits, value_bits, key_group_size, value_group_size, he
 
 def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
                  param_dtype, q_dtype, rotate_keys, scale_tokens, norm_per_head, res_dtype,
-                 residual_length, out_dtype="float32", rotate_values=True, fused=False):
+                 residual_length, out_dtype="float32", rotate_values=True, fused=False,
+                 page_size=0):
     """Python function and signature of the split kernel for one compile-time configuration.
 
     ``SPLIT_VERSION == 3``: the tensor-core kernel (``attention_mma``) where it supports the
@@ -224,6 +244,10 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
     merges into ``out`` and ``lse`` when the launch passes ``fuse = 1``) so that one launch fits
     all. The fused variant is a separate compile: its merge code costs the tile loop registers
     (B=8 128K 2% slower with it), so launches that do not fuse use the plain kernel.
+
+    ``page_size`` > 0: the paged specialization of v3 (``attention_mma.build_split_v3``; the
+    packed arrays are a page pool's section views, one more argument: the block table). Only
+    v3 has one: ValueError where v3 does not run (:func:`paged_unsupported`).
     """
     if SPLIT_VERSION not in SPLIT_VERSIONS:
         raise ValueError(f"SPLIT_VERSION (environment OSCAR_SPLIT_KERNEL): expected one of "
@@ -231,7 +255,12 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
                          "2026-12-07)")
     D, G, LQ = head_dim, gqa, q_len
     ROWS = G * LQ
-    sig = _split_signature(param_dtype, q_dtype, res_dtype, out_dtype)
+    sig = _split_signature(param_dtype, q_dtype, res_dtype, out_dtype, paged=page_size > 0)
+    if page_size and not (SPLIT_VERSION == 3 and _split_v3.unsupported(
+            key_bits, value_bits, value_group_size, D, ROWS, param_dtype) is None):
+        raise ValueError(f"page_size {page_size}: the paged decode kernel is v3's only, which "
+                         f"does not run here (SPLIT_VERSION {SPLIT_VERSION}; "
+                         f"{_split_v3.unsupported(key_bits, value_bits, value_group_size, D, ROWS, param_dtype)})")
     if SPLIT_VERSION == 3 and _split_v3.unsupported(
             key_bits, value_bits, value_group_size, D, ROWS, param_dtype) is None:
         residual = None
@@ -253,7 +282,7 @@ def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_di
         fn = _split_v3.build_split_v3(
             key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
             rotate_keys, scale_tokens, norm_per_head, _loader(q_dtype), _hadamard_scale(D),
-            residual, finish)
+            residual, finish, page_size)
         return fn, sig
 
     # v1: every configuration v3 does not take (attention_v1.py lists them)
@@ -295,16 +324,17 @@ def _split_kernel(*key):
 @functools.lru_cache(maxsize=None)
 def _compiled_split(key, version, max_registers):
     fn, sig = _build_split(*key)  # reads the same switches
-    name = f"split_v{3 if _uses_v3(key) else 1}"
+    name = f"split_v{3 if _uses_v3(key) else 1}" + ("_paged" if _page_size(key) else "")
     if _uses_v3(key) and max_registers and not SIMULATOR:
         return jit(fn, sig, name=name, key=key, max_registers=max_registers)
     return jit(fn, sig, name=name, key=key)
 
 
-def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype):
+def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_size=0):
     """Resident blocks per SM of the split kernel for this configuration (from its compiled
-    register and shared-memory use; compiles it if needed), for :func:`choose_num_splits`."""
-    key = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype)
+    register and shared-memory use; compiles it if needed), for :func:`choose_num_splits`.
+    ``page_size`` > 0: of the paged specialization."""
+    key = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_size=page_size)
     return _blocks_per_sm(key, SPLIT_VERSION, V3_MAX_REGISTERS)
 
 
@@ -330,17 +360,37 @@ def _merge_kernel(*key):
     return jit(fn, sig, name="merge", key=key)
 
 
-def _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=None, fused=False):
-    return (config.key_bits, config.value_bits, config.key_group_size, config.value_group_size,
-            head_dim, gqa, q_len, config.param_dtype, q_dtype, config.rotate_keys,
-            config.scale_tokens, config.norm_scope == "head", res_dtype, config.residual_length,
-            q_dtype if out_dtype is None else out_dtype, config.rotate_values, bool(fused))
+def _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=None, fused=False,
+               page_size=0):
+    """The split kernel's compile-time key: 17 entries (the arguments of :func:`_build_split`
+    up to ``fused``), and an 18th, the page size, for the paged specialization only (so that
+    the contiguous kernels keep their keys and kernel-cache entries)."""
+    key = (config.key_bits, config.value_bits, config.key_group_size, config.value_group_size,
+           head_dim, gqa, q_len, config.param_dtype, q_dtype, config.rotate_keys,
+           config.scale_tokens, config.norm_scope == "head", res_dtype, config.residual_length,
+           q_dtype if out_dtype is None else out_dtype, config.rotate_values, bool(fused))
+    return key + (int(page_size),) if page_size else key
+
+
+#: Entries of a contiguous split key (:func:`_split_key`); a paged key has one more.
+_KEY_LEN = 17
+
+
+def _page_size(split_key):
+    """Page size of a split key: 0 for the contiguous kernels."""
+    return split_key[_KEY_LEN] if len(split_key) > _KEY_LEN else 0
+
+
+def _with_fused(split_key, fused):
+    """``split_key`` with its ``fused`` entry (index 16) replaced."""
+    return split_key[:_KEY_LEN - 1] + (bool(fused),) + split_key[_KEY_LEN:]
 
 
 @functools.lru_cache(maxsize=None)
 def _residual_in_split(split_key, version):
-    """:func:`residual_in_split` of a split key, cached (``version``: SPLIT_VERSION)."""
-    return residual_in_split(*split_key)
+    """:func:`residual_in_split` of a split key, cached (``version``: SPLIT_VERSION). The paged
+    specialization has the same residual blocks."""
+    return residual_in_split(*split_key[:_KEY_LEN])
 
 
 @functools.lru_cache(maxsize=None)
@@ -425,6 +475,20 @@ def compile_signatures():
         (4, 4, 32, 32, 64, 8, 3, "float16", "float16", True, True, False, "float16", 64,
          "float16", True, True),
     ]
+    # the paged specialization (v3 only; key + page_size): Llama-3.1-8B at P = 128 plain and
+    # fused, row groups (q_len 4) at P = 64, and head-scoped norms / no token scaling at P = 32
+    paged = [
+        (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False, "bfloat16", 128,
+         "bfloat16", True, False, 128),
+        (2, 2, 32, 32, 128, 4, 1, "float16", "bfloat16", True, True, False, "bfloat16", 128,
+         "bfloat16", True, True, 128),
+        (2, 2, 32, 32, 128, 4, 4, "float16", "bfloat16", True, True, False, "bfloat16", 128,
+         "bfloat16", True, False, 64),
+        (2, 2, 64, 32, 64, 2, 1, "float16", "float16", True, True, True, "float16", 64,
+         "float32", True, False, 64),
+        (4, 4, 32, 32, 64, 8, 1, "float16", "float16", False, False, False, "float16", 32,
+         "float16", True, True, 32),
+    ]
     merges = [
         (128, 128, "bfloat16", "bfloat16", True, "bfloat16"),  # Llama-3.1-8B, out in q's dtype
         (128, 128, "bfloat16", "bfloat16", True, "float32"),
@@ -440,6 +504,10 @@ def compile_signatures():
             for key in splits:
                 fn, sig = _build_split(*key)
                 yield f"attention.split_v{version}{key}", fn, sig
+        SPLIT_VERSION = 3
+        for key in paged:
+            fn, sig = _build_split(*key)
+            yield f"attention.split_v3_paged{key}", fn, sig
     finally:
         SPLIT_VERSION = saved
     for key in merges:
@@ -474,11 +542,12 @@ def choose_num_splits(batch, num_kv_heads, quantized_len, num_sms=132, blocks_pe
 
 
 def plan_splits(config, batch, num_kv_heads, head_dim, gqa, q_len, q_dtype, res_dtype,
-                quantized_len, residual_len, num_sms):
+                quantized_len, residual_len, num_sms, page_size=0):
     """num_splits for one decode call: :func:`choose_num_splits` with the split kernel's
-    resident blocks per SM and the slots its residual blocks get (:func:`residual_reserve`)."""
-    per_sm = split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype)
-    skey = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype)
+    resident blocks per SM and the slots its residual blocks get (:func:`residual_reserve`).
+    ``page_size`` > 0: of the paged specialization."""
+    per_sm = split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_size)
+    skey = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_size=page_size)
     reserve = residual_reserve(skey, batch, num_kv_heads, residual_len, num_sms, per_sm)
     return choose_num_splits(batch, num_kv_heads, quantized_len, num_sms=num_sms,
                              blocks_per_sm=per_sm, reserve_blocks=reserve)
@@ -544,7 +613,8 @@ def _expect(name, x, shape, dtype):
 
 def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                      workspace, config, scale, quantized_len, residual_len, q_dtype, res_dtype,
-                     num_splits, lengths=None, stream=0, check=True):
+                     num_splits, lengths=None, stream=0, check=True, block_table=None,
+                     page_size=0):
     """Decode attention over packed + residual tokens; writes ``out`` and ``lse``. Two launches,
     or one where the split kernel merges (``FUSED_MERGE``; short steps).
 
@@ -579,6 +649,16 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         stream: the CUDA stream to launch on.
         check: validate every argument first (tens of microseconds of Python); a caller that
             has validated the same buffers once may pass False.
+        block_table, page_size: the **paged** cache (docs/serving.md; v3 only,
+            :func:`paged_unsupported`). Then ``k_codes`` .. ``norms`` are the section views of
+            a page pool, ``[num_pages, ...]`` with the per-page shapes of
+            ``reference.paged.PageLayout`` (capacity = ``page_size``; strided: consecutive
+            pages ``page_bytes`` apart, each page's inner axes C-contiguous), and row b's
+            tile t lives in page ``block_table[b, t // (page_size / 32)]`` (int32 ``[batch,
+            max_blocks]``, C-contiguous; its first ``ceil(quantized_len / page_size)``
+            entries of each row are read, and ``check`` verifies them on the host: a device
+            table is copied back, one synchronization). ``quantized_len`` is then bounded by
+            ``max_blocks * page_size`` instead of the capacity.
     """
     if lengths is None:
         lengths = cuda.to_device(uniform_lengths(int(q.shape[0]), quantized_len, residual_len),
@@ -586,10 +666,11 @@ def decode_attention(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
     if check:
         _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                          workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
-                         num_splits, lengths)
+                         num_splits, lengths, block_table, page_size)
     for kernel, grid, block, args, _names in decode_launches(
             q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse, workspace,
-            config, scale, quantized_len, residual_len, q_dtype, res_dtype, num_splits, lengths):
+            config, scale, quantized_len, residual_len, q_dtype, res_dtype, num_splits, lengths,
+            block_table, page_size):
         launch(kernel, grid, block, stream, *args)
 
 
@@ -606,7 +687,7 @@ def uniform_lengths(batch, quantized_len, residual_len, start=None):
 
 def decode_launches(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
                     workspace, config, scale, quantized_len, residual_len, q_dtype, res_dtype,
-                    num_splits, lengths):
+                    num_splits, lengths, block_table=None, page_size=0):
     """What :func:`decode_attention` launches, in order: ``[(kernel, grid, block, args)]``.
 
     The one place that decides which compiled kernels run for a step (the split kernel, with or
@@ -614,13 +695,18 @@ def decode_launches(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res
     grids and their argument lists. ``decode_attention`` launches them through Numba's
     dispatcher; oscar's launch plans (oscar/_launch.py) pack the same argument lists once and
     launch them through the driver.
+
+    ``page_size`` > 0 (with ``block_table``): the paged specialization of the split kernel
+    (:func:`decode_attention`); its argument list ends with ``block_table`` (``SPLIT_ARGS +
+    ("block_table",)``). The merge kernel is the same.
     """
     batch, nq, q_len, d = (int(s) for s in q.shape)
     nkv = int(k_codes.shape[1])
     out_dtype = "float32" if _dtype_name(out) == "float32" else q_dtype
-    skey = _split_key(config, d, nq // nkv, q_len, q_dtype, res_dtype, out_dtype)
+    skey = _split_key(config, d, nq // nkv, q_len, q_dtype, res_dtype, out_dtype,
+                      page_size=page_size)
     rows, fuse = launch_shape(skey, batch, nkv, quantized_len, residual_len, num_splits)
-    split = _split_kernel(*skey[:-1], fuse)
+    split = _split_kernel(*_with_fused(skey, fuse))
     scale32 = np.float32(scale)
     ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)
     ws_max, ws_sum, ws_acc = workspace["split_max"], workspace["split_sum"], workspace["split_acc"]
@@ -628,6 +714,9 @@ def decode_launches(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res
                  (q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum,
                   ws_acc, scale32, ql, rl, ns, np.int32(rows), out, lse, workspace["split_count"],
                   np.int32(1 if fuse else 0), lengths), SPLIT_ARGS)]
+    if page_size:
+        kernel, grid, block, args, names = launches[0]
+        launches[0] = (kernel, grid, block, args + (block_table,), names + ("block_table",))
     if not fuse:
         merge = _merge_kernel(*_merge_key(config, d, q_dtype, res_dtype, out_dtype))
         launches.append((merge, batch * nq * q_len, NUM_THREADS,
@@ -636,15 +725,17 @@ def decode_launches(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res
     return launches
 
 
-def decode_kernels(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=None):
+def decode_kernels(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=None,
+                   page_size=0):
     """Compile (or load from the kernel cache) every kernel a decode loop of this query shape
     can launch: the split kernel with and without the fused merge (which one runs changes with
     the cache length and the residual tokens, :func:`launch_shape`) and the merge kernel.
-    Returns them, for warm-up."""
-    skey = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype)
-    kernels = [_split_kernel(*skey[:-1], False)]
+    Returns them, for warm-up. ``page_size`` > 0: the paged split kernels."""
+    skey = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype,
+                      page_size=page_size)
+    kernels = [_split_kernel(*_with_fused(skey, False))]
     if FUSED_MERGE and _uses_v3(skey):
-        kernels.append(_split_kernel(*skey[:-1], True))
+        kernels.append(_split_kernel(*_with_fused(skey, True)))
     out = q_dtype if out_dtype is None else out_dtype
     kernels.append(_merge_kernel(*_merge_key(config, head_dim, q_dtype, res_dtype, out)))
     _blocks_per_sm(skey, SPLIT_VERSION, V3_MAX_REGISTERS)  # the unfused key, as plan_splits
@@ -667,10 +758,9 @@ MERGE_ARGS = ("q", "k_res", "v_res", "split_max", "split_sum", "split_acc", "out
               "quantized_len", "residual_len", "num_splits", "residual_slot", "lengths")
 
 
-def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
-                     workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
-                     num_splits, lengths):
-    """ValueError / TypeError naming the first argument that breaks the contract."""
+def _check_query_and_heads(q, k_codes, config, q_dtype, res_dtype):
+    """The checks both argument checkers start with: the dtype names, q's rank and head_dim, and
+    the GQA ratio. Returns ``(batch, num_q_heads, q_len, head_dim, num_kv_heads)``."""
     for name, val in (("q_dtype", q_dtype), ("res_dtype", res_dtype)):
         if val not in Q_DTYPES:
             raise ValueError(f"{name}: expected one of {tuple(Q_DTYPES)}, got {val!r}")
@@ -683,6 +773,18 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
     nkv = int(k_codes.shape[1])
     if nkv <= 0 or nq % nkv:
         raise ValueError(f"num_q_heads ({nq}) must be a multiple of num_kv_heads ({nkv})")
+    return batch, nq, q_len, d, nkv
+
+
+def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
+                     workspace, config, quantized_len, residual_len, q_dtype, res_dtype,
+                     num_splits, lengths, block_table=None, page_size=0):
+    """ValueError / TypeError naming the first argument that breaks the contract."""
+    if page_size or block_table is not None:
+        return _check_paged(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out,
+                            lse, workspace, config, quantized_len, residual_len, q_dtype,
+                            res_dtype, num_splits, lengths, block_table, page_size)
+    batch, nq, q_len, d, nkv = _check_query_and_heads(q, k_codes, config, q_dtype, res_dtype)
     cap = int(v_codes.shape[2]) if len(v_codes.shape) == 4 else -1
     if cap < 0 or cap % config.key_group_size:
         raise ValueError(f"v_codes: expected [batch, num_kv_heads, capacity, words] with capacity "
@@ -713,6 +815,16 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
                          f"got shape {tuple(norms.shape)}")
     else:
         _expect("norms", norms, tuple(int(x) for x in norms.shape), np.float32)
+    _check_rest(q, k_res, v_res, out, lse, workspace, config, q_dtype, res_dtype, num_splits,
+                lengths, nkv)
+
+
+def _check_rest(q, k_res, v_res, out, lse, workspace, config, q_dtype, res_dtype, num_splits,
+                lengths, nkv):
+    """The checks of :func:`_check_arguments` after the packed arrays (shared with the paged
+    cache's, :func:`_check_paged`)."""
+    batch, nq, q_len, d = (int(s) for s in q.shape)
+    r_len = config.residual_length
     _expect("k_res", k_res, (batch, nkv, r_len, d), Q_DTYPES[res_dtype])
     _expect("v_res", v_res, (batch, nkv, r_len, d), Q_DTYPES[res_dtype])
     out_ok = ("float32", np.dtype(Q_DTYPES[q_dtype]).name)
@@ -733,3 +845,146 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
         ptr = device_pointer(x)
         if ptr % 16:
             raise ValueError(f"{name}: expected a 16-byte aligned base address, got {ptr:#x}")
+
+
+def paged_unsupported(config, head_dim, gqa, q_len, page_size):
+    """None when the paged split kernel (v3's paged specialization, :func:`decode_attention`
+    with a block table) runs for this configuration, else the reason (a string): v3 must run
+    (``SPLIT_VERSION == 3`` and ``attention_mma.unsupported`` is None: rows = gqa * q_len <=
+    32, float16 params, ...) and ``page_size`` must be a positive multiple of 32 and of the key
+    group. The residual tokens and the merge need nothing more: they are the contiguous
+    kernels' (residual blocks or the merge kernel, fused or not)."""
+    if SPLIT_VERSION != 3:
+        return f"SPLIT_VERSION is {SPLIT_VERSION} (the paged kernel is v3's)"
+    why = _split_v3.unsupported(config.key_bits, config.value_bits, config.value_group_size,
+                                head_dim, gqa * q_len, config.param_dtype)
+    if why is not None:
+        return f"v3 does not run: {why}"
+    p = int(page_size)
+    if p <= 0 or p % TILE_TOKENS or p % config.key_group_size:
+        return (f"page_size {page_size} is not a positive multiple of {TILE_TOKENS} and of the "
+                f"key group ({config.key_group_size})")
+    return None
+
+
+def _host_int32(x):
+    """A NumPy copy of a small int32 device array (torch tensor, Numba device array or, in the
+    simulator, a NumPy array)."""
+    if hasattr(x, "copy_to_host"):
+        return np.asarray(x.copy_to_host())
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _strides(x):
+    """Byte strides of a torch tensor, Numba device array or NumPy array."""
+    f = getattr(x, "stride", None)
+    if callable(f):  # torch: element strides
+        return tuple(int(v) * x.element_size() for v in f())
+    return tuple(int(v) for v in x.strides)
+
+
+def _check_paged(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, out, lse,
+                 workspace, config, quantized_len, residual_len, q_dtype, res_dtype, num_splits,
+                 lengths, block_table, page_size):
+    """:func:`_check_arguments` of the paged cache: the packed arrays are a pool's section views
+    ``[num_pages, ...]`` (strided by one page stride, inner axes C-contiguous), the block table
+    int32 ``[batch, max_blocks]`` whose entries the rows read are page ids in range (checked on
+    the host)."""
+    batch, nq, q_len, d, nkv = _check_query_and_heads(q, k_codes, config, q_dtype, res_dtype)
+    if not isinstance(page_size, (int, np.integer)) or isinstance(page_size, bool):
+        raise TypeError(f"page_size: expected an int, got {type(page_size).__name__}")
+    why = paged_unsupported(config, d, nq // nkv, q_len, page_size)
+    if why is not None:
+        raise ValueError(f"page_size / block_table: no paged decode kernel for this "
+                         f"configuration: {why}")
+    p = int(page_size)
+    if block_table is None:
+        raise ValueError("block_table: expected an int32 [batch, max_blocks] device array with "
+                         "page_size, got None")
+    if len(block_table.shape) != 2:
+        raise ValueError(f"block_table: expected an int32 [batch, max_blocks] array, got shape "
+                         f"{tuple(block_table.shape)}")
+    _expect("block_table", block_table, (batch, int(block_table.shape[1])), np.int32)
+    max_blocks = int(block_table.shape[1])
+    quantized_len, residual_len, num_splits = int(quantized_len), int(residual_len), int(num_splits)
+    if not 0 <= quantized_len <= max_blocks * p or quantized_len % config.key_group_size:
+        raise ValueError(f"quantized_len: expected a multiple of {config.key_group_size} in "
+                         f"[0, max_blocks * page_size = {max_blocks * p}], got {quantized_len}")
+    r_len = config.residual_length
+    if not 0 <= residual_len < r_len:
+        raise ValueError(f"residual_len: expected 0 <= residual_len < {r_len}, got {residual_len}")
+    if not 1 <= q_len <= max(1, quantized_len + residual_len):
+        raise ValueError(f"q_len: expected 1 <= q_len <= seq_len ({quantized_len + residual_len}),"
+                         f" got {q_len}")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits: expected 1..{MAX_SPLITS}, got {num_splits}")
+    num_pages = int(k_codes.shape[0])
+    pd = PARAM_DTYPES[config.param_dtype]
+    _expect("q", q, (batch, nq, q_len, d), Q_DTYPES[q_dtype])
+    sections = [("k_codes", k_codes, (nkv, p // 32, d * config.key_bits // 32, 32), np.uint32),
+                ("k_params", k_params, (nkv, p // config.key_group_size, d, 2), pd),
+                ("v_codes", v_codes, (nkv, p, d * config.value_bits // 32), np.uint32),
+                ("v_params", v_params, (nkv, p, d // config.value_group_size, 2), pd)]
+    if config.scale_tokens:
+        s = nkv if config.norm_scope == "head" else 1
+        sections.append(("norms", norms, (s, p), np.float32))
+    elif len(norms.shape) != 3:
+        raise ValueError(f"norms: expected a 3-D array (any [1, 1, 1] without scale_tokens), "
+                         f"got shape {tuple(norms.shape)}")
+    else:
+        _expect("norms", norms, tuple(int(x) for x in norms.shape), np.float32)
+    page_stride = None
+    for name, x, inner, dt in sections:
+        _expect_strided(name, x, (num_pages,) + inner, dt)
+        st = _strides(x)[0]
+        if page_stride is None:
+            page_stride = st
+        elif st != page_stride:
+            raise ValueError(f"{name}: expected the page stride of k_codes ({page_stride} "
+                             f"bytes; the sections of one pool), got {st}")
+        ptr = device_pointer(x)
+        if ptr % 16:
+            raise ValueError(f"{name}: expected a 16-byte aligned base address, got {ptr:#x}")
+    if num_pages > 1 and not (0 < page_stride < 2**31 and page_stride % 16 == 0):
+        raise ValueError(f"k_codes: expected a page stride that is a positive multiple of 16 "
+                         f"below 2**31 bytes, got {page_stride}")
+    _check_rest(q, k_res, v_res, out, lse, workspace, config, q_dtype, res_dtype, num_splits,
+                lengths, nkv)
+    # the entries the rows read: ceil(min(row's packed tokens, quantized_len) / page_size)
+    table = _host_int32(block_table)
+    rows_ql = np.minimum(_host_int32(lengths)[:, LEN_QUANTIZED].astype(np.int64), quantized_len)
+    need = -(-rows_ql // p)
+    for b in range(batch):
+        used = table[b, : int(need[b])]
+        bad = (used < 0) | (used >= num_pages)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"block_table: expected page ids in [0, {num_pages}) in the "
+                             f"{int(need[b])} entries row {b} reads, got {int(used[j])} at "
+                             f"[{b}, {j}]")
+
+
+def _expect_strided(name, x, shape, dtype):
+    """:func:`_expect` for a section view of a page pool: the shape and dtype, a device array,
+    and C-contiguous axes after the first (the page axis may have any stride)."""
+    on_device = getattr(x, "is_cuda", None)
+    if on_device is None:
+        on_device = SIMULATOR or cuda.is_cuda_array(x)
+    if not on_device:
+        raise TypeError(f"{name}: expected a CUDA device array, got {type(x).__name__}")
+    got = tuple(int(s) for s in x.shape)
+    if got != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {got}")
+    want = np.dtype(dtype).name
+    if _dtype_name(x) != want:
+        raise TypeError(f"{name}: expected dtype {want}, got {_dtype_name(x)}")
+    st = _strides(x)
+    inner, size = [], np.dtype(dtype).itemsize
+    for n in reversed(shape[1:]):
+        inner.insert(0, size)
+        size *= n
+    if tuple(st[1:]) != tuple(inner):
+        raise ValueError(f"{name}: expected C-contiguous axes after the page axis (strides "
+                         f"{tuple(inner)}), got strides {tuple(st)}")

@@ -101,7 +101,8 @@ if SIMULATOR:  # Python versions with the PTX semantics (ptx_sim.py), for CPU CI
     from . import ptx_sim as _sim
     from .ptx_sim import (bar_sync, cp_async16_bo, cp_async_commit, cp_async_wait0,
                           cp_async_wait1, cp_async_wait2, cp_async_wait3, ex2, f16x2_hi,
-                          f16x2_lo, float_as_uint, global_address, hmul2, lds1, lds1f, lds2, lds4, lds4f, mma_f16,
+                          f16x2_lo, float_as_uint, global_address, hmul2, ldg1s, lds1, lds1f,
+                          lds2, lds4, lds4f, mma_f16,
                           pack_f16x2, prmt, redux_max_u32, shared_address, sts2, sts1f,
                           uint_as_float)
 
@@ -110,7 +111,7 @@ else:
     from .ptx import (bar_sync, cp_async16_bo, cp_async_commit, cp_async_wait0,
                       cp_async_wait1, cp_async_wait2, cp_async_wait3, ex2, f16x2_hi, f16x2_lo,
                       float_as_uint, global_address,
-                      hmul2, lds1, lds1f, lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt,
+                      hmul2, ldg1s, lds1, lds1f, lds2, lds4, lds4f, mma_f16, pack_f16x2, prmt,
                       redux_max_u32, shared_address, sts1f, sts2, uint_as_float)
 
 #: alignment of the shared arrays read with vector loads (the simulator rejects the argument;
@@ -239,8 +240,21 @@ def scratch_words(key_bits, value_bits, value_group_size, head_dim, rows):
 
 def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
                    rotate_keys, scale_tokens, norm_per_head, load_q, hadamard_scale,
-                   residual=None, finish=None):
+                   residual=None, finish=None, page_size=0):
     """Python function of the v3 split kernel for one compile-time configuration.
+
+    ``page_size``: 0 (the contiguous cache), or P > 0: the **paged** specialization (issue 27,
+    docs/serving.md). The five packed arrays are then the per-section views of a page pool,
+    ``[num_pages, H (S for norms), rows per page, ...]`` (strided: the page axis steps
+    ``page_bytes``; the inner axes are C-contiguous), and the kernel takes one more argument,
+    ``block_table`` (int32 ``[batch, max_blocks]``): tile t of row b is tile ``t % (P / 32)`` of
+    page ``block_table[b, t // (P / 32)]``. Only the address formation differs: the per-split
+    bases are those of page 0 (head ``kvh``), and :func:`prefetch` adds ``page * page_bytes``
+    (the page read through the block table, one int32 load per tile) to the tile's offset
+    inside its page. A key group never crosses a page (P is a multiple of the key group), so
+    the key-group logic is unchanged. With ``page_size = 0`` the kernel is the contiguous one,
+    instruction for instruction (every paged line is behind a compile-time test; PTX compared
+    in docs/kernels.md, "Paged cache").
 
     ``residual``: None, or the device function of ``attention_residual.build_residual`` (built
     with ``qs_stride = head_dim + 4``): then a launch with ``res_blocks > 0`` has that many more
@@ -263,6 +277,11 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     ROWS = G * LQ
     NCH = D // 16
     KB, VB = key_bits, value_bits
+    PAGED = page_size > 0
+    if PAGED and (page_size % TILE or page_size % key_group_size):
+        raise ValueError(f"page_size: expected a multiple of 32 and of the key group "
+                         f"({key_group_size}), got {page_size}")
+    TPP = max(page_size // TILE, 1)  # tiles per page (paged)
     KCPW = 32 // KB
     KHP = KCPW // 2
     VHC = 16 // VB  # value codes per 16-bit half word
@@ -444,6 +463,58 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 cp_async16_bo(sl, 4 * VCO + 512 * j, ga + 512 * j)
         cp_async_commit()
 
+    if PAGED:
+        @cuda.jit(device=True)
+        def prefetch(sl, lane, tile, gb):
+            """:func:`prefetch` of the paged specialization: the same copies, from tile ``tile %
+            TPP`` of page ``block_table[b, tile // TPP]``. ``gb[0..4]`` hold the addresses of
+            page 0's (head) slice of each section, ``gb[5]`` that of the row's block-table row,
+            ``gb[6]`` the page stride in bytes (page_bytes, the same for every section)."""
+            a0 = gb[0]
+            a1 = gb[1]
+            a2 = gb[2]
+            a3 = gb[3]
+            a4 = gb[4]
+            a5 = gb[5]
+            a6 = gb[6]
+            lp = np.uint32(np.uint32(tile) // np.uint32(TPP))  # constant divisor: mul.hi, shift
+            lt = np.uint32(np.uint32(tile) - lp * np.uint32(TPP))
+            page = ldg1s(a5 + np.int64(lp * np.uint32(4)))
+            # page_bytes < 2**31: one 32 x 32 -> 64-bit multiply
+            po = np.int64(page) * np.int64(np.int32(a6))
+            a0 = a0 + po
+            a1 = a1 + po
+            a2 = a2 + po
+            a3 = a3 + po
+            a4 = a4 + po
+            o = lt * np.uint32(KC_TB) + np.uint32(16 * lane)
+            ga = a0 + np.int64(o)
+            for j in range((NKC + 31) // 32):
+                if NKC % 32 == 0 or lane + 32 * j < NKC:
+                    cp_async16_bo(sl, 4 * KC + 512 * j, ga + 512 * j)
+            if SCALE_TOKENS:
+                if lane < 8:
+                    o = lt * np.uint32(NRM_TB) + np.uint32(16 * lane)
+                    cp_async16_bo(sl, 4 * NRM, a1 + np.int64(o))
+            if (tile & (TPG - 1)) == 0:  # TPP is a multiple of TPG: lt starts the group too
+                o = np.uint32(lt >> LTPG) * np.uint32(KP_GB) + np.uint32(16 * lane)
+                ga = a2 + np.int64(o)
+                for j in range((NKP + 31) // 32):
+                    if NKP % 32 == 0 or lane + 32 * j < NKP:
+                        pad = 4 * KP_PAD * ((lane + 32 * j) >> LKPC)  # after each quarter
+                        cp_async16_bo(sl, 4 * KPO + 512 * j + pad, ga + 512 * j)
+            o = lt * np.uint32(VP_TB) + np.uint32(16 * lane)
+            ga = a3 + np.int64(o)
+            for j in range((NVP + 31) // 32):
+                if NVP % 32 == 0 or lane + 32 * j < NVP:
+                    cp_async16_bo(sl, 4 * VPO + 512 * j, ga + 512 * j)
+            o = lt * np.uint32(VC_TB) + np.uint32(16 * lane)
+            ga = a4 + np.int64(o)
+            for j in range((NVC + 31) // 32):
+                if NVC % 32 == 0 or lane + 32 * j < NVC:
+                    cp_async16_bo(sl, 4 * VCO + 512 * j, ga + 512 * j)
+            cp_async_commit()
+
     @cuda.jit(device=True)
     def tile_of(tb32, w32, step):
         """The tile of this warp's step ``step`` (int32; the split starts at tile ``tb32``, token
@@ -503,9 +574,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             """The RG warps of a token lane meet at named barrier ``ident``."""
             bar_sync(ident, NLT)
 
-    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
-                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
-                     out, lse, counter, fuse, lengths):
+    def split_body(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
+                   ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
+                   out, lse, counter, fuse, lengths, block_table):
         tid = cuda.threadIdx.x
         # 32-bit lane coordinates: Numba's ints are int64, and ptxas, short of registers,
         # recomputes lane-derived values inside the tile loop (in 64 bits, every test like
@@ -571,7 +642,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         nsteps = mine * TPG
         sl = sb + 16 * lane
         gb = gbase[warp]
-        if lane == 0:
+        if PAGED and lane == 0:  # page 0's slices; prefetch adds page * page_bytes
+            gb[0] = global_address(k_codes, (0, kvh, 0, 0, 0))
+            gb[1] = global_address(norms, (0, nh, 0)) if SCALE_TOKENS else gb[0]
+            gb[2] = global_address(k_params, (0, kvh, 0, 0, 0))
+            gb[3] = global_address(v_params, (0, kvh, 0, 0, 0))
+            gb[4] = global_address(v_codes, (0, kvh, 0, 0))
+            gb[5] = global_address(block_table, (b, 0))
+            gb[6] = np.int64(k_codes.strides[0])
+        elif lane == 0:
             gb[0] = global_address(k_codes, (b, kvh, 0, 0, 0))
             gb[1] = global_address(norms, (b, nh, 0)) if SCALE_TOKENS else gb[0]
             gb[2] = global_address(k_params, (b, kvh, 0, 0, 0))
@@ -1047,5 +1126,26 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         if FUSED and fuse != 0:  # (its first barrier also ends this block's use of the stage)
             finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
                    arrivals, flag, shared_address(stage, (0, 0)))
+
+    # the kernel is the body above, inlined (one device function: NVVM inlines it whole); the
+    # paged specialization takes the block table as one more argument, the contiguous kernel
+    # passes ``lengths`` in its place (an int32 2-D array, never read there)
+    body = cuda.jit(device=True)(split_body)
+    if PAGED:
+        def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
+                         ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits,
+                         res_blocks, out, lse, counter, fuse, lengths, block_table):
+            body(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum,
+                 ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks, out, lse,
+                 counter, fuse, lengths, block_table)
+
+        return split_kernel
+
+    def split_kernel(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max,
+                     ws_sum, ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks,
+                     out, lse, counter, fuse, lengths):
+        body(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum,
+             ws_acc, scale, quantized_len, residual_len, num_splits, res_blocks, out, lse,
+             counter, fuse, lengths, lengths)
 
     return split_kernel

@@ -32,6 +32,8 @@ Values are raw 32-bit registers: a ``uint32`` holding two float16 (low half = el
   kernel's input rows).
 * ``ldcg4(addr)``, ``ldcg1f(addr)``: 16-byte / float32 global loads cached in L2 only
   (``ld.global.cg``): the fused merge reads partials other blocks of the same launch wrote.
+* ``ldg1s(addr)``: an int32 global load through the read-only path (``ld.global.nc.s32``): the
+  paged v3 kernel's block-table entries.
 * ``redux_max_u32(x)``: ``redux.sync.max.u32`` over the full warp (one instruction instead of
   five shuffles and maxima). Warp-collective.
 * ``bar_sync(ident, count)``: ``bar.sync ident, count`` -- a named barrier of ``count`` threads
@@ -364,6 +366,20 @@ def ldcg1f(typingctx, addr):
         return builder.call(asm, [a])
 
     return types.float32(addr), codegen
+
+
+@intrinsic
+def ldg1s(typingctx, addr):
+    """``ld.global.nc.s32``: one int32 from global address ``addr`` through the read-only path
+    (the paged v3 kernel's block-table entries: data no kernel of the launch writes). Not a side
+    effect, so the compiler may hoist or merge it like an ordinary load of constant data."""
+
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], types.uint64)
+        asm = ir.InlineAsm(ir.FunctionType(_I32, [_U64]), "ld.global.nc.s32 $0, [$1];", "=r,l")
+        return builder.call(asm, [a])
+
+    return types.int32(addr), codegen
 
 
 @intrinsic

@@ -16,7 +16,8 @@ on tiny shapes against the NumPy reference (tests/test_kernels_attention.py). Im
   accumulators.
 * Addresses: ``global_address`` / ``shared_address`` return ``slot << 40 | byte offset`` into a
   registry of the arrays they saw, and the loads, stores and ``cp_async16_bo`` resolve them.
-  The copy is immediate: the commit and wait calls are no-ops.
+  A strided (non-contiguous) view, such as a section of the paged pool, is addressed inside the
+  contiguous array that owns its memory. The copy is immediate: the commit and wait calls are no-ops.
 * float16 operations round like the hardware: ``cvt.rn`` to nearest even, the products of two
   float16 exactly in float32 and then rounded once.
 """
@@ -120,8 +121,25 @@ def install():
 # --- addresses and memory -------------------------------------------------------------------
 
 
+def _root(a):
+    """``(root, byte offset of a's first element in it)``: the C-contiguous ndarray owning the
+    memory of view ``a`` (the page views of a paged pool are strided views of it)."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not root.flags["C_CONTIGUOUS"]:
+        raise ValueError("simulated address of a strided view whose base is not contiguous")
+    start = a.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    return root, start
+
+
 def _address(array, index):
     a = getattr(array, "_ary", array)  # a simulator device array wraps an ndarray
+    if not a.flags["C_CONTIGUOUS"]:  # a strided view (paged pool): address its root's bytes
+        root, start = _root(a)
+        idx = index if isinstance(index, tuple) else (index,)
+        off = start + sum(int(i) * int(st) for i, st in zip(idx, a.strides))
+        return _address(root, (0,) * root.ndim) + np.int64(off)
     with _lock:
         slot = _slots.get(id(a))
         if slot is None or _arrays[slot][0] is not a:
@@ -171,6 +189,10 @@ ldcg4 = ldg4
 
 def ldcg1f(addr):
     return lds1f(addr, 0)
+
+
+def ldg1s(addr):
+    return np.int32(lds1(addr, 0).view(np.int32))
 
 
 def sts2(base, off, v0, v1):

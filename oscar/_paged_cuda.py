@@ -20,14 +20,28 @@ The host plans it (which windows fill, where each token goes): the slot mapping 
 are read on the host (a synchronization for device tensors). Issue 25's device-side append is
 what removes that; see docs/serving.md.
 
-Decode (:meth:`PagedNumbaStore.decode`) is an **interim path**: rows with the same (quantized,
-residual) lengths are gathered from their pages into a contiguous workspace (``copy_runs``) and
-the existing contiguous decode kernels (kernels_numba/attention.py) run on it. It moves every
-page once more per step (a copy of the quantized cache: roughly doubling a memory-bound step's
-traffic), so it is not the speed path. The final path computes the tile addresses through the
-block table inside the split kernel (v3's ``tile_of`` / prefetch: page ``block_table[b, t32 *
-32 // P]``, tile ``t32 % (P / 32)`` of that page), which the kernels' owners are changing now
-(issues 25, 26); docs/serving.md says what changes.
+Decode (:meth:`PagedNumbaStore.decode`), two paths:
+
+* **paged v3** (:meth:`PagedNumbaStore._decode_paged`) where the paged specialization of the v3
+  split kernel runs (``attention.paged_unsupported`` is None: SPLIT_VERSION 3 and v3 supports
+  the configuration, i.e. rows = G * q_len <= 32, float16 params, head_dim * bits multiples of
+  128, ...; the Llama-3.1-8B default is one): one launch (plus the merge kernel where it does
+  not fuse) for every row, whatever its lengths. The split kernel reads each tile from its page
+  through the block table (uploaded per call: int32 ``[num_seqs, pages of the longest row]``
+  built from the validated rows) and each row's lengths from an int32 ``[num_seqs, 4]`` array;
+  the residual windows are the slots' own buffers when the rows are slots ``0 .. n - 1`` in
+  order, else the rows' windows gathered into ``[num_seqs, H, R, D]`` (``copy_tokens``, at most
+  R - 1 tokens per row: the kernel's residual blocks and the merge kernel index the residual by
+  row). Residual tokens and merge are the contiguous kernels'.
+* **interim gather** (:meth:`PagedNumbaStore._decode_gather`) everywhere else (the v1
+  configurations: float32 params, more than 32 rows, head_dim * bits not a multiple of 128 such
+  as head_dim 32 at 2 bits; or ``OSCAR_SPLIT_KERNEL=1``): rows with the same (quantized,
+  residual) lengths are gathered from their pages into a contiguous workspace (``copy_runs``)
+  and the contiguous kernels run on it. It moves every page once more per step (roughly
+  doubling a memory-bound step's traffic).
+
+Verified: the paged v3 path equals the contiguous v3 kernel bit for bit and the reference in the
+CUDA simulator, and compiles for sm_90; it has **not run on a GPU yet** (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -41,6 +55,17 @@ from .kernels_numba import quantize as _quant
 from .kernels_numba._compat import SIMULATOR, cuda
 from .reference.block import PackedBlock
 from .reference.paged import PageLayout, gather_pages, page_runs
+
+
+class _ArrayView:
+    """A strided view of device memory for ``cuda.as_cuda_array`` (no copy): a section of the
+    page pool as ``[num_pages, *shape]`` with page stride ``page_bytes``. Keeps its owner alive."""
+
+    def __init__(self, owner, ptr, shape, strides, dtype):
+        self.owner = owner
+        self.__cuda_array_interface__ = {
+            "shape": tuple(int(x) for x in shape), "strides": tuple(int(x) for x in strides),
+            "typestr": np.dtype(dtype).str, "data": (int(ptr), False), "version": 3}
 
 _ELEM = {"float16": np.float16, "float32": np.float32, "bfloat16": np.int16}
 
@@ -282,6 +307,93 @@ class PagedNumbaStore:
         return int(self.mem.host(self.status)[0])
 
     def decode(self, q, rows, scale, dt):
+        """Decode attention of ``q`` over ``rows`` ([(seq, pages, quantized, residual)],
+        validated): the paged v3 kernel where it runs, else the interim gather (module doc)."""
+        h, d = self.layout.num_kv_heads, self.layout.head_dim
+        b, hq, q_len, _ = (int(x) for x in q.shape)
+        if _attn.paged_unsupported(self.config, d, hq // h, q_len, self.layout.page_size) is None:
+            return self._decode_paged(q, rows, scale, dt)
+        return self._decode_gather(q, rows, scale, dt)
+
+    def section_views(self):
+        """Numba views ``name -> [num_pages, *shape]`` of the pool's sections (strided by
+        ``page_bytes``; no copy), the arrays the paged decode kernel reads."""
+        lay = self.layout
+        if self.mem.sim:
+            return {n: self.mem.nb(x) for n, x in lay.views(self.pool.view(np.uint8)).items()}
+        base = self.pool.data_ptr()
+        n = int(self.pool.shape[0])
+        out = {}
+        for name, (off, shape, dt) in lay.sections.items():
+            strides, size = [], np.dtype(dt).itemsize
+            for s in reversed(shape):
+                strides.insert(0, size)
+                size *= s
+            view = _ArrayView(self.pool, base + off, (n,) + tuple(shape),
+                              (lay.page_bytes,) + tuple(strides), dt)
+            out[name] = cuda.as_cuda_array(view)
+        return out
+
+    def _decode_paged(self, q, rows, scale, dt):
+        """One launch of the paged v3 kernel for all rows (module doc)."""
+        lay, cfg = self.layout, self.config
+        h, p, r = lay.num_kv_heads, lay.page_size, cfg.residual_length
+        b, hq, q_len, d = (int(x) for x in q.shape)
+        q_elem = _ELEM[dt]
+        seqs = np.asarray([s for s, _p, _q, _r in rows], np.int64)
+        qls = np.asarray([ql for _s, _p, ql, _r in rows], np.int64)
+        rls = np.asarray([rl for _s, _p, _q, rl in rows], np.int64)
+        qmax, rmax = int(qls.max()), int(rls.max())
+        # the block table of the rows: their validated pages, 0 past them (never read)
+        table = np.zeros((b, max(1, -(-qmax // p))), np.int32)
+        for i, (_s, pages, _ql, _rl) in enumerate(rows):
+            table[i, : len(pages)] = pages
+        lengths = _attn.uniform_lengths(b, 0, 0)
+        lengths[:, _attn.LEN_QUANTIZED] = qls
+        lengths[:, _attn.LEN_RESIDUAL] = rls
+        keep = [self.mem.upload(table), self.mem.upload(lengths)]
+        out = self.mem.zeros((b, hq, q_len, d), q_elem)
+        lse = self.mem.zeros((b, hq, q_len), np.float32)
+        nsplit = _attn.plan_splits(cfg, b, h, d, hq // h, q_len, dt, self.dtype, qmax, rmax,
+                                   _attn._num_sms(), page_size=p)
+        work = {n: self.mem.zeros(sh, _attn.WORKSPACE_DTYPES[n])
+                for n, sh in _attn.workspace_shapes(b, hq, q_len, d, nsplit).items()}
+        no_norms = None if "norms" in lay.sections else self.mem.zeros((1, 1, 1), np.float32)
+        with self._launch() as stream:  # (Numba views are made in the device's context)
+            views = self.section_views()
+            norms = views["norms"] if no_norms is None else self.mem.nb(no_norms)
+            if np.array_equal(seqs, np.arange(b)):  # slots 0 .. b - 1: their own windows
+                k_res, v_res = self.k_res[:b], self.v_res[:b]
+            else:  # the rows' windows, gathered by row (one launch)
+                k_res = self.mem.zeros((b, h, r, d), self.elem)
+                v_res = self.mem.zeros((b, h, r, d), self.elem)
+                if rmax:
+                    src = np.concatenate([np.full(n, s, np.int32) for s, n in zip(seqs, rls)])
+                    tok = np.concatenate([np.arange(n, dtype=np.int32) for n in rls])
+                    dst = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(rls)])
+                    items = [self.mem.upload(x) for x in (src, tok, dst)]
+                    keep += items
+                    _pk.copy_tokens(self.mem.nb(self.k_res), self.mem.nb(self.v_res),
+                                    self.mem.nb(items[0]), self.mem.nb(items[1]),
+                                    self.mem.nb(k_res), self.mem.nb(v_res),
+                                    self.mem.nb(items[2]), self.mem.nb(items[1]), stream=stream)
+            if self.mem.sim:
+                qd = np.ascontiguousarray(q)
+            else:
+                qd = q.contiguous()
+                if dt == "bfloat16":
+                    qd = qd.view(self.mem.torch.int16)
+            _attn.decode_attention(
+                self.mem.nb(qd), views["k_codes"], views["k_params"], views["v_codes"],
+                views["v_params"], norms, self.mem.nb(k_res), self.mem.nb(v_res),
+                self.mem.nb(out), self.mem.nb(lse), {n: self.mem.nb(w) for n, w in work.items()},
+                cfg, scale, qmax, rmax, dt, self.dtype, nsplit, lengths=self.mem.nb(keep[1]),
+                stream=stream, block_table=self.mem.nb(keep[0]), page_size=p)
+        if not self.mem.sim and dt == "bfloat16":
+            out = out.view(self.mem.torch.bfloat16)
+        return out, lse
+
+    def _decode_gather(self, q, rows, scale, dt):
         """Interim decode (module doc): per group of rows with equal lengths, gather their pages
         and residual windows into a contiguous workspace, then the contiguous kernels."""
         lay, cfg = self.layout, self.config
