@@ -497,14 +497,30 @@ class NumbaStore(RowLengths):
                     self._plan_failed(exc)
         return (None, None, None), fl
 
-    def prepare_capture(self, max_seq_len: int) -> None:
+    def prepare_capture(self, max_seq_len: int, num_q_heads: int | None = None,
+                        q_lens=(1,), q_dtype: str | None = None) -> None:
         """Reserve packed room for ``max_seq_len`` tokens per row, push the lengths, switch to
-        device-decided appends and capacity-bound decode plans (``static``)."""
+        device-decided appends and capacity-bound decode plans (``static``), and build the
+        decode steps (workspaces and prepared launches) of every query shape warmed so far and
+        of ``num_q_heads`` x ``q_lens`` in ``q_dtype``: a capture (torch.compile's CUDA graph
+        trees included) then allocates nothing that outlives it but each step's output."""
         self.reserve(max_seq_len)
         if not self.static:
             self._push_lengths()
         self.static = True
         self._row_plans = {}
+        if num_q_heads is not None:
+            for q_len in q_lens:
+                self._warm_decode(int(num_q_heads), int(q_len), q_dtype or self.dtype)
+        for hq, q_len, qdt in sorted(self._warmed):
+            q = torch.empty((self.batch, hq, q_len, self.head_dim), dtype=getattr(torch, qdt),
+                            device=self.device)
+            decision = self._decision(q)
+            key = (q.shape, q.dtype, decision, False)
+            if not self.plans:  # the dispatcher path: its workspaces only
+                self._decode_buffers(q, decision[0])
+            elif key not in self._steps:
+                self._steps[key] = self._build_step(q, decision[0], False)
 
     def read_status(self) -> int:
         """Synchronize and return the status word (bit 1: non-finite, bit 2: fp16 overflow,

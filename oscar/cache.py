@@ -487,7 +487,8 @@ class QuantizedKVCache(RowLengths):
         self._store.fill_row(int(b), k, v)
         return self
 
-    def prepare_capture(self, max_seq_len: int) -> "QuantizedKVCache":
+    def prepare_capture(self, max_seq_len: int, num_q_heads: int | None = None,
+                        q_lens=(1,), q_dtype=None) -> "QuantizedKVCache":
         """Make this cache's decode step capturable in a CUDA graph (issue 25); returns self.
 
         On CUDA: packed room for ``max_seq_len`` tokens per row is reserved now (the capacity
@@ -500,16 +501,39 @@ class QuantizedKVCache(RowLengths):
         lengths: the same launches every step. A row that would pass the capacity takes no
         token and sets a status bit that :meth:`check` raises. Read the lengths back with
         :meth:`sync_lengths` (which leaves the mode). The reference backend has nothing to
-        prepare (it validates ``max_seq_len`` and returns).
+        prepare (it validates the arguments and returns).
+
+        The decode steps of the query shapes this cache has warmed (``quantize_kv(...,
+        num_q_heads=)``, earlier decodes) and of ``num_q_heads`` x ``q_lens`` in ``q_dtype``
+        (default the cache's dtype) are built now, workspaces included: a capture, also by
+        ``torch.compile(mode="reduce-overhead")``, must not allocate buffers that the cache
+        keeps (CUDA graph trees reject them). A decode that returns ``lse`` builds its step at
+        its first call: run it once before capturing.
         """
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 0:
             raise ValueError(f"max_seq_len: expected a non-negative int, got {max_seq_len!r}")
+        from .api import check_num_q_heads
+
+        check_num_q_heads(num_q_heads, self.num_kv_heads)
+        if isinstance(q_lens, (int, np.integer)):
+            q_lens = (q_lens,)
+        bad = [x for x in q_lens if isinstance(x, bool) or not isinstance(x, (int, np.integer))
+               or x < 1]
+        if bad or not len(q_lens):
+            raise ValueError(f"q_lens: expected a non-empty sequence of positive ints, got "
+                             f"{q_lens!r}")
+        if q_dtype is not None:
+            q_dtype = str(q_dtype).replace("torch.", "")
+            if q_dtype not in ("float16", "bfloat16", "float32"):
+                raise ValueError(f"q_dtype: expected float16, bfloat16 or float32, got "
+                                 f"{q_dtype!r}")
         longest = int(self.seq_lens.max(initial=0))
         if max_seq_len < longest:
             raise ValueError(f"max_seq_len: expected at least the longest row's seq_len "
                              f"({longest}), got {max_seq_len}")
         if hasattr(self._store, "prepare_capture"):
-            self._store.prepare_capture(max_seq_len)
+            self._store.prepare_capture(max_seq_len, num_q_heads, tuple(int(x) for x in q_lens),
+                                        q_dtype)
         return self
 
     @property

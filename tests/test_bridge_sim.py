@@ -150,9 +150,17 @@ def test_bridge_capture_mode_decides_on_the_device(bridge):
     k, v = _kv(30, 5)
     cache.append(k, v)
     ref = oscar.quantize_kv(k.numpy(), v.numpy(), CFG)
-    cache.prepare_capture(64)
+    with pytest.raises(ValueError, match="num_q_heads"):
+        cache.prepare_capture(64, num_q_heads=0)
+    with pytest.raises(ValueError, match="q_lens"):
+        cache.prepare_capture(64, num_q_heads=H * G, q_lens=(0,))
+    cache.prepare_capture(64, num_q_heads=H * G, q_lens=(1, 2))
     store = cache._store
     assert store.static and store._bounds() == (64, R - 1)
+    # the decode workspaces of both query shapes exist before any capture (a capture must not
+    # allocate buffers the cache keeps); a decode of those shapes adds none
+    assert len(store._dec_cache) == 2
+    built = dict(store._dec_cache)
     kn, vn = _kv(4, 6)
     for t in range(4):
         cache.append(kn[:, :, t : t + 1], vn[:, :, t : t + 1])
@@ -164,6 +172,7 @@ def test_bridge_capture_mode_decides_on_the_device(bridge):
     with pytest.raises(ValueError, match="sync_lengths"):
         cache.reset_rows([0])
     _decode_close(cache, ref)  # a capacity-bound plan, the rows' lengths read on the device
+    assert all(store._dec_cache[k] is built[k] for k in built) and len(store._dec_cache) == 2
     np.testing.assert_array_equal(cache.sync_lengths(), ref.seq_lens)
     assert not store.static
     _same(cache, ref)
