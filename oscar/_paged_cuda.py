@@ -264,7 +264,9 @@ class PagedNumbaStore:
 
     def _flush(self, windows, flush_runs, stream) -> None:
         lay, r = self.layout, self.config.residual_length
-        sc = {n: self.mem.nb(a[:windows]) for n, a in self.scratch.items()}
+        # codes are uint32 for the kernels (torch holds them as int32: the same bits)
+        sc = {n: self.mem.nb(a[:windows], np.uint32 if n.endswith("codes") else None)
+              for n, a in self.scratch.items()}
         norms = sc.get("norms")
         if norms is None:
             norms = self.mem.nb(self.mem.zeros((1, 1, 1), np.float32))

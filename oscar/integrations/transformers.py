@@ -493,11 +493,17 @@ class OScaRCache(Cache):
                                      f"head_dim)") from None
         self.model_config = config
         self.layer_configs = configs
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         text = _text_config(config)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
         super().__init__(layers=[OScaRLayer(c, i, max_cache_len, kv_heads) if c is not None
                                  else DynamicLayer() for i, c in enumerate(configs)])
+
+    @property
+    def max_cache_len(self) -> int | None:
+        """The ``max_cache_len`` given (None: the cache grows). A property because transformers
+        5.17's ``Cache`` defines it as one (read-only); 5.2x leaves it to subclasses."""
+        return self._max_cache_len
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if isinstance(self.layers[layer_idx], OScaRLayer):
