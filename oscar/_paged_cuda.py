@@ -100,7 +100,9 @@ class _Memory:
 
     def zeros(self, shape, dt):
         if self.sim:
-            return np.zeros(shape, dt)
+            # the element type torch would hold (uint32 codes as int32), so that a missing
+            # uint32 view fails in the simulator as it does on the GPU
+            return np.zeros(shape, np.int32 if np.dtype(dt) == np.uint32 else dt)
         return self.torch.zeros(shape, dtype=self._tdt(dt), device=self.device)
 
     def upload(self, a: np.ndarray):
