@@ -3,7 +3,9 @@
     python benchmarks/generate.py --out DIR [--cases 1x8192,8x8192,1x32768] [--new 64]
                                   [--kinds dynamic,oscar,static,quanto2,quanto4,hqq2,hqq4]
 
-Kinds: ``oscar`` (OScaRCache, eager), ``dynamic`` (DynamicCache + SDPA bf16, eager), ``static``
+Kinds: ``oscar`` (OScaRCache, eager), ``oscar_graph`` (``graphed_generate``: OScaRCache with
+each decode step replayed from one CUDA graph; its capture, once per call, is inside the timed
+``generate`` of N tokens), ``dynamic`` (DynamicCache + SDPA bf16, eager), ``static``
 (``cache_implementation="static"``: a preallocated bf16 cache whose decode step transformers
 compiles with torch.compile), ``quanto2/4`` and ``hqq2/4`` (``cache_implementation="quantized"``,
 transformers' QuantizedCache with the optimum-quanto or HQQ backend at 2/4 bits; their packages
@@ -72,6 +74,13 @@ def _kv_bytes(cache) -> int:
     return total
 
 
+class _Out:
+    """The fields of generate()'s output that run_case reads."""
+
+    def __init__(self, sequences, past_key_values):
+        self.sequences, self.past_key_values = sequences, past_key_values
+
+
 def run_case(model, batch, prompt, new, kind, steps=16):
     import oscar
     from transformers import DynamicCache
@@ -102,6 +111,13 @@ def run_case(model, batch, prompt, new, kind, steps=16):
     def gen(n):
         _sync()
         t0 = time.perf_counter()
+        if kind == "oscar_graph":  # the whole decode step replayed from one CUDA graph
+            from oscar.integrations.transformers import graphed_generate
+
+            toks, c = graphed_generate(model, ids, n, attention_mask=mask,
+                                       oscar_config=oscar.OScaRConfig())
+            _sync()
+            return time.perf_counter() - t0, _Out(torch.cat([ids, toks], dim=1), c)
         with torch.no_grad():
             c = cache()
             out = model.generate(**kw, max_new_tokens=n, min_new_tokens=n,

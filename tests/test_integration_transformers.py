@@ -482,3 +482,64 @@ def test_sharded_heads_need_per_head_norms(llama):
     # KIVI-style (no token scaling) has no cross-head norm: sharding does not matter
     gen(llama, "oscar", OScaRCache(sharded, INT2.replace(scale_tokens=False)), input_ids=ids,
         max_new_tokens=2)
+
+
+# --- graphed_generate: the graphable static decode step ----------------------------------------
+@pytest.mark.parametrize("ocfg", [INT2, INT4], ids=["int2", "int4"])
+def test_graphed_generate_equals_generate(llama, ocfg):
+    """The static step (lengths read on the device on CUDA, no mask, starts uploaded once) is
+    the same computation as generate()'s decode path: equal greedy tokens and equal caches, on
+    left-padded rows, across several flushes (40 + 30 tokens, windows of 32)."""
+    ids, am = prompts(2, 40, (0, 7), seed=3)
+    toks, cache = oit.graphed_generate(llama, ids, 30, attention_mask=am, oscar_config=ocfg)
+    assert toks.shape == (2, 30) and toks.dtype == torch.long
+    ref_cache = OScaRCache(llama.config, ocfg)
+    # (eos_token_id=None: the graphed loop has no stopping criteria)
+    ref = gen(llama, "oscar", ref_cache, input_ids=ids, attention_mask=am, max_new_tokens=30,
+              do_sample=False, eos_token_id=None)
+    assert torch.equal(toks, ref[:, 40:])
+    for a, b in zip(cache.layers, ref_cache.layers):
+        assert a._static is None  # left the static mode
+        assert a.cache.seq_lens.tolist() == b.cache.seq_lens.tolist() == [69, 69]
+        for x, y in zip(a.cache.packed().arrays().values(), b.cache.packed().arrays().values()):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_graphed_generate_never_quantized_equals_dynamic_cache(llama):
+    ids, am = prompts(2, 20, (0, 4), seed=4)
+    toks, _ = oit.graphed_generate(llama, ids, 12, attention_mask=am, oscar_config=NEVER)
+    ref = gen(llama, "sdpa", DynamicCache(config=llama.config), input_ids=ids,
+              attention_mask=am, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(toks, ref[:, 20:])
+    one, _ = oit.graphed_generate(llama, ids, 1, attention_mask=am, oscar_config=NEVER)
+    assert torch.equal(one[:, 0], toks[:, 0])
+
+
+def test_graphed_generate_errors(llama):
+    ids, am = prompts(1, 10, (0,))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        oit.graphed_generate(llama, ids, 0)
+    with pytest.raises(TypeError, match="input_ids"):
+        oit.graphed_generate(llama, ids.float(), 4)
+    with pytest.raises(ValueError, match="attention_mask"):
+        oit.graphed_generate(llama, ids, 4, attention_mask=am[:, :5])
+    with pytest.raises(ValueError, match="every layer must be quantized"):
+        oit.graphed_generate(llama, ids, 4, oscar_config=[INT2, None])
+    with pytest.raises(ValueError, match="cuda_graph"):
+        oit.graphed_generate(llama, ids, 4, cuda_graph=True)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        oit.graphed_generate(llama, ids, 600)
+    mistral = tiny(MistralForCausalLM, MistralConfig, sliding_window=16)
+    with pytest.raises(ValueError, match="sliding window"):
+        oit.graphed_generate(mistral, ids, 8)
+    # the static layer takes one token per step
+    cache = OScaRCache(llama.config, INT2)
+    llama.set_attn_implementation("oscar")
+    with torch.no_grad():
+        llama(input_ids=ids, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="begin_static needs the prompt"):
+            OScaRCache(llama.config, INT2).layers[0].begin_static(64, 4, torch.float32)
+        for layer in cache.layers:
+            layer.begin_static(64, 4, torch.float32)
+        with pytest.raises(ValueError, match="one token per step"):
+            llama(input_ids=ids[:, :2], past_key_values=cache, use_cache=True)

@@ -203,6 +203,7 @@ class OScaRLayer(CacheLayerMixin):
         self.cache = None  # oscar.QuantizedKVCache once the prompt is in
         self.pad = None  # int64 [batch] first valid token per row, None without padding
         self._pending = None  # (k, v) of the current forward, until attend() consumes them
+        self._static = None  # graphable decode (begin_static): {"len": host count, "start": ...}
 
     def __repr__(self):
         return f"OScaRLayer({self.layer_idx}, {self.cache!r})"
@@ -220,7 +221,10 @@ class OScaRLayer(CacheLayerMixin):
         return self, self
 
     def get_seq_length(self) -> int:
-        n = self.cache.seq_len if self.cache is not None else 0
+        if self._static is not None:  # no device read: a capture may be in progress
+            n = self._static["len"]
+        else:
+            n = self.cache.seq_len if self.cache is not None else 0
         return n + (self._pending[0].shape[-2] if self._pending is not None else 0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -230,8 +234,41 @@ class OScaRLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.cache, self.pad, self._pending = None, None, None
+        self.cache, self.pad, self._pending, self._static = None, None, None, None
         self.is_initialized = False
+
+    # the graphable decode step (graphed_generate)
+    def begin_static(self, max_cache_len: int, num_q_heads: int, q_dtype) -> None:
+        """Switch to the graphable one-token decode: capacity for ``max_cache_len`` tokens
+        reserved, lengths on the device (:meth:`oscar.QuantizedKVCache.prepare_capture`), the
+        decode workspaces built, the rows' left padding uploaded once. From here on
+        :meth:`attend` appends and decodes with no host read of a length and no mask: the step
+        is the same every token, so it can be captured in a CUDA graph. Ends with
+        :meth:`end_static`."""
+        if self.cache is None:
+            raise ValueError(f"layer {self.layer_idx}: begin_static needs the prompt in the "
+                             "cache (run the prefill first)")
+        self.cache.prepare_capture(int(max_cache_len), num_q_heads=int(num_q_heads),
+                                   q_lens=(1,), q_dtype=q_dtype)
+        start = self.pad
+        if start is not None and self.cache.backend == "numba":
+            start = torch.from_numpy(start.astype(np.int32)).to(self.cache.device)
+        self._static = {"len": int(self.cache.seq_lens.max(initial=0)), "start": start}
+
+    def end_static(self) -> None:
+        """Leave the graphable decode: the lengths are read back from the device."""
+        if self._static is not None:
+            self.cache.sync_lengths()
+            self._static = None
+
+    def _attend_static(self, query, k_new, v_new, scaling):
+        if query.shape[2] != 1 or k_new.shape[2] != 1:
+            raise ValueError(f"layer {self.layer_idx}: the graphable decode (begin_static) takes "
+                             f"one token per step, got q_len {query.shape[2]}")
+        self.cache.append(k_new, v_new)
+        self._static["len"] += 1
+        out = decode_attention(query, self.cache, scale=scaling, start=self._static["start"])
+        return out.transpose(1, 2).contiguous()
 
     # batch edits: one gather on the packed arrays, the residual and the padding together
     def batch_select_indices(self, indices) -> None:
@@ -269,6 +306,8 @@ class OScaRLayer(CacheLayerMixin):
         k_new, v_new = self._pending
         self._pending = None
         i = self.layer_idx
+        if self._static is not None:  # the mask is not read: padding and positions are fixed
+            return self._attend_static(query, k_new, v_new, scaling)
         if mask is not None and not isinstance(mask, OScaRMask):
             raise ValueError(f"layer {i}: expected the mask built by the 'oscar' mask function, "
                              f"got {type(mask).__name__} (custom 4-D masks are not supported "
@@ -582,5 +621,119 @@ class OScaRCache(Cache):
         return cache
 
 
+# --- greedy decoding with the whole step in one CUDA graph --------------------------------------
+def _cache_kwarg(model) -> str:
+    """The forward's name for the cache: ``cache`` (transformers >= 5.25 renames it) or
+    ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def graphed_generate(model, input_ids, max_new_tokens: int, attention_mask=None,
+                     oscar_config=None, cuda_graph: bool | None = None):
+    """Greedy decoding on an OScaR cache with each decode step (every layer's append and
+    packed-cache attention, the rest of the model, the argmax) replayed from one CUDA graph.
+
+    ``model.generate()`` runs each step eagerly (a transformers forward costs host time per
+    layer); this loop captures the model's one-token forward once and replays it, like
+    transformers' compiled ``StaticCache`` path does for bf16, but over the packed cache:
+
+    1. prefill: one eager forward over the prompt (``attention_mask``: left padding only), which
+       quantizes it (``OScaRCache(max_cache_len=prompt + max_new_tokens)``: capacity reserved);
+    2. every layer switches to the graphable decode (:meth:`OScaRLayer.begin_static`: lengths on
+       the device, no mask, per-row starts uploaded once);
+    3. the first new token's step runs eagerly (it also builds every launch plan), the second is
+       captured (``cuda_graph``; default: on CUDA) and replayed for the rest; the token ids and
+       positions live in device buffers that the graph advances itself.
+
+    Returns ``(tokens [batch, max_new_tokens] int64, cache)``; the tokens equal
+    ``model.generate(..., do_sample=False, past_key_values=OScaRCache(...))`` (tested on the
+    reference backend, where ``cuda_graph=False`` runs the same static step eagerly). Every
+    layer must be quantized, q_len is 1, no sampling, no stopping criteria; sliding-window
+    layers only where the window holds the whole run.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 \
+            or input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids: expected an integer tensor [batch, prompt_len], got "
+                        f"{type(input_ids).__name__} {tuple(getattr(input_ids, 'shape', ()))}")
+    batch, prompt = (int(x) for x in input_ids.shape)
+    max_len = prompt + max_new_tokens
+    text = _text_config(model.config)
+    window = getattr(text, "sliding_window", None)
+    if window is not None and "sliding_attention" in (getattr(text, "layer_types", None) or
+                                                      ["sliding_attention"]) \
+            and max_len > int(window):
+        raise ValueError(f"graphed_generate: prompt + max_new_tokens = {max_len} exceeds the "
+                         f"model's sliding window ({window}); the graphable decode has no "
+                         "window (use model.generate with OScaRCache)")
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit is not None and max_len > int(limit):
+        raise ValueError(f"graphed_generate: prompt + max_new_tokens = {max_len} exceeds "
+                         f"max_position_embeddings ({limit})")
+    cache = OScaRCache(model.config, oscar_config, max_cache_len=max_len)
+    if not all(isinstance(layer, OScaRLayer) for layer in cache.layers):
+        raise ValueError("graphed_generate: every layer must be quantized (a configuration of "
+                         "None leaves a growing dense layer, which a CUDA graph cannot hold)")
+    device = input_ids.device
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph: needs the model on a CUDA device, got {device}")
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if tuple(attention_mask.shape) != (batch, prompt):
+        raise ValueError(f"attention_mask: expected shape {(batch, prompt)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    # positions as generate() computes them: the count of valid tokens before each one
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    kw = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                **kw)
+    nxt = out.logits[:, -1].argmax(-1)
+    tokens = torch.empty((batch, max_new_tokens), dtype=torch.long, device=device)
+    tokens[:, 0] = nxt
+    if max_new_tokens == 1:
+        return tokens, cache
+    hq = int(text.num_attention_heads)
+    for layer in cache.layers:
+        layer.begin_static(max_len, hq, model.dtype)  # queries come in the model's dtype
+    ids = nxt[:, None].clone()
+    pos = attention_mask.long().sum(-1, keepdim=True)  # the next token's position
+
+    def step():
+        logits = model(input_ids=ids, position_ids=pos, **kw).logits
+        token = logits[:, -1].argmax(-1)
+        ids.copy_(token[:, None])
+        pos.add_(1)
+        return token
+
+    try:
+        tokens[:, 1] = step()  # eager: builds every launch plan before a capture
+        if cuda_graph and max_new_tokens > 2:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                token = step()
+            for t in range(2, max_new_tokens):
+                graph.replay()
+                tokens[:, t] = token
+        else:
+            for t in range(2, max_new_tokens):
+                tokens[:, t] = step()
+    finally:
+        for layer in cache.layers:
+            layer.end_static()
+    for layer in cache.layers:
+        layer.cache.check()  # a capacity overflow inside the graph is flagged, never written
+    return tokens, cache
+
+
 __all__ = ["OScaRCache", "OScaRLayer", "OScaRMask", "oscar_attention", "oscar_mask",
-           "layer_configs", "ATTN_IMPLEMENTATION", "MAX_DECODE_ROWS", "SUPPORTED_MODEL_TYPES"]
+           "graphed_generate", "layer_configs", "ATTN_IMPLEMENTATION", "MAX_DECODE_ROWS",
+           "SUPPORTED_MODEL_TYPES"]
