@@ -191,6 +191,28 @@ def _uses_v3(key):
     return SPLIT_VERSION == 3 and _split_v3.unsupported(kb, vb, gv, d, g * lq, pdt) is None
 
 
+def rows_fit(config, head_dim, gqa, q_len) -> bool:
+    """True when a split kernel (v3, else v1) takes ``gqa * q_len`` query rows per KV head."""
+    key = _split_key(config, head_dim, gqa, q_len, "float32", "float32")
+    if _uses_v3(key):
+        return True
+    lay = _v1._split_layout(config.key_bits, config.value_bits, config.key_group_size,
+                            config.value_group_size, head_dim, gqa * q_len)
+    return lay["tpr"] != 0 and lay["smem"] <= _v1.SHARED_MEMORY_LIMIT
+
+
+def head_groups(config, head_dim, gqa, q_len):
+    """The fewest query-head groups ``s`` (a divisor of ``gqa``) such that a split kernel takes
+    ``gqa / s * q_len`` rows per KV head, or None when even one query head per KV head is too
+    many rows (q_len alone). A decode step with ``s > 1`` runs as ``s`` launches over
+    ``gqa / s`` query heads of each KV head (each reads the packed cache again: ``s`` times the
+    bytes of one step); docs/kernels.md, "Beyond 32 rows"."""
+    for s in range(1, gqa + 1):
+        if gqa % s == 0 and rows_fit(config, head_dim, gqa // s, q_len):
+            return s
+    return None
+
+
 def _split_signature(param_dtype, q_dtype, res_dtype, out_dtype, paged=False):
     """Numba signature of every split kernel (v1, v3, v3 fused): the arguments
     :func:`decode_attention` passes to launch 1. ``paged``: the paged v3 specialization's (the

@@ -123,23 +123,44 @@ def install():
 
 def _root(a):
     """``(root, byte offset of a's first element in it)``: the C-contiguous ndarray owning the
-    memory of view ``a`` (the page views of a paged pool are strided views of it)."""
+    memory of view ``a`` (the page views of a paged pool are strided views of it), or
+    ``(None, 0)`` when the view's chain of bases ends elsewhere (e.g. a torch tensor's memory)."""
     root = a
     while isinstance(root.base, np.ndarray):
         root = root.base
     if not root.flags["C_CONTIGUOUS"]:
-        raise ValueError("simulated address of a strided view whose base is not contiguous")
+        return None, 0
     start = a.__array_interface__["data"][0] - root.__array_interface__["data"][0]
     return root, start
 
 
+def _span(a):
+    """A uint8 array aliasing the bytes of strided view ``a`` (non-negative strides), from its
+    first element to its last: loads and stores through it reach ``a``'s memory."""
+    import ctypes
+
+    if any(st < 0 for st in a.strides):
+        raise ValueError("simulated address of a view with negative strides")
+    extent = a.itemsize + sum((n - 1) * st for n, st in zip(a.shape, a.strides) if n)
+    buf = (ctypes.c_uint8 * extent).from_address(a.__array_interface__["data"][0])
+    return np.ctypeslib.as_array(buf)
+
+
 def _address(array, index):
     a = getattr(array, "_ary", array)  # a simulator device array wraps an ndarray
-    if not a.flags["C_CONTIGUOUS"]:  # a strided view (paged pool): address its root's bytes
-        root, start = _root(a)
+    if not a.flags["C_CONTIGUOUS"]:  # a strided view: address the bytes it lives in
         idx = index if isinstance(index, tuple) else (index,)
-        off = start + sum(int(i) * int(st) for i, st in zip(idx, a.strides))
-        return _address(root, (0,) * root.ndim) + np.int64(off)
+        off = sum(int(i) * int(st) for i, st in zip(idx, a.strides))
+        root, start = _root(a)
+        if root is not None:  # a view of a contiguous ndarray (the paged pool's sections)
+            return _address(root, (0,) * root.ndim) + np.int64(start + off)
+        with _lock:  # e.g. a slice of a torch tensor: its own byte span, aliased
+            slot = _slots.get(id(a))
+            if slot is None or _arrays[slot][0] is not a:
+                slot = len(_arrays)
+                _arrays.append((a, _span(a)))
+                _slots[id(a)] = slot
+        return np.int64((slot << _SHIFT) | off)
     with _lock:
         slot = _slots.get(id(a))
         if slot is None or _arrays[slot][0] is not a:

@@ -169,6 +169,7 @@ class NumbaStore(RowLengths):
         self.append_kernel = os.environ.get("OSCAR_APPEND_KERNEL", "1") != "0"
         self._warmed: set = set()
         self._warmed_shapes: set = set()
+        self._groups: dict = {}  # (num_q_heads, q_len) -> launches per step (_head_groups)
         self._alloc(_round_up(max(capacity, r), r))
 
     # --- lengths -----------------------------------------------------------------------------
@@ -239,9 +240,31 @@ class NumbaStore(RowLengths):
             for q_len in q_lens:
                 self._warm_decode(int(num_q_heads), int(q_len), q_dtype or self.dtype)
 
+    def _head_groups(self, num_q_heads: int, q_len: int) -> int:
+        """Launches per decode step (:func:`kernels_numba.attention.head_groups`): 1 unless
+        the step has more query rows per KV head than a split kernel takes; ValueError when
+        even one query head per KV head is too many (q_len too large)."""
+        key = (num_q_heads, q_len)
+        s = self._groups.get(key)
+        if s is None:
+            g = num_q_heads // self.num_kv_heads
+            s = _attn.head_groups(self.config, self.head_dim, g, q_len)
+            if s is None:
+                raise ValueError(
+                    f"q: q_len {q_len} is too many query rows per KV head for the decode kernels "
+                    f"at head_dim {self.head_dim} even one query head at a time; use a smaller "
+                    "q_len per call")
+            self._groups[key] = s
+        return s
+
     def _warm_decode(self, num_q_heads: int, q_len: int, q_dtype: str) -> None:
         key = (num_q_heads, q_len, q_dtype)
         if key in self._warmed:
+            return
+        s = self._head_groups(num_q_heads, q_len)
+        if s > 1:  # the launches run over num_q_heads / s heads (_decode_in_head_groups)
+            self._warm_decode(num_q_heads // s, q_len, q_dtype)
+            self._warmed.add(key)
             return
         with _Launch(self.device):
             _attn.decode_kernels(self.config, self.head_dim, num_q_heads // self.num_kv_heads,
@@ -513,6 +536,8 @@ class NumbaStore(RowLengths):
             for q_len in q_lens:
                 self._warm_decode(int(num_q_heads), int(q_len), q_dtype or self.dtype)
         for hq, q_len, qdt in sorted(self._warmed):
+            if self._head_groups(hq, q_len) > 1:  # its head groups' shapes are warmed too
+                continue
             q = torch.empty((self.batch, hq, q_len, self.head_dim), dtype=getattr(torch, qdt),
                             device=self.device)
             decision = self._decision(q)
@@ -585,6 +610,9 @@ class NumbaStore(RowLengths):
         if torch.cuda.current_device() != self.device.index:  # see append
             with torch.cuda.device(self.device):
                 return self.decode_attention(q, scale, return_lse)
+        groups = self._head_groups(int(q.shape[1]), int(q.shape[2]))
+        if groups > 1:
+            return self._decode_in_head_groups(q, scale, return_lse, groups)
         # the first step of a query shape loads or compiles every variant the loop can launch
         # (no compile later in the loop when the split plan changes)
         if (q.shape[1], q.shape[2], q.dtype) not in self._warmed_shapes:
@@ -596,6 +624,29 @@ class NumbaStore(RowLengths):
             except _launch.PlanUnavailable as exc:
                 self._plan_failed(exc)
         return self._decode_dispatched(q, scale, return_lse)
+
+    def _decode_in_head_groups(self, q: torch.Tensor, scale: float, return_lse: bool,
+                               groups: int):
+        """A step with more query rows per KV head than a kernel takes, as ``groups`` decode
+        steps over ``G / groups`` query heads of each KV head (each reads the packed cache:
+        ``groups`` times the bytes; exact, as every row's attention is independent)."""
+        b, hq, q_len, d = (int(x) for x in q.shape)
+        h = self.num_kv_heads
+        g = hq // h
+        sub = q.reshape(b, h, groups, g // groups, q_len, d)
+        outs, lses = [], []
+        for j in range(groups):
+            res = self.decode_attention(sub[:, :, j].reshape(b, h * (g // groups), q_len, d)
+                                        .contiguous(),
+                                        scale, return_lse)
+            out, lse = res if return_lse else (res, None)
+            outs.append(out.view(b, h, g // groups, q_len, d))
+            if return_lse:
+                lses.append(lse.view(b, h, g // groups, q_len))
+        out = torch.stack(outs, dim=2).view(b, hq, q_len, d)
+        if not return_lse:
+            return out
+        return out, torch.stack(lses, dim=2).view(b, hq, q_len)
 
     def _bounds(self):
         """Upper bounds of the rows' packed and residual tokens that size a decode step's plan:

@@ -176,3 +176,40 @@ def test_bridge_capture_mode_decides_on_the_device(bridge):
     np.testing.assert_array_equal(cache.sync_lengths(), ref.seq_lens)
     assert not store.static
     _same(cache, ref)
+
+
+def test_head_groups_at_the_kernels_real_limits():
+    from oscar.kernels_numba import attention as K
+
+    cfg = oscar.OScaRConfig()
+    assert K.head_groups(cfg, 128, 4, 1) == 1 and K.head_groups(cfg, 128, 8, 4) == 1
+    assert K.head_groups(cfg, 128, 8, 8) == 2  # 64 rows (GQA 8 at q_len 8) -> 2 x 32
+    assert K.head_groups(cfg, 128, 4, 16) == 2  # 64 rows (GQA 4 at q_len 16)
+    assert K.head_groups(cfg, 64, 16, 4) == 2
+    assert K.head_groups(cfg, 128, 8, 32) == 8  # one query head per launch: 32 rows
+    assert K.head_groups(cfg, 128, 1, 200) is None  # q_len alone is too many rows
+
+
+def test_bridge_more_rows_than_a_kernel_takes_run_in_head_groups(bridge, monkeypatch):
+    # The kernels' limits, lowered so that the simulator stays quick: a kernel takes at most 4
+    # rows per KV head, so G 4 x q_len 2 = 8 rows runs as 2 launches of 2 query heads each;
+    # the step must equal the reference (out and lse), in the original head order.
+    from oscar.kernels_numba import attention as K
+
+    real = K.rows_fit
+    monkeypatch.setattr(K, "rows_fit", lambda c, d, g, lq: g * lq <= 4 and real(c, d, g, lq))
+    cache = _store_cache(bridge)
+    k, v = _kv(40, 11)
+    cache.append(k, v)
+    ref = oscar.quantize_kv(k.numpy(), v.numpy(), CFG)
+    store = cache._store
+    assert store._head_groups(4, 2) == 2 and store._head_groups(4, 1) == 1
+    q = torch.randn(B, 4, 2, D, generator=torch.Generator().manual_seed(12)) * 0.2
+    out, lse = store.decode_attention(q, 1.0 / np.sqrt(D), True)
+    want, wlse = oscar.decode_attention(q, ref, return_lse=True)
+    vmax = float(np.abs(ref.residual()[1]).max())
+    np.testing.assert_allclose(out.numpy(), want.numpy(), atol=0.02 * vmax, rtol=0)
+    np.testing.assert_allclose(lse.numpy(), wlse.numpy(), atol=0.02, rtol=0)
+    assert torch.equal(store.decode_attention(q, 1.0 / np.sqrt(D), False), out)
+    with pytest.raises(ValueError, match="q_len 5 is too many"):  # 5 rows even per head
+        store.decode_attention(torch.zeros(B, 4, 5, D), 0.1, False)

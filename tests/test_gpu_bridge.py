@@ -181,6 +181,23 @@ def test_decode_attention_gqa_qlen_lse(gqa, q_len, cfg):
                                atol=_tol(1e-5))
 
 
+@pytest.mark.parametrize("gqa,q_len", [(8, 8), (4, 16)])
+def test_decode_attention_64_rows_in_head_groups(gqa, q_len):
+    """64 query rows per KV head at head_dim 128 (GQA 8 at q_len 8, GQA 4 at q_len 16): no split
+    kernel takes them, so the step runs as 2 launches over half the query heads each
+    (kernels_numba.attention.head_groups); out and lse equal the reference's."""
+    rng = np.random.default_rng(gqa + q_len)
+    k, v = _kv(rng, 2, 2, 300, 128, "bfloat16")
+    q = torch.from_numpy(rng.standard_normal((2, 2 * gqa, q_len, 128)).astype(np.float32))
+    gpu = oscar.quantize_kv(k.to(DEV), v.to(DEV))
+    ref = oscar.quantize_kv(k, v)
+    assert gpu._store._head_groups(2 * gqa, q_len) == 2
+    out_g, lse_g = oscar.decode_attention(q.to(DEV).to(torch.bfloat16), gpu, return_lse=True)
+    out_r, lse_r = oscar.decode_attention(q.to(torch.bfloat16).float(), ref, return_lse=True)
+    assert _rel(out_g.float().cpu(), out_r) < _tol(OUT_RTOL["bfloat16"])
+    np.testing.assert_allclose(lse_g.cpu().numpy(), lse_r.numpy(), rtol=F16_RTOL, atol=F16_RTOL)
+
+
 @pytest.mark.parametrize("head_dim", [64, 256])
 def test_other_head_dims(head_dim):
     rng = np.random.default_rng(head_dim)
