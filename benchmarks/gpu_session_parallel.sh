@@ -24,7 +24,7 @@ run_tests() {  # name, pytest arguments...
 run_tests compile tests/test_graph_step.py -k "torch_compile or opcheck" &
 run_tests paged tests/test_kernels_paged.py tests/test_paged_cuda.py &
 run_tests integration tests/test_integration_gpu.py &
-run_tests bridge tests/test_gpu_bridge.py -k "underflow or overflow or nonfinite" &
+run_tests bridge tests/test_gpu_bridge.py -k "underflow or overflow or nonfinite or 64_rows" &
 run_tests multirow tests/test_kernels_attention.py -k "multirow" &
 timeout "$T" python3 -c "import oscar; oscar.warmup(num_kv_heads=8, head_dim=128, \
 num_q_heads=32, dtype='bfloat16', batch_sizes=(1, 8), q_lens=(1,))" >/tmp/t_warm.log 2>&1 &
@@ -44,5 +44,5 @@ tail -n 3 /tmp/t_warm.log | tee -a "$LOG"
 
 t0=$SECONDS
 timeout "$(cap 250)" python3 benchmarks/generate.py --out "$OUT" --cases 1x8192,8x8192 \
-  --new 32 --kinds dynamic,oscar >/tmp/generate.log 2>&1
+  --new 32 --kinds dynamic,oscar,oscar_graph,static >/tmp/generate.log 2>&1
 step generate $? $((SECONDS - t0)); tail -n 25 /tmp/generate.log | cut -c1-300 | tee -a "$LOG"
