@@ -616,7 +616,8 @@ def _c_contiguous(x):
     return True if flags is None else bool(flags["C_CONTIGUOUS"])
 
 
-def _expect(name, x, shape, dtype):
+def _expect_array(name, x, shape, dtype):
+    """``x`` is a device array of ``shape`` and ``dtype`` (TypeError/ValueError naming it)."""
     on_device = getattr(x, "is_cuda", None)
     if on_device is None:
         on_device = SIMULATOR or cuda.is_cuda_array(x)
@@ -628,6 +629,10 @@ def _expect(name, x, shape, dtype):
     want = np.dtype(dtype).name
     if _dtype_name(x) != want:
         raise TypeError(f"{name}: expected dtype {want}, got {_dtype_name(x)}")
+
+
+def _expect(name, x, shape, dtype):
+    _expect_array(name, x, shape, dtype)
     if not _c_contiguous(x):  # the kernels address tiles with fixed strides
         raise ValueError(f"{name}: expected a C-contiguous array, got strides "
                          f"{tuple(getattr(x, 'strides', ()))}")
@@ -991,17 +996,7 @@ def _check_paged(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, o
 def _expect_strided(name, x, shape, dtype):
     """:func:`_expect` for a section view of a page pool: the shape and dtype, a device array,
     and C-contiguous axes after the first (the page axis may have any stride)."""
-    on_device = getattr(x, "is_cuda", None)
-    if on_device is None:
-        on_device = SIMULATOR or cuda.is_cuda_array(x)
-    if not on_device:
-        raise TypeError(f"{name}: expected a CUDA device array, got {type(x).__name__}")
-    got = tuple(int(s) for s in x.shape)
-    if got != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {got}")
-    want = np.dtype(dtype).name
-    if _dtype_name(x) != want:
-        raise TypeError(f"{name}: expected dtype {want}, got {_dtype_name(x)}")
+    _expect_array(name, x, shape, dtype)
     st = _strides(x)
     inner, size = [], np.dtype(dtype).itemsize
     for n in reversed(shape[1:]):

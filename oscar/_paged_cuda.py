@@ -264,6 +264,16 @@ class PagedNumbaStore:
             if windows:
                 self._flush(windows, flush_runs, stream)
 
+    def _gather_residual(self, src, tok, dst, k_res, v_res, keep, stream) -> None:
+        """One launch: residual token ``tok[i]`` of sequence ``src[i]`` into row ``dst[i]``,
+        same token, of ``k_res``/``v_res`` (the uploaded index arrays join ``keep``)."""
+        items = [self.mem.upload(np.asarray(x, np.int32)) for x in (src, tok, dst)]
+        keep += items
+        _pk.copy_tokens(self.mem.nb(self.k_res), self.mem.nb(self.v_res),
+                        self.mem.nb(items[0]), self.mem.nb(items[1]),
+                        self.mem.nb(k_res), self.mem.nb(v_res),
+                        self.mem.nb(items[2]), self.mem.nb(items[1]), stream=stream)
+
     def _flush(self, windows, flush_runs, stream) -> None:
         lay, r = self.layout, self.config.residual_length
         # codes are uint32 for the kernels (torch holds them as int32: the same bits)
@@ -375,12 +385,7 @@ class PagedNumbaStore:
                     src = np.concatenate([np.full(n, s, np.int32) for s, n in zip(seqs, rls)])
                     tok = np.concatenate([np.arange(n, dtype=np.int32) for n in rls])
                     dst = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(rls)])
-                    items = [self.mem.upload(x) for x in (src, tok, dst)]
-                    keep += items
-                    _pk.copy_tokens(self.mem.nb(self.k_res), self.mem.nb(self.v_res),
-                                    self.mem.nb(items[0]), self.mem.nb(items[1]),
-                                    self.mem.nb(k_res), self.mem.nb(v_res),
-                                    self.mem.nb(items[2]), self.mem.nb(items[1]), stream=stream)
+                    self._gather_residual(src, tok, dst, k_res, v_res, keep, stream)
             if self.mem.sim:
                 qd = np.ascontiguousarray(q)
             else:
@@ -433,13 +438,9 @@ class PagedNumbaStore:
                 # residual windows of the group's sequences, one launch: item (row j, token t)
                 if rl:
                     t = np.tile(np.arange(rl, dtype=np.int32), g)
-                    items = [self.mem.upload(x) for x in (
-                        np.repeat(seqs, rl), t, np.repeat(np.arange(g, dtype=np.int32), rl))]
-                    keep += items
-                    _pk.copy_tokens(self.mem.nb(self.k_res), self.mem.nb(self.v_res),
-                                    self.mem.nb(items[0]), self.mem.nb(items[1]),
-                                    self.mem.nb(k_res), self.mem.nb(v_res),
-                                    self.mem.nb(items[2]), self.mem.nb(items[1]), stream=stream)
+                    self._gather_residual(np.repeat(seqs, rl), t,
+                                          np.repeat(np.arange(g, dtype=np.int32), rl),
+                                          k_res, v_res, keep, stream)
                 if self.mem.sim:
                     qg = np.ascontiguousarray(q_host[idx])
                 else:
