@@ -616,6 +616,17 @@ def _c_contiguous(x):
     return True if flags is None else bool(flags["C_CONTIGUOUS"])
 
 
+def _check_step_lengths(quantized_len, residual_len, q_len, num_splits, r_len):
+    """The residual length, q_len and split count of a decode step (ValueError naming them)."""
+    if not 0 <= residual_len < r_len:
+        raise ValueError(f"residual_len: expected 0 <= residual_len < {r_len}, got {residual_len}")
+    if not 1 <= q_len <= max(1, quantized_len + residual_len):
+        raise ValueError(f"q_len: expected 1 <= q_len <= seq_len ({quantized_len + residual_len}),"
+                         f" got {q_len}")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits: expected 1..{MAX_SPLITS}, got {num_splits}")
+
+
 def _expect_array(name, x, shape, dtype):
     """``x`` is a device array of ``shape`` and ``dtype`` (TypeError/ValueError naming it)."""
     on_device = getattr(x, "is_cuda", None)
@@ -821,13 +832,7 @@ def _check_arguments(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_re
     if not 0 <= quantized_len <= cap or quantized_len % config.key_group_size:
         raise ValueError(f"quantized_len: expected a multiple of {config.key_group_size} in "
                          f"[0, {cap}], got {quantized_len}")
-    if not 0 <= residual_len < r_len:
-        raise ValueError(f"residual_len: expected 0 <= residual_len < {r_len}, got {residual_len}")
-    if not 1 <= q_len <= max(1, quantized_len + residual_len):
-        raise ValueError(f"q_len: expected 1 <= q_len <= seq_len ({quantized_len + residual_len}),"
-                         f" got {q_len}")
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits: expected 1..{MAX_SPLITS}, got {num_splits}")
+    _check_step_lengths(quantized_len, residual_len, q_len, num_splits, r_len)
     pd = PARAM_DTYPES[config.param_dtype]
     _expect("q", q, (batch, nq, q_len, d), Q_DTYPES[q_dtype])
     _expect("k_codes", k_codes, (batch, nkv, cap // 32, d * config.key_bits // 32, 32), np.uint32)
@@ -940,13 +945,7 @@ def _check_paged(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, o
         raise ValueError(f"quantized_len: expected a multiple of {config.key_group_size} in "
                          f"[0, max_blocks * page_size = {max_blocks * p}], got {quantized_len}")
     r_len = config.residual_length
-    if not 0 <= residual_len < r_len:
-        raise ValueError(f"residual_len: expected 0 <= residual_len < {r_len}, got {residual_len}")
-    if not 1 <= q_len <= max(1, quantized_len + residual_len):
-        raise ValueError(f"q_len: expected 1 <= q_len <= seq_len ({quantized_len + residual_len}),"
-                         f" got {q_len}")
-    if not 1 <= num_splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits: expected 1..{MAX_SPLITS}, got {num_splits}")
+    _check_step_lengths(quantized_len, residual_len, q_len, num_splits, r_len)
     num_pages = int(k_codes.shape[0])
     pd = PARAM_DTYPES[config.param_dtype]
     _expect("q", q, (batch, nq, q_len, d), Q_DTYPES[q_dtype])
