@@ -290,7 +290,9 @@ class OScaRLayer(CacheLayerMixin):
             self.batch_select_indices(np.repeat(np.arange(self.cache.batch), repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Negative: remove that many tokens; positive: keep that many (older transformers)."""
+        """Negative: remove that many tokens; positive: keep that many (older transformers).
+        An int or a 0-d tensor (transformers 5.17's assisted decoding passes one)."""
+        tokens_to_remove = int(tokens_to_remove)
         if self.cache is None or tokens_to_remove == 0:
             return
         n = self.cache.seq_len
