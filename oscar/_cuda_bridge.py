@@ -207,12 +207,12 @@ class NumbaStore(RowLengths):
         """Per-row first visible tokens for the next decode calls: None (all 0), a validated
         host int64 ``[batch]``, or a CUDA integer tensor ``[batch]`` (copied on the device,
         capturable; its values are not checked)."""
-        col = self.lengths[:, LEN_START]
         if start is None:
             if self._start_set:
-                col.zero_()
+                self.lengths[:, LEN_START].zero_()
                 self._start_set = False
             return
+        col = self.lengths[:, LEN_START]
         if isinstance(start, torch.Tensor):
             col.copy_(start)
         else:
@@ -655,11 +655,11 @@ class NumbaStore(RowLengths):
         r = self.config.residual_length
         if self.static:
             return self.capacity, r - 1
-        s = self.seq_lens
-        lo, hi = int(s.min()), int(s.max())
-        if lo == hi:  # rows of one length (the common case: two reductions of host time)
+        ls = self.seq_lens.tolist()  # a few rows: cheaper than NumPy reductions
+        lo, hi = min(ls), max(ls)
+        if lo == hi:  # rows of one length (the common case)
             return hi // r * r, hi % r
-        return int((s // r * r).max()), int((s % r).max())
+        return max(n // r * r for n in ls), max(n % r for n in ls)
 
     def _decision(self, q: torch.Tensor):
         """``(num_splits, residual_rows, fused)`` of a decode step of q's shape at the current
@@ -885,9 +885,11 @@ def decode_attention(q, cache: QuantizedKVCache, scale: float, return_lse: bool,
     cache._store.check_device("q", q)
     if not q.is_contiguous():  # the kernel reads q row-major; a strided view is copied once
         q = q.contiguous()
-    with torch.cuda.device(cache._store.device):
-        cache._store.set_start(start)
-    return cache._store.decode_attention(q, scale, return_lse)
+    store = cache._store
+    if start is not None or store._start_set:  # else nothing to write (no device switch)
+        with torch.cuda.device(store.device):
+            store.set_start(start)
+    return store.decode_attention(q, scale, return_lse)
 
 
 def dequantize_kv(cache: QuantizedKVCache, dtype: str | None = None):

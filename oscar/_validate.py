@@ -11,14 +11,25 @@ import numpy as np
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 
+_IS_TORCH: dict = {}  # type -> is it a torch tensor type (memo: this runs on every call)
+_TORCH_DTYPE_NAMES: dict = {}  # torch.dtype -> its name
+
+
 def is_torch(x) -> bool:
-    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "is_cuda")
+    t = type(x)
+    r = _IS_TORCH.get(t)
+    if r is None:
+        r = _IS_TORCH[t] = t.__module__.split(".")[0] == "torch" and hasattr(x, "is_cuda")
+    return r
 
 
 def dtype_name(x) -> str:
     """'float16' / 'bfloat16' / 'float32' / ... for NumPy arrays and torch tensors."""
     if is_torch(x):
-        return str(x.dtype).replace("torch.", "")
+        name = _TORCH_DTYPE_NAMES.get(x.dtype)
+        if name is None:
+            name = _TORCH_DTYPE_NAMES[x.dtype] = str(x.dtype).replace("torch.", "")
+        return name
     return np.asarray(x).dtype.name if not hasattr(x, "dtype") else np.dtype(x.dtype).name
 
 

@@ -221,11 +221,12 @@ def check_query(q, cache: QuantizedKVCache):
     lens = cache._store.known_lengths()
     if lens is None:  # prepared for capture: the lengths live on the device (not checked here)
         return dt
-    lo, hi = int(lens.min()), int(lens.max())
+    ls = lens.tolist()  # a few rows: Python's min/max cost less than two NumPy reductions
+    lo, hi = min(ls), max(ls)
     if hi == 0:
         raise ValueError("cache: expected at least one token, got an empty cache")
     # empty rows (reset, not refilled yet) are allowed: their output is zeros
-    shortest = hi if lo == hi else int(lens[lens > 0].min())
+    shortest = hi if lo == hi else min(n for n in ls if n > 0)
     if not 1 <= q_len <= shortest:
         what = (f"cache.seq_len ({shortest})" if (lens == shortest).all() else
                 f"the shortest non-empty row's seq_len ({shortest})")

@@ -1,0 +1,45 @@
+"""Host time of the public API layer above the CUDA store (issue 21), on any machine.
+
+The CUDA store is built over CPU tensors under Numba's CUDA simulator (the fixture of
+tests/test_bridge_sim.py) and its decode and append are stubbed, so what is timed is only the
+Python of ``oscar.decode_attention`` and ``QuantizedKVCache.append`` (argument checks, the start
+column, dispatch): the part that the GPU's launch plans do not cover.
+
+    NUMBA_ENABLE_CUDASIM=1 python benchmarks/host_api.py
+"""
+import cProfile
+import os
+import pstats
+import sys
+import time
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+import conftest  # noqa: E402,F401  (the simulator's block runner, as in the tests)
+import pytest  # noqa: E402
+import test_bridge_sim as T  # noqa: E402
+import torch  # noqa: E402
+
+import oscar  # noqa: E402
+
+mp = pytest.MonkeyPatch()
+br = T.bridge.__wrapped__(mp)
+cache = T._store_cache(br, batch=8)
+k, v = T._kv(40, 11, batch=8)
+cache.append(k, v)
+store = cache._store
+out = torch.empty(8, 2, 1, T.D)
+store.decode_attention = lambda q, scale, lse: out
+store.append = lambda k, v: None
+q = torch.randn(8, 2, 1, T.D); kn = torch.randn(8, 1, 1, T.D)
+N = 20000
+t = time.perf_counter()
+for _ in range(N): oscar.decode_attention(q, cache)
+print("api decode us", (time.perf_counter() - t) / N * 1e6)
+t = time.perf_counter()
+for _ in range(N): cache.append(kn, kn)
+print("api append us", (time.perf_counter() - t) / N * 1e6)
+if "--profile" in sys.argv:
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [oscar.decode_attention(q, cache) for _ in range(5000)])
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
