@@ -176,3 +176,40 @@ def test_graphed_generate_on_cuda():
     # differ in the last bits and a near-tie may flip a later token; the first 16 must agree
     # (on the reference backend, CPU CI checks all of them and every packed byte)
     assert torch.equal(graphed[:, :16], ref[:, 40:56])
+
+
+def test_assisted_decoding_blocks_run_on_the_packed_cache_on_cuda():
+    """Prompt-lookup decoding verifies blocks of up to 11 tokens: 22 rows per KV head at GQA 2,
+    which the CUDA integration now runs on the packed cache (v3 row groups) instead of
+    dequantizing the history. A never-quantizing configuration equals SDPA exactly."""
+    transformers = pytest.importorskip("transformers")
+    from oscar.integrations import transformers as oit
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, initializer_range=0.2)
+    model = transformers.LlamaForCausalLM(cfg).eval().cuda()
+    ids = torch.randint(0, 16, (1, 60), device="cuda")  # a small vocabulary: lookups hit
+    calls = []
+    real = oit.OScaRLayer._packed_path
+
+    def spy(self, num_q_heads, q_len):
+        calls.append((q_len, real(self, num_q_heads, q_len)))
+        return calls[-1][1]
+
+    def run(impl, cache):
+        model.set_attn_implementation(impl)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model.generate(input_ids=ids, max_new_tokens=24, do_sample=False,
+                                  prompt_lookup_num_tokens=10, past_key_values=cache)
+
+    ref = run("sdpa", transformers.DynamicCache(config=model.config))
+    oit.OScaRLayer._packed_path = spy
+    try:
+        out = run("oscar", oit.OScaRCache(model.config, NEVER))
+    finally:
+        oit.OScaRLayer._packed_path = real
+    assert torch.equal(ref, out)
+    assert any(q_len > 8 and packed for q_len, packed in calls), calls

@@ -543,3 +543,28 @@ def test_graphed_generate_errors(llama):
             layer.begin_static(64, 4, torch.float32)
         with pytest.raises(ValueError, match="one token per step"):
             llama(input_ids=ids[:, :2], past_key_values=cache, use_cache=True)
+
+
+def test_packed_path_choice_per_backend():
+    """Reference: up to MAX_DECODE_ROWS rows per KV head; CUDA: whatever the kernels take in at
+    most MAX_HEAD_GROUPS launches (a stand-in store answers like the CUDA one)."""
+    layer = oit.OScaRLayer(INT2, 0)
+    layer.cache = oscar.quantize_kv(np.zeros((1, 2, 40, 32), np.float32),
+                                    np.zeros((1, 2, 40, 32), np.float32), INT2)
+    assert layer._packed_path(8, 4) and not layer._packed_path(8, 5)  # 16 / 20 rows
+
+    class Store:
+        def _head_groups(self, num_q_heads, q_len):
+            rows = num_q_heads // 2 * q_len
+            if q_len > 32:
+                raise ValueError("q: q_len too many")
+            return -(-rows // 32)
+
+    class Cuda:
+        backend, num_kv_heads, _store = "numba", 2, Store()
+
+    layer.cache = Cuda()
+    assert layer._packed_path(8, 8)  # 32 rows: one launch
+    assert layer._packed_path(16, 16)  # 128 rows: 4 launches
+    assert not layer._packed_path(16, 17)  # 5 launches: the chunk path's one dequantization
+    assert not layer._packed_path(2, 40)  # no kernel takes q_len 40

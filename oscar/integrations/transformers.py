@@ -25,7 +25,8 @@ How it plugs in (public transformers interfaces only: ``Cache``, ``CacheLayerMix
     continuation, assisted/speculative verification): append, then ``oscar.decode_attention``
     on the packed cache, with a per-row first visible token (``start``) for left padding and,
     with one query, for a sliding window; used when the mask is "causal from a per-row start"
-    and ``G * q_len <= MAX_DECODE_ROWS``;
+    and the decode kernels take the query block (``MAX_DECODE_ROWS`` rows per KV head on the
+    reference backend, at most ``MAX_HEAD_GROUPS`` launches on CUDA);
   - **chunk path** (larger query blocks, or masks with a different start per query, e.g. a
     sliding window with several queries): dequantize the history once for this chunk
     (``oscar.dequantize_kv``) and run exact SDPA over it with the dense mask.
@@ -69,12 +70,15 @@ ATTN_IMPLEMENTATION = "oscar"
 #: attention function (checked in their transformers 5.x sources) and that the tests cover.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
-#: Query rows per KV head (``num_q_heads / num_kv_heads * q_len``) up to which a step runs
-#: ``decode_attention`` on the packed cache. The CUDA split kernel takes at most 32 rows at
-#: head_dim 128 and 16 at head_dim 256 (kernels_numba/attention.py, "Limits"), so 16 fits every
-#: head_dim; larger blocks take the chunk path (dequantize once, exact SDPA). The reference
-#: backend uses the same threshold so that CPU tests exercise both paths.
+#: Query rows per KV head (``num_q_heads / num_kv_heads * q_len``) up to which a step on the
+#: reference backend runs ``decode_attention`` on the packed cache; larger blocks take the chunk
+#: path (dequantize once, exact SDPA), so that CPU tests exercise both paths.
 MAX_DECODE_ROWS = 16
+#: On CUDA a step runs on the packed cache when the decode kernels take it in at most this many
+#: launches over groups of query heads (``kernels_numba.attention.head_groups``: one launch up to
+#: 32 rows per KV head at head_dim 128, each further launch reads the packed history again);
+#: beyond, the chunk path's one dequantization is the cheaper read.
+MAX_HEAD_GROUPS = 4
 #: attention-function keyword arguments that change the attention math in ways the packed path
 #: does not implement (logit soft-capping, attention sinks, additive position biases).
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
@@ -335,8 +339,7 @@ class OScaRLayer(CacheLayerMixin):
         self.cache.append(k_s, v_s)
         q_len, seq_len = int(query.shape[2]), self.cache.seq_len
         ok, start = mask.row_start(q_len, seq_len) if mask is not None else (True, None)
-        rows = int(query.shape[1]) // self.cache.num_kv_heads * q_len
-        if ok and rows <= MAX_DECODE_ROWS:
+        if ok and self._packed_path(int(query.shape[1]), q_len):
             if start is not None and query.is_cuda:
                 start = mask.device_start(start, query.device)
             out = decode_attention(query, self.cache, scale=scaling, start=start)
@@ -350,6 +353,17 @@ class OScaRLayer(CacheLayerMixin):
                                         else _causal(q_len, seq_len, query.device),
                                         dropout=0.0, scaling=scaling, **kwargs)
         return out
+
+
+    def _packed_path(self, num_q_heads: int, q_len: int) -> bool:
+        """Whether a step of this query shape runs on the packed cache (MAX_DECODE_ROWS on the
+        reference backend, MAX_HEAD_GROUPS launches on CUDA) or takes the chunk path."""
+        if self.cache.backend == "numba":
+            try:
+                return self.cache._store._head_groups(num_q_heads, q_len) <= MAX_HEAD_GROUPS
+            except ValueError:  # q_len alone is too many rows for the kernels
+                return False
+        return num_q_heads // self.cache.num_kv_heads * q_len <= MAX_DECODE_ROWS
 
 
 def _check_sharding(layer_idx, heads: int, model_heads, config: OScaRConfig) -> None:
@@ -738,4 +752,5 @@ def graphed_generate(model, input_ids, max_new_tokens: int, attention_mask=None,
 
 __all__ = ["OScaRCache", "OScaRLayer", "OScaRMask", "oscar_attention", "oscar_mask",
            "graphed_generate", "layer_configs", "ATTN_IMPLEMENTATION", "MAX_DECODE_ROWS",
+           "MAX_HEAD_GROUPS",
            "SUPPORTED_MODEL_TYPES"]
