@@ -105,15 +105,22 @@ def test_decode_attention_start_on_cuda_matches_the_reference():
         oscar.decode_attention(q.cuda(), c, start=[0, int(k.shape[2]), 0])
 
 
+def _tiny_llama(**kw):
+    """A 2-layer Llama (GQA 2, head_dim 32) with random weights on the GPU."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, initializer_range=0.2,
+                                   **kw)
+    return transformers.LlamaForCausalLM(cfg).eval().cuda()
+
+
 def test_transformers_on_cuda():
     transformers = pytest.importorskip("transformers")
     from oscar.integrations.transformers import OScaRCache
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=32, initializer_range=0.2)
-    model = transformers.LlamaForCausalLM(cfg).eval().cuda()
+    model = _tiny_llama()
     ids = torch.randint(0, 128, (2, 40), device="cuda")
 
     def run(impl, cache, **kw):
@@ -143,15 +150,10 @@ def test_graphed_generate_on_cuda():
     """The whole decode step of a tiny Llama in one CUDA graph: the replayed tokens and packed
     bytes equal the same static step run eagerly (cuda_graph=False), bit for bit, on left-padded
     rows across flushes; the first tokens equal generate()'s."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from oscar.integrations.transformers import OScaRCache, graphed_generate
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=32, initializer_range=0.2,
-                                   eos_token_id=None)
-    model = transformers.LlamaForCausalLM(cfg).eval().cuda()
+    model = _tiny_llama(eos_token_id=None)
     ids = torch.randint(0, 128, (2, 40), device="cuda")
     am = torch.ones_like(ids)
     am[1, :5] = 0
@@ -185,11 +187,7 @@ def test_assisted_decoding_blocks_run_on_the_packed_cache_on_cuda():
     transformers = pytest.importorskip("transformers")
     from oscar.integrations import transformers as oit
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=32, initializer_range=0.2)
-    model = transformers.LlamaForCausalLM(cfg).eval().cuda()
+    model = _tiny_llama()
     ids = torch.randint(0, 16, (1, 60), device="cuda")  # a small vocabulary: lookups hit
     calls = []
     real = oit.OScaRLayer._packed_path
