@@ -734,8 +734,13 @@ def graphed_generate(model, input_ids, max_new_tokens: int, attention_mask=None,
         tokens[:, 1] = step()  # eager: builds every launch plan before a capture
         if cuda_graph and max_new_tokens > 2:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                token = step()
+            try:
+                with torch.cuda.graph(graph):
+                    token = step()
+            except RuntimeError as exc:  # e.g. a host synchronization inside the model's step
+                raise RuntimeError(
+                    f"graphed_generate: capturing the model's decode step in a CUDA graph "
+                    f"failed ({exc}); cuda_graph=False runs the same step eagerly") from exc
             for t in range(2, max_new_tokens):
                 graph.replay()
                 tokens[:, t] = token
