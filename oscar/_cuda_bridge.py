@@ -661,11 +661,11 @@ class NumbaStore(RowLengths):
             return hi // r * r, hi % r
         return max(n // r * r for n in ls), max(n % r for n in ls)
 
-    def _decision(self, q: torch.Tensor):
+    def _decision(self, q: torch.Tensor, bounds=None):
         """``(num_splits, residual_rows, fused)`` of a decode step of q's shape at the current
         length bounds (cached: they change only with the packed bound and whether residual
         tokens exist)."""
-        ql, rl = self._bounds()
+        ql, rl = self._bounds() if bounds is None else bounds
         key = (q.shape, q.dtype, ql, rl > 0)
         decision = self._decisions.get(key)
         if decision is None:
@@ -686,7 +686,8 @@ class NumbaStore(RowLengths):
         """One decode step through prepared launches: patch q/out/lse pointers, lengths and
         scale, launch on torch's current stream. Bit-identical to the dispatcher path (same
         kernels, same packed parameters)."""
-        decision = self._decision(q)
+        bounds = self._bounds()  # once per step: the plan's decision and its patched lengths
+        decision = self._decision(q, bounds)
         key = (q.shape, q.dtype, decision, return_lse)
         step = self._steps.get(key)
         if step is None:
@@ -699,7 +700,7 @@ class NumbaStore(RowLengths):
         qp, op = q.data_ptr(), out.data_ptr()
         lp = lse.data_ptr() if return_lse else None
         stream = _launch.current_stream(self.device.index)
-        (ql, rl), sc = self._bounds(), float(scale)
+        (ql, rl), sc = bounds, float(scale)
         for launch, f_q, f_out, f_lse, f_ql, f_rl, f_scale in step:
             f_q.value, f_out.value, f_ql.value, f_rl.value, f_scale.value = qp, op, ql, rl, sc
             if lp is not None:
