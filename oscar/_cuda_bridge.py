@@ -407,10 +407,11 @@ class NumbaStore(RowLengths):
             return
         if n == 1 and DEVICE_APPEND:
             r = self.config.residual_length
-            fills = (self.seq_lens % r) == r - 1
-            if fills.any():
+            # a row's window fills with this token (a few rows: Python beats NumPy reductions)
+            fill = any(x % r == r - 1 for x in self.seq_lens.tolist())
+            if fill:
                 self._ensure(int(self.quantized_lens.max()) + r)
-            self._append_device(k, v, flush=bool(fills.any()))
+            self._append_device(k, v, flush=fill)
             self.seq_lens += 1
             return
         lens = self.seq_lens
@@ -694,7 +695,8 @@ class NumbaStore(RowLengths):
             if len(self._steps) > 256:
                 self._steps.clear()
             step = self._steps[key] = self._build_step(q, decision[0], return_lse)
-        out = torch.empty(q.shape, dtype=q.dtype, device=self.device)
+        # q is on this device (checked); empty_like parses less than empty(shape, dtype, device)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = (torch.empty(q.shape[:3], dtype=torch.float32, device=self.device)
                if return_lse else None)
         qp, op = q.data_ptr(), out.data_ptr()
