@@ -219,11 +219,15 @@ class PreparedLaunch:
             raise RuntimeError(f"cuLaunchKernel failed: {err[0]}")
 
 
-def current_stream(device_index: int) -> int:
-    """torch's current raw stream handle on a device (cheap)."""
-    import torch
+_RAW_STREAM = None  # torch's getter of the current raw stream handle, looked up once
 
-    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if get is not None:
-        return int(get(device_index))
-    return int(torch.cuda.current_stream(device_index).cuda_stream)
+
+def current_stream(device_index: int) -> int:
+    """torch's current raw stream handle on a device (cheap: called every step)."""
+    global _RAW_STREAM
+    if _RAW_STREAM is None:
+        import torch
+
+        _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+            lambda i: torch.cuda.current_stream(i).cuda_stream)
+    return int(_RAW_STREAM(device_index))
