@@ -40,8 +40,10 @@ Decode (:meth:`PagedNumbaStore.decode`), two paths:
   and the contiguous kernels run on it. It moves every page once more per step (roughly
   doubling a memory-bound step's traffic).
 
-Verified: the paged v3 path equals the contiguous v3 kernel bit for bit and the reference in the
-CUDA simulator, and compiles for sm_90; it has **not run on a GPU yet** (docs/serving.md).
+Verified: the paged v3 kernel equals the contiguous v3 kernel bit for bit and the reference in
+the CUDA simulator and on an H100 (2026-12-08, at Llama-3.1-8B shapes). This store's own GPU
+test (writes + decode against the reference) failed there on a flush bug, since fixed (the
+int32 code scratch now passed as uint32) and not yet re-run on a GPU (docs/serving.md).
 """
 
 from __future__ import annotations
