@@ -528,6 +528,9 @@ class NumbaStore(RowLengths):
         decode steps (workspaces and prepared launches) of every query shape warmed so far and
         of ``num_q_heads`` x ``q_lens`` in ``q_dtype``: a capture (torch.compile's CUDA graph
         trees included) then allocates nothing that outlives it but each step's output."""
+        if num_q_heads is not None:  # a q_len the kernels cannot take raises before any change
+            for q_len in q_lens:
+                self._head_groups(int(num_q_heads), int(q_len))
         self.reserve(max_seq_len)
         if not self.static:
             self._push_lengths()

@@ -517,6 +517,11 @@ class QuantizedKVCache(RowLengths):
         check_num_q_heads(num_q_heads, self.num_kv_heads)
         if isinstance(q_lens, (int, np.integer)):
             q_lens = (q_lens,)
+        try:
+            q_lens = tuple(q_lens)
+        except TypeError:
+            raise ValueError(f"q_lens: expected a non-empty sequence of positive ints, got "
+                             f"{q_lens!r}") from None
         bad = [x for x in q_lens if isinstance(x, bool) or not isinstance(x, (int, np.integer))
                or x < 1]
         if bad or not len(q_lens):

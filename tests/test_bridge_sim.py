@@ -154,6 +154,11 @@ def test_bridge_capture_mode_decides_on_the_device(bridge):
         cache.prepare_capture(64, num_q_heads=0)
     with pytest.raises(ValueError, match="q_lens"):
         cache.prepare_capture(64, num_q_heads=H * G, q_lens=(0,))
+    with pytest.raises(ValueError, match="q_lens"):
+        cache.prepare_capture(64, num_q_heads=H * G, q_lens=1.5)
+    with pytest.raises(ValueError, match="q_len 500 is too many"):  # and nothing changed
+        cache.prepare_capture(64, num_q_heads=H * G, q_lens=(500,))
+    assert not cache._store.static
     cache.prepare_capture(64, num_q_heads=H * G, q_lens=(1, 2))
     store = cache._store
     assert store.static and store._bounds() == (64, R - 1)
