@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session for issue 26 (multi-token decode, v3 row groups): install; the kernels of the
+# One GPU session for issue 26 (multi-token decode, v3 row groups and row blocks): install; the kernels of the
 # tests and of the benchmark compiled in parallel processes (warm_tests.py, multirow.py
 # --warm-only); the multi-row GPU tests and the v3 regression cases of <= 8 rows; with SANITIZE=1
 # compute-sanitizer (memcheck + racecheck) on one row-group case; then benchmarks/multirow.py.
@@ -24,7 +24,7 @@ echo "tests exit $? in $((SECONDS - t0)) s"; grep -E "passed|failed|FAILED|^E " 
 t0=$SECONDS
 [[ ${SANITIZE:-0} == 1 ]] && for tool in memcheck racecheck; do
   timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q \
-    -p no:cacheprovider tests/test_kernels_attention.py -k "multirow and rg2-gqa1-qlen9" \
+    -p no:cacheprovider tests/test_kernels_attention.py -k "multirow and (rg2-gqa1-qlen9 or rb2-gqa8)" \
     >"$OUT/$tool.log" 2>&1
   echo "$tool exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/$tool.log" | tail -3
 done

@@ -7,7 +7,9 @@ Llama-3.1-8B-like heads (8 KV heads, head_dim 128, GQA 4 = 32 query heads; GQA 8
 heads, the Llama-3-70B ratio), INT2 g32, bfloat16 queries. For every (shape, GQA, q_len) it
 times one ``oscar.decode_attention`` call with split kernel v1 everywhere (``SPLIT_VERSION =
 1``) and with the default dispatch (``SPLIT_VERSION = 3``: v3, in row groups beyond 8 rows per
-KV head, v1 where v3 does not take the rows), side by side: device ms of a CUDA-graph replay
+KV head, in row blocks beyond 32, v1 where v3 does not take the rows), side by side, and for
+steps in row blocks also the head-group path they replaced (``MAX_ROW_BLOCKS = 1``: launches over
+groups of query heads, each reading the cache again): device ms of a CUDA-graph replay
 (CUDA events, L2 flushed, median; gpu_timing.time_graph) and of the eager call (includes the
 host launch cost; gpu_timing.time_cuda). "x q1" is the new path's graph time over its q_len = 1
 time at the same shape and GQA: the issue's goal is <= 1.3 at q_len 4 and <= 1.6 at q_len 8, GQA
@@ -49,15 +51,23 @@ def path_name(gqa, q_len):
                                   rows, cfg.param_dtype)
     if why is not None:
         return "v1 (fallback)"
-    rg = K._split_v3.row_groups(rows)
-    return "v3" if rg == 1 else f"v3 RG{rg}"
+    rb = K._split_v3.row_blocks(cfg.key_bits, cfg.value_bits, cfg.value_group_size, HEAD_DIM,
+                                rows)
+    rg = K._split_v3.row_groups(rows // rb)
+    return ("v3" if rg == 1 else f"v3 RG{rg}") + (f" x {rb} row blocks" if rb > 1 else "")
+
+
+def row_blocked(gqa, q_len):
+    """True where the default dispatch runs row blocks (more rows than one v3 block holds)."""
+    return "row blocks" in path_name(gqa, q_len)
 
 
 def _warm(job):
     """Compile (into the on-disk kernel cache) every kernel of one (version, batch, GQA, q_len)
     decode shape; runs in a worker process. 0 for a shape no kernel takes."""
-    version, batch, gqa, q_len = job
+    version, batch, gqa, q_len, max_rb = job
     K.SPLIT_VERSION = version
+    K._split_v3.MAX_ROW_BLOCKS = max_rb
     try:
         return oscar.warmup(num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                             num_q_heads=NUM_KV_HEADS * gqa, dtype="bfloat16",
@@ -73,10 +83,12 @@ def warm(jobs, workers):
         return sum(pool.map(_warm, jobs))
 
 
-def measure(q, cache, version, iters):
+def measure(q, cache, version, iters, max_row_blocks=None):
     """Graph and eager ms of one decode call with split kernel ``version``; None where the
-    configuration is refused (ValueError: 64 rows at head_dim 128 fit neither kernel)."""
+    configuration is refused (ValueError: v1 has no kernel for 64 rows at head_dim 128).
+    ``max_row_blocks``: attention_mma.MAX_ROW_BLOCKS for this call (1: head groups)."""
     K.SPLIT_VERSION = version
+    K._split_v3.MAX_ROW_BLOCKS = max_row_blocks or RB_DEFAULT
     fn = lambda: oscar.decode_attention(q, cache)  # noqa: E731
     try:
         out = fn().float()  # compiles (and checks the call) before timing
@@ -86,6 +98,9 @@ def measure(q, cache, version, iters):
     torch.cuda.synchronize()
     return dict(graph=time_graph(fn, iters=iters, graphs=2), eager=time_cuda(fn, iters=iters),
                 out=out)
+
+
+RB_DEFAULT = K._split_v3.MAX_ROW_BLOCKS
 
 
 def main(argv=None):
@@ -103,8 +118,10 @@ def main(argv=None):
     qlens = [int(x) for x in args.qlens.split(",")]
     if args.warm > 0:
         t0 = time.perf_counter()
-        jobs = [(v, b, g, lq) for b in sorted({b for b, _ in shapes}) for g in gqas
+        jobs = [(v, b, g, lq, RB_DEFAULT) for b in sorted({b for b, _ in shapes}) for g in gqas
                 for lq in qlens for v in (1, 3)]
+        jobs += [(3, b, g, lq, 1) for b in sorted({b for b, _ in shapes}) for g in gqas
+                 for lq in qlens if row_blocked(g, lq)]
         n = warm(jobs, min(args.warm, len(jobs)))
         print(f"warm-up: {n} kernels compiled in {time.perf_counter() - t0:.1f} s "
               f"({args.warm} processes)", flush=True)
@@ -121,7 +138,7 @@ def main(argv=None):
             _, k, v = decode_inputs(b, t, seed=t + b)
             # one cache per split version: a cache keeps the launch plans of each step shape,
             # built with the SPLIT_VERSION of its first call
-            caches = {ver: oscar.quantize_kv(k, v) for ver in (1, 3)}
+            caches = {ver: oscar.quantize_kv(k, v) for ver in (1, 3, "hg")}
             del k, v
             nbytes = cache_bytes(caches[3])
             for gqa in gqas:
@@ -133,6 +150,8 @@ def main(argv=None):
                     q = q_all[:, :, :q_len].contiguous()
                     old = measure(q, caches[1], 1, args.iters)
                     new = measure(q, caches[3], 3, args.iters)
+                    hg = (measure(q, caches["hg"], 3, args.iters, max_row_blocks=1)
+                          if row_blocked(gqa, q_len) else None)
                     row = dict(batch=b, seq_len=t, gqa=gqa, q_len=q_len, rows=gqa * q_len,
                                path=path_name(gqa, q_len) if new else "unsupported")
                     if new:
@@ -144,6 +163,10 @@ def main(argv=None):
                                    tbps=tbps, share=tbps / copy)
                     if old:
                         row.update(v1_ms=old["graph"], v1_eager_ms=old["eager"])
+                    if hg and new:
+                        row.update(hg_ms=hg["graph"], hg_eager_ms=hg["eager"],
+                                   vs_hg=hg["graph"] / new["graph"],
+                                   hg_diff=float((new["out"] - hg["out"]).abs().max()))
                     if old and new:
                         row.update(speedup=old["graph"] / new["graph"],
                                    max_diff=float((new["out"] - old["out"]).abs().max()))
@@ -151,6 +174,7 @@ def main(argv=None):
                     print(row, flush=True)
     finally:
         K.SPLIT_VERSION = saved
+        K._split_v3.MAX_ROW_BLOCKS = RB_DEFAULT
     with open(os.path.join(args.out, "multirow.json"), "w") as f:
         json.dump(dict(env=env, copy_tbps=copy, rows=rows), f, indent=1)
     lines = [f"Date {env['date']}; GPU {env['gpu']}; torch {env['torch']}; numba {env['numba']}; "
@@ -159,7 +183,9 @@ def main(argv=None):
              "decode call replayed from a CUDA graph (L2 flushed, median); eager: launched from "
              "Python. v1: split kernel v1 for every shape; new: the default dispatch (path). "
              "x q1: new ms over new ms at q_len 1 (same shape and GQA). TB/s: packed bytes + q + "
-             "out over the new path's time. max diff: max |out_new - out_v1|.", "",
+             "out over the new path's time. max diff: max |out_new - out_v1|. Row blocks: "
+             "head groups ms = the same step as launches over groups of query heads "
+             "(MAX_ROW_BLOCKS = 1), and its time over the row blocks'.", "",
              "| batch | seq_len | GQA | q_len | rows | path | v1 ms | new ms | speedup | x q1 | "
              "v1 eager ms | new eager ms | TB/s (% of copy) | max diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -175,6 +201,16 @@ def main(argv=None):
                      f"{cell(r, 'vs_q1', '{:.2f}x')} | {cell(r, 'v1_eager_ms', '{:.4f}')} | "
                      f"{cell(r, 'new_eager_ms', '{:.4f}')} | {tb} | "
                      f"{cell(r, 'max_diff', '{:.1e}')} |")
+    hgs = [r for r in rows if r.get("hg_ms") is not None]
+    if hgs:
+        lines += ["", "| batch | seq_len | GQA | q_len | rows | row blocks ms | head groups ms | "
+                  "head groups / row blocks | eager (row blocks / head groups) | max diff |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in hgs:
+            lines.append(f"| {r['batch']} | {r['seq_len']} | {r['gqa']} | {r['q_len']} | "
+                         f"{r['rows']} | {r['new_ms']:.4f} | {r['hg_ms']:.4f} | "
+                         f"{r['vs_hg']:.2f}x | {r['new_eager_ms']:.4f} / "
+                         f"{r['hg_eager_ms']:.4f} | {r['hg_diff']:.1e} |")
     with open(os.path.join(args.out, "multirow.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

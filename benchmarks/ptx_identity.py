@@ -5,7 +5,7 @@
 
 ``dump`` writes the PTX of the Llama-3.1-8B default configurations (GQA 4; q_len 1 and 4, the
 latter in row groups; plain and with the fused merge) compiled by ``cuda.compile_ptx`` for
-sm_90. ``compare`` normalizes what varies between processes and revisions without changing a
+sm_90 (and the paged and row-block specializations). ``compare`` normalizes what varies between processes and revisions without changing a
 single instruction: the NumbaEnv ``.common`` declarations (Numba emits them in a random order),
 Numba's mangled names (they embed a per-process function counter), each replaced by an id in
 order of first appearance (``_param_N`` suffixes kept), and register numbers, renamed in order of
@@ -25,6 +25,10 @@ CASES = {
     "q1_fused": LLAMA + ("bfloat16", True, True),
     "q4_rg": LLAMA[:6] + (4,) + LLAMA[7:] + ("bfloat16", True, False),
     "q4_rg_fused": LLAMA[:6] + (4,) + LLAMA[7:] + ("bfloat16", True, True),
+    # the paged specialization (page size 128) and a row-block kernel (64 rows, 2 blocks)
+    "q1_paged": LLAMA + ("bfloat16", True, False, 128),
+    "q4_rg_paged_fused": LLAMA[:6] + (4,) + LLAMA[7:] + ("bfloat16", True, True, 64),
+    "g8q8_row_blocks": LLAMA[:5] + (8, 8) + LLAMA[7:] + ("bfloat16", True, False),
 }
 
 
@@ -74,7 +78,11 @@ def compare(a_dir, b_dir):
 
     same = True
     for name in CASES:
-        a, b = (normalize(open(os.path.join(d, f"{name}.ptx")).read()) for d in (a_dir, b_dir))
+        paths = [os.path.join(d, f"{name}.ptx") for d in (a_dir, b_dir)]
+        if not all(os.path.exists(p) for p in paths):
+            print(f"{name}: not in both directories")
+            continue
+        a, b = (normalize(open(p).read()) for p in paths)
         if a == b:
             print(f"{name}: IDENTICAL ({len(a.splitlines())} lines)")
             continue

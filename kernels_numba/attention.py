@@ -21,8 +21,11 @@ split kernel (launch 1)  **v3**, attention_mma.py (tensor cores, inline PTX; ptx
                          simulator) when ``SPLIT_VERSION == 3`` (the default) and
                          ``attention_mma.unsupported(key_bits, value_bits, value_group_size,
                          head_dim, rows, param_dtype)`` is None, i.e. all of: rows <= 32
-                         (beyond 8 in row groups: RG = ceil(rows / 8) warps share each
-                         staged tile, ``attention_mma.row_groups``); param_dtype float16;
+                         per block (beyond 8 in row groups: RG = ceil(rows / 8) warps share
+                         each staged tile, ``attention_mma.row_groups``; beyond one block's
+                         rows in up to 8 row blocks of equal rows, x-adjacent in the grid,
+                         :func:`row_blocks`: 64 rows at head_dim 128 in one launch of 2 x 32);
+                         param_dtype float16;
                          head_dim a multiple of 16; value groups of >= 16 channels and at
                          most 8 per head; ``head_dim * key_bits`` and
                          ``head_dim * value_bits`` multiples of 128; v3's static shared memory
@@ -34,7 +37,8 @@ residual tokens          **residual blocks** (attention_residual.py: extra block
                          ``residual_len > 0``, ``attention_residual.unsupported`` is None (a
                          residual row of head_dim elements is a power-of-two 64..2048 bytes;
                          rows <= 32; ROWS_PER_BLOCK x residual_length scores fit v3's staging
-                         buffers), and RESIDUAL_BLOCKS is ``"on"``, or ``"auto"`` and the
+                         buffers; with row blocks, the head's residual blocks spread over
+                         them), and RESIDUAL_BLOCKS is ``"on"``, or ``"auto"`` and the
                          grid ``batch * num_kv_heads * (num_splits + residual rows)`` fits one
                          wave of resident blocks (:func:`residual_block_rows`). Otherwise the
                          merge kernel scores them.
@@ -206,7 +210,9 @@ def head_groups(config, head_dim, gqa, q_len):
     ``gqa / s * q_len`` rows per KV head, or None when even one query head per KV head is too
     many rows (q_len alone). A decode step with ``s > 1`` runs as ``s`` launches over
     ``gqa / s`` query heads of each KV head (each reads the packed cache again: ``s`` times the
-    bytes of one step); docs/kernels.md, "Beyond 32 rows"."""
+    bytes of one step); docs/kernels.md, "Beyond 32 rows". Since v3's row blocks (up to 256
+    rows in one launch) this is > 1 only for v1 configurations (e.g. float32 params) and rows
+    that do not split into equal row blocks."""
     for s in range(1, gqa + 1):
         if gqa % s == 0 and rows_fit(config, head_dim, gqa // s, q_len):
             return s
@@ -249,7 +255,8 @@ def residual_in_split(key_bits, value_bits, key_group_size, value_group_size, he
             key_bits, value_bits, value_group_size, head_dim, rows, param_dtype) is None):
         return False
     words = _split_v3.scratch_words(key_bits, value_bits, value_group_size, head_dim, rows)
-    return _res.unsupported(head_dim, residual_length, rows, res_dtype, words) is None
+    per_block = _split_v3.block_rows(key_bits, value_bits, value_group_size, head_dim, rows)
+    return _res.unsupported(head_dim, residual_length, per_block, res_dtype, words) is None
 
 
 def _build_split(key_bits, value_bits, key_group_size, value_group_size, head_dim, gqa, q_len,
@@ -339,17 +346,29 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
 
 def _split_kernel(*key):
     """The compiled split kernel of ``key`` under the current module switches (SPLIT_VERSION,
-    V3_MAX_REGISTERS: a benchmark may flip them between calls)."""
-    return _compiled_split(key, SPLIT_VERSION, V3_MAX_REGISTERS)
+    V3_MAX_REGISTERS, attention_mma.MAX_ROW_BLOCKS: a benchmark may flip them between calls)."""
+    return _compiled_split(key, SPLIT_VERSION, V3_MAX_REGISTERS, _split_v3.MAX_ROW_BLOCKS)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_split(key, version, max_registers):
+def _compiled_split(key, version, max_registers, max_row_blocks):
     fn, sig = _build_split(*key)  # reads the same switches
     name = f"split_v{3 if _uses_v3(key) else 1}" + ("_paged" if _page_size(key) else "")
+    # the row blocks change the kernel for the same key: they enter the kernel-cache key
+    ckey = key + (("row_blocks", row_blocks(key)),)
     if _uses_v3(key) and max_registers and not SIMULATOR:
-        return jit(fn, sig, name=name, key=key, max_registers=max_registers)
-    return jit(fn, sig, name=name, key=key)
+        return jit(fn, sig, name=name, key=ckey, max_registers=max_registers)
+    return jit(fn, sig, name=name, key=ckey)
+
+
+def row_blocks(split_key):
+    """Blocks per (batch, KV head, split) of the split kernel of ``split_key``: v3's row blocks
+    (``attention_mma.row_blocks``: more query rows than one block holds, e.g. 64 at head_dim
+    128, run in RB x-adjacent blocks of ``rows / RB`` rows each), 1 for v1."""
+    if not _uses_v3(split_key):
+        return 1
+    kb, vb, _, gv, d, g, lq = split_key[:7]
+    return _split_v3.row_blocks(kb, vb, gv, d, g * lq)
 
 
 def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_size=0):
@@ -357,11 +376,11 @@ def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_s
     register and shared-memory use; compiles it if needed), for :func:`choose_num_splits`.
     ``page_size`` > 0: of the paged specialization."""
     key = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_size=page_size)
-    return _blocks_per_sm(key, SPLIT_VERSION, V3_MAX_REGISTERS)
+    return _blocks_per_sm(key, SPLIT_VERSION, V3_MAX_REGISTERS, _split_v3.MAX_ROW_BLOCKS)
 
 
 @functools.lru_cache(maxsize=None)
-def _blocks_per_sm(key, version, max_registers):
+def _blocks_per_sm(key, version, max_registers, max_row_blocks=None):
     if SIMULATOR or not _uses_v3(key):
         return TARGET_BLOCKS_PER_SM
     kern = _split_kernel(*key)
@@ -409,10 +428,17 @@ def _with_fused(split_key, fused):
 
 
 @functools.lru_cache(maxsize=None)
-def _residual_in_split(split_key, version):
+def _residual_in_split(split_key, version, max_row_blocks=None):
     """:func:`residual_in_split` of a split key, cached (``version``: SPLIT_VERSION). The paged
     specialization has the same residual blocks."""
     return residual_in_split(*split_key[:_KEY_LEN])
+
+
+def _residual_rows_per_x(split_key):
+    """``(row_blocks, block rows of residual blocks per x-block)``: the head's
+    ``attention_residual.blocks_per_head`` residual blocks spread over its row blocks."""
+    rb = row_blocks(split_key)
+    return rb, -(-_res.blocks_per_head(split_key[5], split_key[6]) // rb)
 
 
 @functools.lru_cache(maxsize=None)
@@ -430,12 +456,13 @@ def residual_block_rows(split_key, batch, num_kv_heads, residual_len, num_splits
                          f"'on' or 'off', got {RESIDUAL_BLOCKS!r}")
     if residual_len <= 0 or RESIDUAL_BLOCKS == "off":
         return 0
-    if not _residual_in_split(split_key, SPLIT_VERSION):
+    if not _residual_in_split(split_key, SPLIT_VERSION, _split_v3.MAX_ROW_BLOCKS):
         return 0
-    rows = _res.blocks_per_head(split_key[5], split_key[6])
+    rb, rows = _residual_rows_per_x(split_key)
     if RESIDUAL_BLOCKS == "auto":
-        slots = _blocks_per_sm(split_key, SPLIT_VERSION, V3_MAX_REGISTERS) * _num_sms()
-        if batch * num_kv_heads * (num_splits + rows) > slots:
+        slots = _blocks_per_sm(split_key, SPLIT_VERSION, V3_MAX_REGISTERS,
+                               _split_v3.MAX_ROW_BLOCKS) * _num_sms()
+        if batch * num_kv_heads * rb * (num_splits + rows) > slots:
             return 0
     return rows
 
@@ -447,9 +474,10 @@ def residual_reserve(split_key, batch, num_kv_heads, residual_len, num_sms, bloc
     they run only where the splits leave room, :func:`residual_block_rows`)."""
     if residual_len <= 0 or RESIDUAL_BLOCKS == "off":
         return 0
-    if not _residual_in_split(split_key, SPLIT_VERSION):
+    if not _residual_in_split(split_key, SPLIT_VERSION, _split_v3.MAX_ROW_BLOCKS):
         return 0
-    n = batch * num_kv_heads * _res.blocks_per_head(split_key[5], split_key[6])
+    rb, rows = _residual_rows_per_x(split_key)
+    n = batch * num_kv_heads * rb * rows
     return n if n <= RESIDUAL_RESERVE * blocks_per_sm * num_sms else 0
 
 
@@ -457,12 +485,12 @@ def merge_in_split(split_key, res_rows, quantized_len, residual_len, num_splits)
     """Whether the split kernel's last blocks merge (``attention_fused``; no merge launch):
     FUSED_MERGE, the v3 kernel, the merge kernel need not score the residual (``res_rows``
     block rows of residual blocks from :func:`residual_block_rows` or no residual tokens), at
-    most FUSED_MAX_ARRIVALS blocks feed each merge, and at most FUSED_MAX_TILES_PER_SPLIT
-    tiles per split."""
+    most FUSED_MAX_ARRIVALS blocks feed each merge (``(num_splits + res_rows) * row blocks``),
+    and at most FUSED_MAX_TILES_PER_SPLIT tiles per split."""
     tiles = -(-int(quantized_len) // TILE_TOKENS)
     return bool(FUSED_MERGE and _uses_v3(split_key)
                 and (res_rows > 0 or int(residual_len) == 0)
-                and int(num_splits) + res_rows <= FUSED_MAX_ARRIVALS
+                and (int(num_splits) + res_rows) * row_blocks(split_key) <= FUSED_MAX_ARRIVALS
                 and tiles <= FUSED_MAX_TILES_PER_SPLIT * int(num_splits))
 
 
@@ -511,6 +539,12 @@ def compile_signatures():
         (4, 4, 32, 32, 64, 8, 1, "float16", "float16", False, False, False, "float16", 32,
          "float16", True, True, 32),
     ]
+    # v3 row blocks (more rows than one block holds; v1 has no kernel for them): 64 rows =
+    # GQA 8 at q_len 8, 2 blocks of 32 rows, with the fused merge (arrivals x 2)
+    row_blocked = [
+        (2, 2, 32, 32, 128, 8, 8, "float16", "bfloat16", True, True, False, "bfloat16", 128,
+         "bfloat16", True, True),
+    ]
     merges = [
         (128, 128, "bfloat16", "bfloat16", True, "bfloat16"),  # Llama-3.1-8B, out in q's dtype
         (128, 128, "bfloat16", "bfloat16", True, "float32"),
@@ -530,6 +564,9 @@ def compile_signatures():
         for key in paged:
             fn, sig = _build_split(*key)
             yield f"attention.split_v3_paged{key}", fn, sig
+        for key in row_blocked:
+            fn, sig = _build_split(*key)
+            yield f"attention.split_v3_row_blocks{key}", fn, sig
     finally:
         SPLIT_VERSION = saved
     for key in merges:
@@ -571,8 +608,9 @@ def plan_splits(config, batch, num_kv_heads, head_dim, gqa, q_len, q_dtype, res_
     per_sm = split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_size)
     skey = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_size=page_size)
     reserve = residual_reserve(skey, batch, num_kv_heads, residual_len, num_sms, per_sm)
-    return choose_num_splits(batch, num_kv_heads, quantized_len, num_sms=num_sms,
-                             blocks_per_sm=per_sm, reserve_blocks=reserve)
+    # row blocks: RB blocks per (batch, KV head, split) share the wave
+    return choose_num_splits(batch, num_kv_heads * row_blocks(skey), quantized_len,
+                             num_sms=num_sms, blocks_per_sm=per_sm, reserve_blocks=reserve)
 
 
 def workspace_shapes(batch, num_q_heads, q_len, head_dim, num_splits):
@@ -748,7 +786,8 @@ def decode_launches(q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res
     scale32 = np.float32(scale)
     ql, rl, ns = np.int32(quantized_len), np.int32(residual_len), np.int32(num_splits)
     ws_max, ws_sum, ws_acc = workspace["split_max"], workspace["split_sum"], workspace["split_acc"]
-    launches = [(split, (batch * nkv, rows + int(num_splits)), NUM_THREADS,
+    grid_x = batch * nkv * row_blocks(skey)  # x = (b H + kvh) RB + row block
+    launches = [(split, (grid_x, rows + int(num_splits)), NUM_THREADS,
                  (q, k_codes, k_params, v_codes, v_params, norms, k_res, v_res, ws_max, ws_sum,
                   ws_acc, scale32, ql, rl, ns, np.int32(rows), out, lse, workspace["split_count"],
                   np.int32(1 if fuse else 0), lengths), SPLIT_ARGS)]
@@ -776,7 +815,8 @@ def decode_kernels(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=N
         kernels.append(_split_kernel(*_with_fused(skey, True)))
     out = q_dtype if out_dtype is None else out_dtype
     kernels.append(_merge_kernel(*_merge_key(config, head_dim, q_dtype, res_dtype, out)))
-    _blocks_per_sm(skey, SPLIT_VERSION, V3_MAX_REGISTERS)  # the unfused key, as plan_splits
+    _blocks_per_sm(skey, SPLIT_VERSION, V3_MAX_REGISTERS,
+                   _split_v3.MAX_ROW_BLOCKS)  # the unfused key, as plan_splits
     return kernels
 
 

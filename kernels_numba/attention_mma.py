@@ -23,6 +23,17 @@ shared memory allows (:func:`_num_stages`: 3 tiles in flight, as many as 2 lanes
 Rows <= 8 compile to the same instructions as before row groups existed (the row-group code is
 behind compile-time tests).
 
+More rows than one block holds (:func:`row_blocks`; 64 rows at head_dim 128: GQA 8 at q_len 8,
+GQA 4 at q_len 16): RB blocks per (batch, KV head, split), each holding ``ROWS = rows / RB``
+consecutive rows ``R0 = rbk * ROWS ..`` (the fewest RB <= MAX_ROW_BLOCKS that divides rows with
+a block that fits). Grid x = ``(b * H + kvh) * RB + rbk``: the RB blocks of a split are adjacent
+in launch order, so they run together and stream the same tiles (the second read an L2 hit).
+A block is the kernel above for its ROWS rows; only the query rows it loads, the causal limits
+and the workspace rows it writes use the global row ``R0 + r``. Residual blocks: the head's
+``NRES`` residual blocks spread over the RB x-blocks (``ceil(NRES / RB)`` block rows each; the
+ones past NRES do nothing); the fused merge counts ``RB * (splits + residual rows)`` arrivals.
+RB = 1 compiles to the same instructions as before row blocks existed (benchmarks/ptx_identity.py).
+
 Both products are ``mma.sync.m16n8k16`` (float16 in, float32 accumulate); the query rows
 (8 per warp) are the N = 8 side, so the packed codes are the large M/K operands:
 
@@ -83,7 +94,8 @@ PTX semantics), so CPU CI runs this kernel on tiny shapes.
 
 Precision (derived in tests/test_kernels_attention.py): float16 rounding of b' (relative 2**-11,
 absolute 2**-25 below the normal range) and of p and p * s; exact products, float32 accumulation.
-Requirements (:func:`unsupported`): rows <= 32, float16 params, value groups of >= 16 channels
+Requirements (:func:`unsupported`): rows <= 32 per block (up to 8 row blocks of equal rows),
+float16 params, value groups of >= 16 channels
 and at most 8 per head, head_dim a multiple of 16, ``head_dim * key_bits`` a multiple of 128
 (4 key words per lane column), ``head_dim * value_bits`` a multiple of 128 (at least one value
 word per token pair and thread), 48 KB of static shared memory.
@@ -94,6 +106,7 @@ from __future__ import annotations
 import math
 
 from ._compat import SIMULATOR, cuda, np
+from .attention_residual import blocks_per_head as _res_blocks_per_head
 from .common import (LEN_QUANTIZED, LEN_RESIDUAL, LEN_START, fwht_warp, split_block,
                      write_empty_split)
 
@@ -121,9 +134,14 @@ ALIGN16 = None if SIMULATOR else 16
 NUM_THREADS = 128
 NUM_WARPS = 4
 TILE = 32
-#: Query rows per KV head (G * q_len) the kernel takes: up to ROWS_PER_WARP with every warp
-#: holding all rows (row groups 1), beyond that in row groups (:func:`row_groups`).
+#: Query rows one block holds: up to ROWS_PER_WARP with every warp holding all rows (row
+#: groups 1), beyond that in row groups (:func:`row_groups`); more rows per KV head run in row
+#: blocks (:func:`row_blocks`).
 ROWS_MAX = 32
+#: Row blocks: a step with more rows per KV head than one block holds runs in up to this many
+#: blocks per (batch, KV head, split), each holding an equal share of the rows
+#: (:func:`row_blocks`; adjacent in the grid, so they stream the same tiles together).
+MAX_ROW_BLOCKS = 8
 #: Query rows one warp's mma tiles hold: the N = 8 side of m16n8k16.
 ROWS_PER_WARP = 8
 #: In row-group mode every (token lane's) staging area holds at least this many words: the
@@ -194,11 +212,31 @@ def shared_bytes(key_bits, value_bits, value_group_size, head_dim, rows, stages)
                                                           + 64 + 16 + 16 + 8)) + 16
 
 
+def row_blocks(key_bits, value_bits, value_group_size, head_dim, rows):
+    """Blocks per (batch, KV head, split) for ``rows`` query rows per KV head: 1 where one block
+    takes them all (at most ROWS_MAX, in row groups beyond 8, and its static shared memory
+    fits), else the fewest RB <= MAX_ROW_BLOCKS dividing ``rows`` such that one block takes
+    ``rows / RB`` (docs/kernels.md, "Row blocks"); 0 when there is none."""
+    for rb in range(1, MAX_ROW_BLOCKS + 1):
+        if rows % rb == 0 and rows // rb <= ROWS_MAX and _num_stages(
+                key_bits, value_bits, value_group_size, head_dim, rows // rb) > 0:
+            return rb
+    return 0
+
+
+def block_rows(key_bits, value_bits, value_group_size, head_dim, rows):
+    """Query rows one block of the kernel holds (``rows / row_blocks``; ``rows`` when none)."""
+    rb = row_blocks(key_bits, value_bits, value_group_size, head_dim, rows)
+    return rows // rb if rb else rows
+
+
 def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dtype):
     """None when the v3 kernel handles this configuration, else the reason (a string).
-    ``rows`` = G * q_len query rows per KV head (row groups beyond 8, :func:`row_groups`)."""
-    if rows > ROWS_MAX:
-        return f"{rows} query rows per KV head (at most {ROWS_MAX})"
+    ``rows`` = G * q_len query rows per KV head (row groups beyond 8, :func:`row_groups`; row
+    blocks beyond what one block holds, :func:`row_blocks`)."""
+    if rows > ROWS_MAX * MAX_ROW_BLOCKS:
+        return (f"{rows} query rows per KV head (at most {ROWS_MAX * MAX_ROW_BLOCKS}: "
+                f"{ROWS_MAX} a block in at most {MAX_ROW_BLOCKS} blocks)")
     if param_dtype != "float16":
         return "float32 parameters (the float16 mma operands could overflow)"
     if head_dim % 16:
@@ -209,8 +247,13 @@ def unsupported(key_bits, value_bits, value_group_size, head_dim, rows, param_dt
         return f"head_dim {head_dim} at {key_bits} bits is not 4 key words per lane column"
     if (head_dim * value_bits) % 128:
         return f"head_dim {head_dim} at {value_bits} value bits is under one word per token pair"
-    if _num_stages(key_bits, value_bits, value_group_size, head_dim, rows) == 0:
-        return "does not fit in 48 KB of static shared memory"
+    if row_blocks(key_bits, value_bits, value_group_size, head_dim, rows) == 0:
+        if rows <= ROWS_MAX and _num_stages(key_bits, value_bits, value_group_size, head_dim,
+                                            1) == 0:
+            return "does not fit in 48 KB of static shared memory"
+        return (f"{rows} query rows per KV head: no split into at most {MAX_ROW_BLOCKS} "
+                f"blocks of equal rows that fit (at most {ROWS_MAX} rows a block, and 48 KB "
+                "of static shared memory)")
     return None
 
 
@@ -232,7 +275,9 @@ def _pow2(e):
 
 
 def scratch_words(key_bits, value_bits, value_group_size, head_dim, rows):
-    """32-bit words of the staging buffers (all warps): the residual block's score scratch."""
+    """32-bit words of the staging buffers (all warps): the residual block's score scratch.
+    ``rows`` per KV head (a block holds :func:`block_rows` of them)."""
+    rows = block_rows(key_bits, value_bits, value_group_size, head_dim, rows)
     stages = _num_stages(key_bits, value_bits, value_group_size, head_dim, rows)
     return NUM_WARPS * _stage_row_words(key_bits, value_bits, value_group_size, head_dim, rows,
                                         stages)
@@ -274,7 +319,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     clipped to the row's packed tokens and start at the key group holding its first visible
     token (splits outside exit at once), and tokens before it are masked like the causal edge."""
     D, G, LQ = head_dim, gqa, q_len
-    ROWS = G * LQ
+    NROWS = G * LQ  # query rows per KV head (row r: query head kvh G + r // LQ, position r % LQ)
+    # row blocks (row_blocks): RB blocks per (batch, KV head, split), x-adjacent in the grid,
+    # block rbk holding the ROWS rows R0 = rbk ROWS .. R0 + ROWS - 1; everything below is
+    # per block (ROWS its rows) except the global row index R0 + r of q, the causal limits and
+    # the workspace. RB = 1: R0 = 0 and the kernel is the one without row blocks.
+    RB = row_blocks(key_bits, value_bits, value_group_size, head_dim, NROWS)
+    if RB == 0:
+        raise ValueError(f"v3 split kernel: {unsupported(key_bits, value_bits, value_group_size, head_dim, NROWS, 'float16')}")
+    ROWS = NROWS // RB
     NCH = D // 16
     KB, VB = key_bits, value_bits
     PAGED = page_size > 0
@@ -344,6 +397,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     ZERO_F = np.float32(0.0)
     LOG2E, LN2 = np.float32(1.0 / math.log(2.0)), np.float32(math.log(2.0))
     RESIDUAL = residual is not None
+    # residual blocks per (batch, KV head) (attention_residual.blocks_per_head); with row
+    # blocks each of the RB x-blocks has ceil(NRES / RB) block rows of them (the host's
+    # res_blocks), and the ones past NRES do nothing
+    NRES = _res_blocks_per_head(G, LQ) if RESIDUAL else 0
     if not RESIDUAL:  # never called (split >= 0); keeps the kernel's typing independent of it
 
         @cuda.jit(device=True)
@@ -421,55 +478,66 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     VP_TB, VC_TB = TILE * NGV * 4, TILE * VW * 4
 
     @cuda.jit(device=True)
-    def prefetch(sl, lane, tile, gb):
-        """cp.async one tile (and its key group's params on the group's first tile) into a stage
-        buffer, as one commit group. ``sl`` = the buffer's .shared address + 16 * lane; ``gb``
-        holds the global address of the (batch, head) slice of each array (formed once per split
-        and kept in shared memory: held in registers, ptxas re-derived all five from the array
-        strides on every tile). Per array and tile: a 32-bit multiply-add and a 64-bit add; the
-        rest are immediates. The five bases are read before any copy: ptxas merges the reads into
-        two 16-byte and one 8-byte load, and pads once (3 dummy loads before a copy whose address
-        was just computed) instead of before every array's copies."""
-        a0 = gb[0]
-        a1 = gb[1]
-        a2 = gb[2]
-        a3 = gb[3]
-        a4 = gb[4]
-        o = np.uint32(tile) * np.uint32(KC_TB) + np.uint32(16 * lane)
+    def copy_tile(sl, lane, t32, grp32, first, a0, a1, a2, a3, a4):
+        """cp.async tile ``t32`` (uint32, counted from the array bases ``a0 .. a4``: the (batch,
+        head) slices, or a page's) into the stage buffer at ``sl`` (its .shared address + 16 *
+        lane), and the params of its key group ``grp32`` (uint32) when ``first`` (the group's
+        first tile), as one commit group. Per array: a 32-bit multiply-add and a 64-bit add;
+        the rest are immediates."""
+        o = t32 * np.uint32(KC_TB) + np.uint32(16 * lane)
         ga = a0 + np.int64(o)
         for j in range((NKC + 31) // 32):
             if NKC % 32 == 0 or lane + 32 * j < NKC:
                 cp_async16_bo(sl, 4 * KC + 512 * j, ga + 512 * j)
         if SCALE_TOKENS:
             if lane < 8:
-                o = np.uint32(tile) * np.uint32(NRM_TB) + np.uint32(16 * lane)
+                o = t32 * np.uint32(NRM_TB) + np.uint32(16 * lane)
                 cp_async16_bo(sl, 4 * NRM, a1 + np.int64(o))
-        if (tile & (TPG - 1)) == 0:
-            o = np.uint32(tile >> LTPG) * np.uint32(KP_GB) + np.uint32(16 * lane)
+        if first:
+            o = grp32 * np.uint32(KP_GB) + np.uint32(16 * lane)
             ga = a2 + np.int64(o)
             for j in range((NKP + 31) // 32):
                 if NKP % 32 == 0 or lane + 32 * j < NKP:
                     pad = 4 * KP_PAD * ((lane + 32 * j) >> LKPC)  # after each quarter
                     cp_async16_bo(sl, 4 * KPO + 512 * j + pad, ga + 512 * j)
-        o = np.uint32(tile) * np.uint32(VP_TB) + np.uint32(16 * lane)
+        o = t32 * np.uint32(VP_TB) + np.uint32(16 * lane)
         ga = a3 + np.int64(o)
         for j in range((NVP + 31) // 32):
             if NVP % 32 == 0 or lane + 32 * j < NVP:
                 cp_async16_bo(sl, 4 * VPO + 512 * j, ga + 512 * j)
-        o = np.uint32(tile) * np.uint32(VC_TB) + np.uint32(16 * lane)
+        o = t32 * np.uint32(VC_TB) + np.uint32(16 * lane)
         ga = a4 + np.int64(o)
         for j in range((NVC + 31) // 32):
             if NVC % 32 == 0 or lane + 32 * j < NVC:
                 cp_async16_bo(sl, 4 * VCO + 512 * j, ga + 512 * j)
         cp_async_commit()
 
+    @cuda.jit(device=True)
+    def prefetch(sl, lane, tile, gb):
+        """cp.async one tile (and its key group's params on the group's first tile) into a stage
+        buffer, as one commit group (:func:`copy_tile`). ``gb`` holds the global address of the
+        (batch, head) slice of each array (formed once per split and kept in shared memory: held
+        in registers, ptxas re-derived all five from the array strides on every tile). The five
+        bases are read before any copy: ptxas merges the reads into two 16-byte and one 8-byte
+        load, and pads once (3 dummy loads before a copy whose address was just computed)
+        instead of before every array's copies."""
+        a0 = gb[0]
+        a1 = gb[1]
+        a2 = gb[2]
+        a3 = gb[3]
+        a4 = gb[4]
+        copy_tile(sl, lane, np.uint32(tile), np.uint32(tile >> LTPG), (tile & (TPG - 1)) == 0,
+                  a0, a1, a2, a3, a4)
+
     if PAGED:
         @cuda.jit(device=True)
         def prefetch(sl, lane, tile, gb):
-            """:func:`prefetch` of the paged specialization: the same copies, from tile ``tile %
+            """:func:`prefetch` of the paged specialization: the same copies, of tile ``tile %
             TPP`` of page ``block_table[b, tile // TPP]``. ``gb[0..4]`` hold the addresses of
             page 0's (head) slice of each section, ``gb[5]`` that of the row's block-table row,
-            ``gb[6]`` the page stride in bytes (page_bytes, the same for every section)."""
+            ``gb[6]`` the page stride in bytes (page_bytes, the same for every section). TPP is
+            a multiple of the tiles per key group, so ``tile`` and the page-local tile start a
+            key group together."""
             a0 = gb[0]
             a1 = gb[1]
             a2 = gb[2]
@@ -482,38 +550,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
             page = ldg1s(a5 + np.int64(lp * np.uint32(4)))
             # page_bytes < 2**31: one 32 x 32 -> 64-bit multiply
             po = np.int64(page) * np.int64(np.int32(a6))
-            a0 = a0 + po
-            a1 = a1 + po
-            a2 = a2 + po
-            a3 = a3 + po
-            a4 = a4 + po
-            o = lt * np.uint32(KC_TB) + np.uint32(16 * lane)
-            ga = a0 + np.int64(o)
-            for j in range((NKC + 31) // 32):
-                if NKC % 32 == 0 or lane + 32 * j < NKC:
-                    cp_async16_bo(sl, 4 * KC + 512 * j, ga + 512 * j)
-            if SCALE_TOKENS:
-                if lane < 8:
-                    o = lt * np.uint32(NRM_TB) + np.uint32(16 * lane)
-                    cp_async16_bo(sl, 4 * NRM, a1 + np.int64(o))
-            if (tile & (TPG - 1)) == 0:  # TPP is a multiple of TPG: lt starts the group too
-                o = np.uint32(lt >> LTPG) * np.uint32(KP_GB) + np.uint32(16 * lane)
-                ga = a2 + np.int64(o)
-                for j in range((NKP + 31) // 32):
-                    if NKP % 32 == 0 or lane + 32 * j < NKP:
-                        pad = 4 * KP_PAD * ((lane + 32 * j) >> LKPC)  # after each quarter
-                        cp_async16_bo(sl, 4 * KPO + 512 * j + pad, ga + 512 * j)
-            o = lt * np.uint32(VP_TB) + np.uint32(16 * lane)
-            ga = a3 + np.int64(o)
-            for j in range((NVP + 31) // 32):
-                if NVP % 32 == 0 or lane + 32 * j < NVP:
-                    cp_async16_bo(sl, 4 * VPO + 512 * j, ga + 512 * j)
-            o = lt * np.uint32(VC_TB) + np.uint32(16 * lane)
-            ga = a4 + np.int64(o)
-            for j in range((NVC + 31) // 32):
-                if NVC % 32 == 0 or lane + 32 * j < NVC:
-                    cp_async16_bo(sl, 4 * VCO + 512 * j, ga + 512 * j)
-            cp_async_commit()
+            copy_tile(sl, lane, lt, np.uint32(lt >> LTPG), (tile & (TPG - 1)) == 0, a0 + po,
+                      a1 + po, a2 + po, a3 + po, a4 + po)
 
     @cuda.jit(device=True)
     def tile_of(tb32, w32, step):
@@ -586,8 +624,15 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         g = np.int32(lane >> 2)
         t4 = np.int32(lane & 3)
         # block rows 0 .. res_blocks - 1: the residual blocks (none without RESIDUAL)
-        b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
-                                                    TPG, res_blocks if RESIDUAL else 0)
+        if RB == 1:
+            bx = cuda.blockIdx.x
+            R0 = 0
+        else:  # x = (b H + kvh) RB + rbk: the RB blocks of a split are adjacent
+            bx = cuda.blockIdx.x // RB
+            R0 = np.int32(np.int32(cuda.blockIdx.x % RB) * ROWS)
+        b, kvh, split, t_begin, t_end = split_block(bx, k_codes.shape[1], quantized_len,
+                                                    num_splits, TPG,
+                                                    res_blocks if RESIDUAL else 0)
         # this row's lengths (the host's are bounds): packed tiles up to its own, from the key
         # group of its first visible token
         row_ql = np.int32(lengths[b, LEN_QUANTIZED])
@@ -609,18 +654,23 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         gbase = cuda.shared.array((NW, 8), np.int64)
         flag = cuda.shared.array(1, np.int32)  # the fused merge: this block arrived last
         nres_blocks = res_blocks if RESIDUAL else 0
-        arrivals = num_splits + nres_blocks
+        arrivals = (num_splits + nres_blocks) * RB  # every block of (b, kvh) counts
         res_slot = 1 if nres_blocks > 0 else 0
         if RESIDUAL and split < 0:  # block-uniform
-            residual(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale, row_ql, seq_len - row_ql,
-                     b, kvh, cuda.blockIdx.y, num_splits, qs, shared_address(stage, (0, 0)),
-                     first)
+            # residual block index over the head's blocks: row blocks take res_blocks each
+            rres = cuda.blockIdx.y if RB == 1 else np.int32(
+                np.int32(cuda.blockIdx.x % RB) * res_blocks + cuda.blockIdx.y)
+            if RB == 1 or rres < NRES:
+                residual(q, k_res, v_res, ws_max, ws_sum, ws_acc, scale, row_ql,
+                         seq_len - row_ql, b, kvh, rres, num_splits, qs,
+                         shared_address(stage, (0, 0)), first)
             if FUSED and fuse != 0:
                 finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
                        arrivals, flag, shared_address(stage, (0, 0)))
             return
         if t_begin >= t_end:  # block-uniform
-            write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, NT, ROWS, D, G, LQ)
+            write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, NT, ROWS, D, G, LQ,
+                              R0)
             if FUSED and fuse != 0:
                 finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
                        arrivals, flag, shared_address(stage, (0, 0)))
@@ -679,8 +729,9 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         # cycles of barriers at B=1), then the scale and the row's max |.|
         qfac = scale * HS if ROTATE else scale
         for r in range(warp, ROWS, NW):
+            gr = R0 + r  # the global row
             for k in range(CQ):
-                qx[k] = load_q(q[b, kvh * G + r // LQ, r % LQ, lane * CQ + k])
+                qx[k] = load_q(q[b, kvh * G + gr // LQ, gr % LQ, lane * CQ + k])
             if ROTATE:
                 fwht_row(qx, lane)
             mx = ZERO_F
@@ -724,8 +775,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
         ps0 = 4 * (r0 * 32 + ((g ^ r0) << 2))
         ps1 = 4 * (r1 * 32 + ((g ^ r1) << 2))
         pl0 = 4 * (g * 32 + (t4 ^ ((g >> 1) & 3)))
-        lim0 = seq_len - LQ + (rb + r0) % LQ  # last visible position of rows r0, r1
-        lim1 = seq_len - LQ + (rb + r1) % LQ
+        lim0 = seq_len - LQ + (R0 + rb + r0) % LQ  # last visible position of rows r0, r1
+        lim1 = seq_len - LQ + (R0 + rb + r1) % LQ
         gq = min(g, ROWS - 1) if RG == 1 else rb + g
         gv = min(g, NGV - 1)
 
@@ -1076,8 +1127,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 a = ZERO_F
                 for w in range(NW):
                     a += uint_as_float(stage[w, idx]) * wgt[w, r]
-                ws_acc[b, kvh * G + r // LQ, r % LQ, split, idx % D] = a
+                gr = R0 + r
+                ws_acc[b, kvh * G + gr // LQ, gr % LQ, split, idx % D] = a
             if tid < ROWS:
+                gr = R0 + tid
                 mm = neg_inf
                 for w in range(NW):
                     mm = nanmax(mm, mw[w, tid])
@@ -1086,8 +1139,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                     for w in range(NW):
                         if mw[w, tid] != neg_inf:
                             s += lw[w, tid] * ex2(mw[w, tid] - mm)
-                ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = mm * LN2  # natural log units
-                ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = s
+                ws_max[b, kvh * G + gr // LQ, gr % LQ, split] = mm * LN2  # natural log units
+                ws_sum[b, kvh * G + gr // LQ, gr % LQ, split] = s
         else:
             # row groups: row r is row r % 8 of warp u RG + r // 8 of each token lane u
             if tid < TL * ROWS:
@@ -1109,8 +1162,10 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                 for u in range(TL):
                     wr = u * RG + rr // ROWS_PER_WARP
                     a += uint_as_float(stage[wr, lr * D + idx % D]) * wgt[wr, lr]
-                ws_acc[b, kvh * G + rr // LQ, rr % LQ, split, idx % D] = a
+                gr = R0 + rr
+                ws_acc[b, kvh * G + gr // LQ, gr % LQ, split, idx % D] = a
             if tid < ROWS:
+                gr = R0 + tid
                 lr = tid % ROWS_PER_WARP
                 mm = neg_inf
                 for u in range(TL):
@@ -1121,8 +1176,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
                         wr = u * RG + tid // ROWS_PER_WARP
                         if mw[wr, lr] != neg_inf:
                             s += lw[wr, lr] * ex2(mw[wr, lr] - mm)
-                ws_max[b, kvh * G + tid // LQ, tid % LQ, split] = mm * LN2  # natural log units
-                ws_sum[b, kvh * G + tid // LQ, tid % LQ, split] = s
+                ws_max[b, kvh * G + gr // LQ, gr % LQ, split] = mm * LN2  # natural log units
+                ws_sum[b, kvh * G + gr // LQ, gr % LQ, split] = s
         if FUSED and fuse != 0:  # (its first barrier also ends this block's use of the stage)
             finish(ws_max, ws_sum, ws_acc, out, lse, counter, b, kvh, num_splits, res_slot,
                    arrivals, flag, shared_address(stage, (0, 0)))

@@ -192,8 +192,8 @@ def build_split_v1(key_bits, value_bits, key_group_size, value_group_size, head_
         tid = cuda.threadIdx.x
         lane = tid % TILE_TOKENS
         slot = tid // TILE_TOKENS
-        b, kvh, split, t_begin, t_end = split_block(k_codes.shape[1], quantized_len, num_splits,
-                                                    TPG, 0)
+        b, kvh, split, t_begin, t_end = split_block(cuda.blockIdx.x, k_codes.shape[1],
+                                                    quantized_len, num_splits, TPG, 0)
         row_ql = lengths[b, LEN_QUANTIZED]  # the row's own lengths (the host's are bounds)
         seq_len = row_ql + lengths[b, LEN_RESIDUAL]
         first = lengths[b, LEN_START]

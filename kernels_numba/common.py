@@ -225,18 +225,19 @@ LENGTH_COLUMNS = 4
 
 
 @cuda.jit(device=True)
-def split_block(num_kv_heads, quantized_len, num_splits, tiles_per_group, first):
+def split_block(bx, num_kv_heads, quantized_len, num_splits, tiles_per_group, first):
     """``(batch, kv_head, split, begin, end)`` of this block of a decode split kernel (grid
-    ``(batch * num_kv_heads, first + num_splits)``): the split's 32-token tiles are
-    ``[begin, end)``; split ``blockIdx.y - first`` (negative for the ``first`` block rows that
-    do other work: the v3 kernel's residual blocks).
+    ``(batch * num_kv_heads [* row blocks], first + num_splits)``; ``bx`` = ``blockIdx.x``, or
+    its quotient by the v3 kernel's row blocks): the split's 32-token tiles are ``[begin,
+    end)``; split ``blockIdx.y - first`` (negative for the ``first`` block rows that do other
+    work: the v3 kernel's residual blocks).
 
     Each split takes ``ceil(tiles / num_splits)`` tiles rounded up to whole key groups
     (``tiles_per_group`` tiles), so a split always starts a key group; trailing splits may be
     empty (``begin >= end``). Shared by the three split kernels so they partition alike.
     """
-    b = cuda.blockIdx.x // num_kv_heads
-    kvh = cuda.blockIdx.x % num_kv_heads
+    b = bx // num_kv_heads
+    kvh = bx % num_kv_heads
     split = cuda.blockIdx.y - first
     ntiles = quantized_len // 32
     per = (ntiles + num_splits - 1) // num_splits
@@ -247,16 +248,18 @@ def split_block(num_kv_heads, quantized_len, num_splits, tiles_per_group, first)
 
 @cuda.jit(device=True)
 def write_empty_split(ws_max, ws_sum, ws_acc, b, kvh, split, tid, nthreads, rows, head_dim,
-                      gqa, q_len):
+                      gqa, q_len, row0):
     """Partials of a split with no tile: max -inf, sum 0, value sum 0 for its ``rows`` query rows
-    (row r = query head ``kvh * gqa + r // q_len``, position ``r % q_len``). All threads of the
-    block call it; the merge kernel then gives the split weight 0."""
+    ``row0 .. row0 + rows - 1`` (row r = query head ``kvh * gqa + r // q_len``, position ``r %
+    q_len``; ``row0`` > 0 in the v3 kernel's row blocks). All threads of the block call it; the
+    merge kernel then gives the split weight 0."""
     for idx in range(tid, rows * head_dim, nthreads):
-        r = idx // head_dim
+        r = row0 + idx // head_dim
         ws_acc[b, kvh * gqa + r // q_len, r % q_len, split, idx % head_dim] = np.float32(0.0)
     if tid < rows:
-        ws_max[b, kvh * gqa + tid // q_len, tid % q_len, split] = np.float32(-math.inf)
-        ws_sum[b, kvh * gqa + tid // q_len, tid % q_len, split] = np.float32(0.0)
+        r = row0 + tid
+        ws_max[b, kvh * gqa + r // q_len, r % q_len, split] = np.float32(-math.inf)
+        ws_sum[b, kvh * gqa + r // q_len, r % q_len, split] = np.float32(0.0)
 
 
 @arithmetic_device

@@ -34,7 +34,7 @@ Decode (:meth:`PagedNumbaStore.decode`), two paths:
   R - 1 tokens per row: the kernel's residual blocks and the merge kernel index the residual by
   row). Residual tokens and merge are the contiguous kernels'.
 * **interim gather** (:meth:`PagedNumbaStore._decode_gather`) everywhere else (the v1
-  configurations: float32 params, more than 32 rows, head_dim * bits not a multiple of 128 such
+  configurations: float32 params, rows that v3's row blocks do not take, head_dim * bits not a multiple of 128 such
   as head_dim 32 at 2 bits; or ``OSCAR_SPLIT_KERNEL=1``): rows with the same (quantized,
   residual) lengths are gathered from their pages into a contiguous workspace (``copy_runs``)
   and the contiguous kernels run on it. It moves every page once more per step (roughly

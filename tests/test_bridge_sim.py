@@ -188,11 +188,15 @@ def test_head_groups_at_the_kernels_real_limits():
 
     cfg = oscar.OScaRConfig()
     assert K.head_groups(cfg, 128, 4, 1) == 1 and K.head_groups(cfg, 128, 8, 4) == 1
-    assert K.head_groups(cfg, 128, 8, 8) == 2  # 64 rows (GQA 8 at q_len 8) -> 2 x 32
-    assert K.head_groups(cfg, 128, 4, 16) == 2  # 64 rows (GQA 4 at q_len 16)
-    assert K.head_groups(cfg, 64, 16, 4) == 2
-    assert K.head_groups(cfg, 128, 8, 32) == 8  # one query head per launch: 32 rows
-    assert K.head_groups(cfg, 128, 1, 200) is None  # q_len alone is too many rows
+    # v3 takes up to 256 rows in one launch (row blocks of up to 32 rows)
+    assert K.head_groups(cfg, 128, 8, 8) == 1 and K.head_groups(cfg, 128, 8, 32) == 1
+    assert K.head_groups(cfg, 128, 1, 300) is None  # q_len alone is too many rows
+    # v1 (float32 params): at most 32 rows at head_dim 128, beyond that head groups
+    f32 = oscar.OScaRConfig(param_dtype="float32")
+    assert K.head_groups(f32, 128, 8, 8) == 2  # 64 rows (GQA 8 at q_len 8) -> 2 x 32
+    assert K.head_groups(f32, 128, 4, 16) == 2  # 64 rows (GQA 4 at q_len 16)
+    assert K.head_groups(f32, 128, 8, 32) == 8  # one query head per launch: 32 rows
+    assert K.head_groups(f32, 128, 1, 37) is None
 
 
 def test_bridge_more_rows_than_a_kernel_takes_run_in_head_groups(bridge, monkeypatch):

@@ -181,21 +181,30 @@ def test_decode_attention_gqa_qlen_lse(gqa, q_len, cfg):
                                atol=_tol(1e-5))
 
 
-@pytest.mark.parametrize("gqa,q_len", [(8, 8), (4, 16)])
-def test_decode_attention_64_rows_in_head_groups(gqa, q_len):
-    """64 query rows per KV head at head_dim 128 (GQA 8 at q_len 8, GQA 4 at q_len 16): no split
-    kernel takes them, so the step runs as 2 launches over half the query heads each
-    (kernels_numba.attention.head_groups); out and lse equal the reference's."""
+@pytest.mark.parametrize("gqa,q_len,row_blocks", [(8, 8, 2), (4, 16, 2), (8, 8, 1)])
+def test_decode_attention_64_rows(gqa, q_len, row_blocks, monkeypatch):
+    """64 query rows per KV head at head_dim 128 (GQA 8 at q_len 8, GQA 4 at q_len 16): one v3
+    launch in 2 row blocks of 32 rows (kernels_numba.attention_mma.row_blocks), and with row
+    blocks off (MAX_ROW_BLOCKS = 1) 2 launches over half the query heads each
+    (kernels_numba.attention.head_groups); out and lse equal the reference's, and the two paths
+    agree."""
+    from oscar.kernels_numba import attention as K
+
+    monkeypatch.setattr(K._split_v3, "MAX_ROW_BLOCKS", row_blocks)
+    for f in (K._blocks_per_sm, K._residual_in_split):
+        f.cache_clear()
     rng = np.random.default_rng(gqa + q_len)
     k, v = _kv(rng, 2, 2, 300, 128, "bfloat16")
     q = torch.from_numpy(rng.standard_normal((2, 2 * gqa, q_len, 128)).astype(np.float32))
     gpu = oscar.quantize_kv(k.to(DEV), v.to(DEV))
     ref = oscar.quantize_kv(k, v)
-    assert gpu._store._head_groups(2 * gqa, q_len) == 2
+    assert gpu._store._head_groups(2 * gqa, q_len) == (1 if row_blocks > 1 else 2)
     out_g, lse_g = oscar.decode_attention(q.to(DEV).to(torch.bfloat16), gpu, return_lse=True)
     out_r, lse_r = oscar.decode_attention(q.to(torch.bfloat16).float(), ref, return_lse=True)
     assert _rel(out_g.float().cpu(), out_r) < _tol(OUT_RTOL["bfloat16"])
     np.testing.assert_allclose(lse_g.cpu().numpy(), lse_r.numpy(), rtol=F16_RTOL, atol=F16_RTOL)
+    for f in (K._blocks_per_sm, K._residual_in_split):
+        f.cache_clear()
 
 
 @pytest.mark.parametrize("head_dim", [64, 256])

@@ -749,13 +749,91 @@ def test_sim_row_groups_match_reference(monkeypatch, b, h, g, d, qlen, rlen, q_l
         K._compiled_split.cache_clear()
 
 
+def _clear_split_caches():
+    for f in (K._compiled_split, K._blocks_per_sm, K._residual_in_split):
+        f.cache_clear()
+
+
+#: Row-block cases of v3 (more rows per KV head than one block holds, attention_mma.row_blocks):
+#: (rows a block may hold (ROWS_MAX, lowered so that the simulator stays quick), batch,
+#: num_kv_heads, gqa, head_dim, quantized_len, residual_len, q_len, splits, residual blocks of
+#: rows_per_block rows or None, expected row blocks)
+ROW_BLOCK_CASES = [
+    # 12 rows in 2 blocks of 6 (row groups 1 in each); q_len 3 causal over the residual, scored
+    # by residual blocks of 4 rows: 3 per head, 2 block rows per x-block (one block idle), merged
+    # in the kernel (the arrival count is RB x (splits + residual rows))
+    (8, 1, 2, 4, 64, 64, 5, 3, 1, 4, 2),
+    # 24 rows in 2 blocks of 12 (2 row groups with padding rows each): the second block's rows
+    # start inside a query head (row 12 = head 1, position 0 of q_len 12); 2 splits and the
+    # merge kernel scores the residual; key group 64
+    (16, 1, 1, 2, 64, 128, 3, 12, 2, None, 2),
+    # 18 rows in 3 blocks of 6, 2 KV heads (x = (b H + kvh) RB + rbk)
+    (8, 1, 2, 6, 64, 64, 0, 3, 2, None, 3),
+    # the real limit: 64 rows (GQA 8 x q_len 8) in 2 blocks of 32 (4 row groups each), the
+    # Llama-3-70B verification shape at head_dim 64; residual blocks of 16 rows
+    (32, 1, 1, 8, 64, 64, 4, 8, 1, 16, 2),
+]
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("rows_max, b, h, g, d, qlen, rlen, q_len, splits, rpb, nblocks",
+                         ROW_BLOCK_CASES)
+def test_sim_row_blocks_match_reference(monkeypatch, rows_max, b, h, g, d, qlen, rlen, q_len,
+                                        splits, rpb, nblocks):
+    if K.SPLIT_VERSION != 3:
+        pytest.skip("v3's row blocks only")
+    monkeypatch.setattr(K._split_v3, "ROWS_MAX", rows_max)
+    monkeypatch.setattr(K._res, "ROWS_PER_BLOCK", rpb or 1)
+    monkeypatch.setattr(K, "RESIDUAL_BLOCKS", "on" if rpb else "off")
+    _clear_split_caches()
+    try:
+        kg = 64 if qlen % 64 == 0 and q_len == 12 else 32
+        cfg = oscar.OScaRConfig(key_group_size=kg, residual_length=kg)
+        case = make_case(b, h, g, d, qlen, rlen, q_len, cfg, q_dtype="bfloat16",
+                         res_dtype="float16", seed=q_len + g)
+        key = K._split_key(cfg, d, g, q_len, "bfloat16", "float16")
+        assert uses_f16_mma(case) and K.row_blocks(key) == nblocks
+        assert _residual_blocks_used(case) == bool(rpb and rlen)
+        check_case(case, num_splits=splits)
+        check_zero_query(case, num_splits=splits)
+    finally:
+        _clear_split_caches()
+
+
+def test_row_blocks_and_their_limits(monkeypatch):
+    if K.SPLIT_VERSION != 3:
+        pytest.skip("v3's row blocks only")
+    M = K._split_v3
+    # the fewest blocks of equal rows that one block holds (32 rows, where shared memory fits)
+    assert [M.row_blocks(2, 2, 32, 128, r) for r in (1, 32, 33, 48, 64, 96, 128, 256)] == [
+        1, 1, 3, 2, 2, 3, 4, 8]
+    assert M.block_rows(2, 2, 32, 128, 64) == 32 and M.block_rows(2, 2, 32, 128, 48) == 24
+    assert M.row_blocks(2, 2, 32, 128, 37) == 0  # prime: no equal split into <= 32 rows
+    assert "no split into at most 8 blocks" in M.unsupported(2, 2, 32, 128, 37, "float16")
+    assert "at most 256" in M.unsupported(2, 2, 32, 128, 257, "float16")
+    assert "48 KB" in M.unsupported(2, 2, 32, 256, 8, "float16")  # v1 at every q_len
+    # GQA 8 at q_len 8 and GQA 4 at q_len 16 (64 rows) run v3 in 2 blocks: one launch
+    cfg = oscar.OScaRConfig()
+    for g, lq in ((8, 8), (4, 16)):
+        key = K._split_key(cfg, 128, g, lq, "bfloat16", "bfloat16")
+        assert K._uses_v3(key) and K.row_blocks(key) == 2
+        assert K.head_groups(cfg, 128, g, lq) == 1
+    # the grid: x = batch * H * RB, and the split plan counts the row blocks' blocks
+    monkeypatch.setattr(K, "_blocks_per_sm", lambda *a: 4)
+    key = K._split_key(cfg, 128, 8, 8, "bfloat16", "bfloat16")
+    assert K.plan_splits(cfg, 8, 8, 128, 8, 8, "bfloat16", "bfloat16", 131072, 0, 132) == (
+        K.choose_num_splits(8, 16, 131072, num_sms=132, blocks_per_sm=4))
+    # MAX_ROW_BLOCKS = 1 turns row blocks off: 64 rows are then 2 head groups again
+    monkeypatch.setattr(M, "MAX_ROW_BLOCKS", 1)
+    assert not K._uses_v3(key) and K.head_groups(cfg, 128, 8, 8) == 2
+
+
 def test_row_groups_and_their_limits():
     M = K._split_v3
     assert [M.row_groups(r) for r in (1, 8, 9, 16, 17, 32)] == [1, 1, 2, 2, 4, 4]
     for rows in (9, 16, 24, 32):  # Llama-3.1-8B's head_dim at every row-group count
         assert M.unsupported(2, 2, 32, 128, rows, "float16") is None
         assert M.unsupported(4, 4, 32, 64, rows, "float16") is None
-    assert "at most 32" in M.unsupported(2, 2, 32, 128, 33, "float16")
     assert "48 KB" in M.unsupported(2, 2, 32, 256, 32, "float16")  # falls back to v1
     # the fused merge's and a residual block's scratch: the stage holds at least 2,048 words
     for rows in (9, 32):
@@ -894,10 +972,11 @@ def test_non_contiguous_array_is_a_clear_error():
                            res_dtype="float32", num_splits=1)
 
 
-@pytest.mark.parametrize("head_dim, gqa, q_len", [(256, 8, 4), (128, 8, 8), (128, 4, 16)])
+@pytest.mark.parametrize("head_dim, gqa, q_len", [(256, 8, 4), (128, 1, 37), (128, 8, 40)])
 def test_too_many_rows_is_a_clear_error(head_dim, gqa, q_len):
-    # 32 rows at head_dim 256, 64 rows at Llama's head_dim (GQA 8 q_len 8, GQA 4 q_len 16): v3
-    # takes at most 32 rows, and v1's shared memory does not fit them
+    # 32 rows at head_dim 256 (v3's shared memory does not fit this configuration), 37 rows (no
+    # equal split into row blocks of <= 32) and 320 (more than 8 row blocks) at Llama's
+    # head_dim: v1's shared memory does not fit them either
     with pytest.raises(ValueError, match="query rows per KV head"):
         K._build_split(2, 2, 32, 32, head_dim, gqa, q_len, "float16", "float16", True, True,
                        False, "float16", 32)
@@ -1027,6 +1106,11 @@ MULTIROW_GPU_CASES = [
      dict(key_bits=4, value_bits=4, value_group_size=16), "float32", "float32"),
     ("v1-d256-gqa4-qlen4", dict(batch=1, num_kv_heads=2, gqa=4, head_dim=256), 2048, 7, 4,
      dict(value_group_size=64), "float16", "float16"),
+    # row blocks (64 rows: 2 blocks of 32 in one launch), GQA 8 verifying 8 tokens, residual
+    # tokens; and GQA 4 at q_len 16 with 2 splits of 3 batch rows
+    ("rb2-gqa8-qlen8-residual", dict(batch=2, num_kv_heads=2, gqa=8, head_dim=128), 3072, 50,
+     8, {}, "bfloat16", "bfloat16"),
+    ("rb2-llama-qlen16", dict(LLAMA, batch=3), 1024, 0, 16, {}, "bfloat16", "float16"),
 ]
 
 
@@ -1043,7 +1127,11 @@ def test_gpu_multirow_matches_reference(name, shape, qlen, rlen, q_len, changes,
     rows = shape["gqa"] * q_len
     # the case runs the path its name says (row groups / v1 fallback)
     assert uses_f16_mma(case) == (not name.startswith("v1-"))
-    if uses_f16_mma(case):
+    if name.startswith("rb"):  # row blocks of 32 rows (4 row groups each)
+        key = K._split_key(case["config"], shape["head_dim"], shape["gqa"], q_len, q_dtype,
+                           res_dtype)
+        assert K.row_blocks(key) == int(name[2])
+    elif uses_f16_mma(case):
         assert K._split_v3.row_groups(rows) == int(name[2])
     num_splits = _auto_splits(case)
     out, lse = check_case(case, num_splits)

@@ -76,7 +76,8 @@ SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 MAX_DECODE_ROWS = 16
 #: On CUDA a step runs on the packed cache when the decode kernels take it in at most this many
 #: launches over groups of query heads (``kernels_numba.attention.head_groups``: one launch up to
-#: 32 rows per KV head at head_dim 128, each further launch reads the packed history again);
+#: 256 rows per KV head at head_dim 128 on the v3 kernel's row blocks, 32 on v1; each further
+#: launch reads the packed history again);
 #: beyond, the chunk path's one dequantization is the cheaper read.
 MAX_HEAD_GROUPS = 4
 #: attention-function keyword arguments that change the attention math in ways the packed path
