@@ -167,14 +167,33 @@ _SIM_ONLY = pytest.mark.skipif(not SIMULATOR, reason="simulator shapes (GPU: the
 
 @pytest.mark.sim
 @_SIM_ONLY
-@pytest.mark.parametrize("q_len, norm_scope, num_splits", [(1, "token", 2)])
-def test_sim_paged_kernel_equals_contiguous_bit_for_bit_and_the_reference(q_len, norm_scope,
-                                                                          num_splits):
+@pytest.mark.parametrize("q_len, norm_scope, num_splits, rows_max",
+                         [(1, "token", 2, None), (3, "token", 1, 3)])
+def test_sim_paged_kernel_equals_contiguous_bit_for_bit_and_the_reference(
+        q_len, norm_scope, num_splits, rows_max, monkeypatch):
     """Random block tables, a shared prefix page, rows of different lengths (one spanning two
     pages, one of a single, shared page): the paged kernel equals the contiguous v3 kernel bit
     for bit and the reference within the varlen tests' tolerance, over two splits. (q_len 2 and
     head-scoped norms: tests/test_paged_cuda.py, through the cache; row groups, rows > 8, share
-    the paged prefetch: the compile test covers them, the GPU test runs them.)"""
+    the paged prefetch: the compile test covers them, the GPU test runs them.) ``rows_max``:
+    a block's rows lowered (attention_mma.ROWS_MAX) so that G 2 x q_len 3 = 6 rows run in 2 row
+    blocks of 3, whose paged reads must equal the contiguous kernel's too."""
+    if rows_max:
+        monkeypatch.setattr(K._split_v3, "ROWS_MAX", rows_max)
+        for f in (K._compiled_split, K._blocks_per_sm, K._residual_in_split):
+            f.cache_clear()
+        key = K._split_key(oscar.OScaRConfig(residual_length=R), D, G, q_len, "float32",
+                           "float32")
+        assert K.row_blocks(key) == 2
+    try:
+        _paged_equals_contiguous(q_len, norm_scope, num_splits)
+    finally:
+        if rows_max:
+            for f in (K._compiled_split, K._blocks_per_sm, K._residual_in_split):
+                f.cache_clear()
+
+
+def _paged_equals_contiguous(q_len, norm_scope, num_splits):
     cfg = oscar.OScaRConfig(residual_length=R, norm_scope=norm_scope)
     lens = (136, 70)  # packed 128 (2 pages), 64 (row 0's first page, shared)
     cache, _pool, views, table, lengths = _state(cfg, lens, seed=3)
@@ -248,14 +267,15 @@ def test_sim_paged_kernel_rejects_bad_block_tables():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_len, p, residual_blocks", [(1, 128, "on"), (1, 64, "off"),
-                                                       (4, 128, "on")])
+                                                       (4, 128, "on"), (16, 128, "on")])
 def test_gpu_paged_kernel_equals_contiguous_at_llama_shapes(q_len, p, residual_blocks,
                                                             monkeypatch):
     """Llama-3.1-8B layer shapes (8 KV heads, D = 128, GQA 4, R = 128), float16: four rows of
     different lengths (one shares row 0's first page), shuffled pages in a poisoned pool, -1
     padding: the paged kernel equals the contiguous v3 kernel bit for bit at the same split
-    plan (q_len 4: 16 rows, row groups; residual blocks on, or the merge kernel scoring the
-    residual), and the reference within 2 % of max |v|."""
+    plan (q_len 4: 16 rows, row groups; q_len 16: 64 rows, 2 row blocks of 32; residual
+    blocks on, or the merge kernel scoring the residual), and the reference within 2 % of max
+    |v|."""
     monkeypatch.setattr(K, "RESIDUAL_BLOCKS", residual_blocks)
     cfg = oscar.OScaRConfig()
     h, d, g = 8, 128, 4
