@@ -1105,7 +1105,14 @@ MULTIROW_GPU_CASES = [
     ("rg2-gqa1-qlen9-d64-4bit", dict(batch=4, num_kv_heads=2, gqa=1, head_dim=64), 640, 3, 9,
      dict(key_bits=4, value_bits=4, value_group_size=16), "float32", "float32"),
     ("v1-d256-gqa4-qlen4", dict(batch=1, num_kv_heads=2, gqa=4, head_dim=256), 2048, 7, 4,
+     {}, "float16", "float16"),
+    # head_dim 256 with value groups of 64: one v3 block holds 2 rows (shared memory), so 16
+    # rows run in 8 row blocks of 2 (v1 before row blocks)
+    ("rb8-d256-gqa4-qlen4", dict(batch=1, num_kv_heads=2, gqa=4, head_dim=256), 2048, 7, 4,
      dict(value_group_size=64), "float16", "float16"),
+    # 128 rows (GQA 8 x q_len 16) at head_dim 64, INT4: 4 row blocks of 32
+    ("rb4-gqa8-qlen16-d64-4bit", dict(batch=2, num_kv_heads=2, gqa=8, head_dim=64), 1500, 20,
+     16, dict(key_bits=4, value_bits=4), "bfloat16", "float32"),
     # row blocks (64 rows: 2 blocks of 32 in one launch), GQA 8 verifying 8 tokens, residual
     # tokens; and GQA 4 at q_len 16 with 2 splits of 3 batch rows
     ("rb2-gqa8-qlen8-residual", dict(batch=2, num_kv_heads=2, gqa=8, head_dim=128), 3072, 50,
@@ -1127,7 +1134,7 @@ def test_gpu_multirow_matches_reference(name, shape, qlen, rlen, q_len, changes,
     rows = shape["gqa"] * q_len
     # the case runs the path its name says (row groups / v1 fallback)
     assert uses_f16_mma(case) == (not name.startswith("v1-"))
-    if name.startswith("rb"):  # row blocks of 32 rows (4 row groups each)
+    if name.startswith("rb"):  # row blocks
         key = K._split_key(case["config"], shape["head_dim"], shape["gqa"], q_len, q_dtype,
                            res_dtype)
         assert K.row_blocks(key) == int(name[2])
