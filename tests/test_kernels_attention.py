@@ -800,6 +800,21 @@ def test_sim_row_blocks_match_reference(monkeypatch, rows_max, b, h, g, d, qlen,
         _clear_split_caches()
 
 
+@pytest.mark.sim
+def test_sim_head_dim_256_in_row_blocks_of_two_rows():
+    """head_dim 256, INT2 with value groups of 64: one v3 block holds 2 rows (48 KB of shared
+    memory), so GQA 4 at q_len 1 runs in 2 row blocks of 2 rows (v1 before row blocks)."""
+    if K.SPLIT_VERSION != 3:
+        pytest.skip("v3's row blocks only")
+    cfg = oscar.OScaRConfig(value_group_size=64, residual_length=32)
+    case = make_case(1, 1, 4, 256, 64, 3, 1, cfg, q_dtype="bfloat16", res_dtype="float16",
+                     seed=4)
+    key = K._split_key(cfg, 256, 4, 1, "bfloat16", "float16")
+    assert uses_f16_mma(case) and K.row_blocks(key) == 2
+    check_case(case, num_splits=1)
+    check_zero_query(case, num_splits=1)
+
+
 def test_row_blocks_and_their_limits(monkeypatch):
     if K.SPLIT_VERSION != 3:
         pytest.skip("v3's row blocks only")
