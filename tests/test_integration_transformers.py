@@ -505,6 +505,27 @@ def test_graphed_generate_equals_generate(llama, ocfg):
             np.testing.assert_array_equal(x, y)
 
 
+def test_graphed_generate_needs_no_host_length(llama, monkeypatch):
+    """A captured step replays whatever host values it saw at capture: the layers' host-side
+    length (get_seq_length, from which transformers derives cache_position and the mask sizes)
+    is frozen in the graph. Freezing it here at its value when the static decode begins must
+    leave the tokens unchanged: nothing the step computes may depend on it."""
+    ids, am = prompts(2, 40, (0, 7), seed=3)
+    want, _ = oit.graphed_generate(llama, ids, 20, attention_mask=am, oscar_config=INT2)
+    real = oit.OScaRLayer.get_seq_length
+    frozen = {}
+
+    def get_seq_length(self):
+        if self._static is None:
+            return real(self)
+        return frozen.setdefault(self.layer_idx, real(self))
+
+    monkeypatch.setattr(oit.OScaRLayer, "get_seq_length", get_seq_length)
+    got, cache = oit.graphed_generate(llama, ids, 20, attention_mask=am, oscar_config=INT2)
+    assert frozen and torch.equal(got, want)
+    assert all(layer.cache.seq_lens.tolist() == [59, 59] for layer in cache.layers)
+
+
 def test_graphed_generate_never_quantized_equals_dynamic_cache(llama):
     ids, am = prompts(2, 20, (0, 4), seed=4)
     toks, _ = oit.graphed_generate(llama, ids, 12, attention_mask=am, oscar_config=NEVER)
