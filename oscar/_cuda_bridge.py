@@ -346,14 +346,7 @@ class NumbaStore(RowLengths):
 
     def _views(self, start: int, stop: int) -> dict:
         """Numba views of the packed buffers for tokens [start, stop)."""
-        out = {}
-        for name, arr in self.nb.items():
-            if name == "norms" and not self.config.scale_tokens:
-                out[name] = arr
-            else:
-                a, b = self._tokens_to_len(name, start), self._tokens_to_len(name, stop)
-                out[name] = arr[:, :, a:b]
-        return out
+        return self._row_views(slice(None), start, stop)
 
     # --- operations --------------------------------------------------------------------------
     def check_device(self, name, x) -> None:

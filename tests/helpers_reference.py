@@ -170,3 +170,13 @@ def assert_same_packed(cache_a, cache_b):
 
 def config(**changes) -> "oscar.OScaRConfig":
     return oscar.OScaRConfig(**changes)
+
+
+def host_array(a):
+    """A torch tensor as a NumPy array for exact comparisons: bfloat16 as float32 (exact), int32
+    (the CUDA backend's storage of uint32 codes) viewed as uint32."""
+    a = a.detach().cpu()
+    if str(a.dtype) == "torch.bfloat16":
+        a = a.float()
+    a = a.numpy()
+    return a.view(np.uint32) if a.dtype == np.int32 else a

@@ -25,6 +25,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import oscar  # noqa: E402
+from helpers_reference import host_array  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -35,12 +36,7 @@ STEPS = 300
 LAYERS = 4
 
 
-def _host(a):
-    a = a.detach().cpu()
-    if a.dtype == torch.bfloat16:
-        a = a.float()
-    a = a.numpy()
-    return a.view(np.uint32) if a.dtype == np.int32 else a
+_host = host_array
 
 
 def _token_axis(name, tokens):

@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import oscar  # noqa: E402
+from helpers_reference import host_array  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -21,12 +22,7 @@ INT2 = oscar.OScaRConfig(residual_length=32)
 NEVER = oscar.OScaRConfig(residual_length=1024)
 
 
-def _host(a):
-    a = a.detach().cpu()
-    if a.dtype == torch.bfloat16:
-        a = a.float()
-    a = a.numpy()
-    return a.view(np.uint32) if a.dtype == np.int32 else a
+_host = host_array
 
 
 def _same_packed(cuda_cache, ref_cache):
