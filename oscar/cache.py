@@ -426,16 +426,25 @@ class QuantizedKVCache(RowLengths):
         Full residual windows are quantized as they complete. Raises ValueError/TypeError for
         a shape, dtype or device that does not match the cache, and for NaN/Inf values.
         """
-        shape, dt = V.check_kv(k_new, v_new, "k_new", "v_new")
-        expected = (self.batch, self.num_kv_heads, shape[2], self.head_dim)
-        if shape != expected or shape[2] == 0:
-            raise ValueError(
-                "k_new: expected shape [batch, num_kv_heads, n >= 1, head_dim] = "
-                f"[{self.batch}, {self.num_kv_heads}, n, {self.head_dim}], got {shape}"
-            )
-        if dt != self.dtype:
-            raise TypeError(f"k_new: expected dtype {self.dtype} (the cache's), got {dt}")
-        self._store.check_device("k_new", k_new)
+        # a decode loop appends tensors of one kind every step: the checks below depend only on
+        # the pair's (type, shape, dtype, device) and the cache's batch, so a torch pair of a
+        # kind that passed them on this cache skips them (values are still the store's to check)
+        sig = None
+        if V.is_torch(k_new) and V.is_torch(v_new):
+            sig = (k_new.shape, k_new.dtype, k_new.device, type(k_new), v_new.shape,
+                   v_new.dtype, v_new.device, type(v_new), self.batch)
+        if sig is None or sig != getattr(self, "_kv_checked", None):
+            shape, dt = V.check_kv(k_new, v_new, "k_new", "v_new")
+            expected = (self.batch, self.num_kv_heads, shape[2], self.head_dim)
+            if shape != expected or shape[2] == 0:
+                raise ValueError(
+                    "k_new: expected shape [batch, num_kv_heads, n >= 1, head_dim] = "
+                    f"[{self.batch}, {self.num_kv_heads}, n, {self.head_dim}], got {shape}"
+                )
+            if dt != self.dtype:
+                raise TypeError(f"k_new: expected dtype {self.dtype} (the cache's), got {dt}")
+            self._store.check_device("k_new", k_new)
+            self._kv_checked = sig
         if isinstance(self._store, ReferenceStore):
             self._store.append(k_new, v_new, names=("k_new", "v_new"))
         else:

@@ -386,6 +386,44 @@ def test_append_mismatched_dtype_and_pair():
     assert cache.seq_len == R + 3
 
 
+def test_checks_still_run_after_a_valid_torch_call():
+    """append and decode_attention skip their static checks for torch inputs of a kind that
+    passed them on the same cache (same type, shape, dtype, device, batch): every other kind is
+    still checked, after any number of valid calls, and a batch change re-checks."""
+    k, v = (torch.from_numpy(x) for x in _kv(R + 3))
+    cache = oscar.quantize_kv(k, v, CFG)
+    one_k, one_v = k[:, :, :1].clone(), v[:, :, :1].clone()
+    q = torch.from_numpy(make_q(2, 4, 1, 32))
+    for _ in range(3):
+        cache.append(one_k, one_v)
+        oscar.decode_attention(q, cache)
+    n = cache.seq_len
+    with pytest.raises(TypeError, match=r"k_new: expected dtype float32 \(the cache's\), got "
+                                        r"bfloat16"):
+        cache.append(one_k.bfloat16(), one_v.bfloat16())
+    with pytest.raises(ValueError, match=r"v_new: expected the shape of k_new"):
+        cache.append(one_k, v[:, :, :2])
+    with pytest.raises(ValueError, match=r"k_new: expected shape"):
+        cache.append(one_k[:1], one_v[:1])
+    with pytest.raises(ValueError, match=r"k_new: expected finite values"):  # values: always
+        cache.append(torch.full_like(one_k, float("nan")), one_v)
+    with pytest.raises(ValueError, match=r"q: num_q_heads \(3\) must be a multiple"):
+        oscar.decode_attention(q[:, :3], cache)
+    with pytest.raises(TypeError, match=r"q: expected dtype in .*got float64"):
+        oscar.decode_attention(q.double(), cache)
+    with pytest.raises(ValueError, match=r"q: expected 1 <= q_len"):  # lengths: always
+        oscar.decode_attention(torch.zeros(2, 4, n + 1, 32), cache)
+    assert cache.seq_len == n
+    cache.select_batch([1])  # batch 2 -> 1: the kinds checked for batch 2 are checked again
+    with pytest.raises(ValueError, match=r"k_new: expected shape \[batch, num_kv_heads, n >= 1, "
+                                         r"head_dim\] = \[1, 2, n, 32\]"):
+        cache.append(one_k, one_v)
+    with pytest.raises(ValueError, match=r"q: expected shape \[1, num_q_heads"):
+        oscar.decode_attention(q, cache)
+    cache.append(one_k[1:], one_v[1:])
+    assert oscar.decode_attention(q[1:], cache).shape == (1, 4, 1, 32)
+
+
 # --- queries, decode_attention, dequantize_kv --------------------------------------------------
 
 
