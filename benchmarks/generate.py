@@ -18,7 +18,9 @@ A Llama-3.1-8B configuration with random bf16 weights (speed does not depend on 
 decoding and ``min_new_tokens=N``, and reports decode tokens/s and ms per token from the
 difference (wall clock, synchronized), the host share of a decode step (a step's wall time
 minus the GPU time of the same step, from CUDA events around one forward), and the peak GPU
-memory. Writes DIR/generate.json and DIR/generate.md.
+memory. Writes DIR/generate.json, DIR/generate.md and DIR/generate.png (decode tokens/s per
+case and cache kind; needs matplotlib: ``--replot DIR/generate.json`` draws it later on another
+machine).
 """
 
 from __future__ import annotations
@@ -193,8 +195,17 @@ def main(argv=None):
     p.add_argument("--kinds", default="dynamic,oscar")
     p.add_argument("--tiny", action="store_true",
                    help="a 2-layer model (smoke test of this script; runs on CPU too)")
+    p.add_argument("--replot", metavar="JSON",
+                   help="only draw generate.png from a generate.json (e.g. one from a GPU "
+                        "machine without matplotlib) into --out")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.replot:
+        with open(args.replot) as fh:
+            res = json.load(fh)
+        plot(res["rows"], os.path.join(args.out, "generate.png"),
+             f"generate() on {res['gpu']}, {res['date']}")
+        return
     import oscar.integrations.transformers  # noqa: F401  registers "oscar"
 
     model = build_model(args.tiny)
@@ -247,6 +258,40 @@ def main(argv=None):
     with open(os.path.join(args.out, "generate.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(rows, os.path.join(args.out, "generate.png"), f"generate() on {gpu}, {res['date']}")
+
+
+def plot(rows, path, title):
+    """Bar chart of decode tokens/s per case (batch x prompt), one bar per cache kind; nothing
+    without matplotlib (``pip install matplotlib``) or without a measured row."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("generate.png: matplotlib is not installed", flush=True)
+        return
+    ok = [r for r in rows if "tokens_per_s" in r]
+    if not ok:
+        return
+    cases = list(dict.fromkeys((r["batch"], r["prompt"]) for r in ok))
+    kinds = list(dict.fromkeys(r["kind"] for r in ok))
+    width = 0.8 / len(kinds)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(cases), 3.6))
+    for i, kind in enumerate(kinds):
+        vals = [next((r["tokens_per_s"] for r in ok if r["kind"] == kind
+                      and (r["batch"], r["prompt"]) == c), 0.0) for c in cases]
+        ax.bar([j + i * width for j in range(len(cases))], vals, width, label=kind)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels([f"B={b}\n{p // 1024}K" if p >= 1024 else f"B={b}\n{p}"
+                        for b, p in cases])
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
