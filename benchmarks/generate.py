@@ -16,9 +16,9 @@ A Llama-3.1-8B configuration with random bf16 weights (speed does not depend on 
 32 layers, 32 query heads, 8 KV heads, head_dim 128. For each (batch, prompt length) it runs
 ``generate(max_new_tokens=1)`` (the prefill) and ``generate(max_new_tokens=N)`` with greedy
 decoding and ``min_new_tokens=N``, and reports decode tokens/s and ms per token from the
-difference (wall clock, synchronized), the host share of a decode step (a step's wall time
-minus the GPU time of the same step, from CUDA events around one forward), and the peak GPU
-memory. Writes DIR/generate.json, DIR/generate.md and DIR/generate.png (decode tokens/s per
+difference (wall clock, synchronized), the host share of a decode step (for ``oscar`` and
+``dynamic``: the time to issue one forward, unsynchronized, over its synchronized wall time;
+near 1 = host-bound), and the peak GPU memory. Writes DIR/generate.json, DIR/generate.md and DIR/generate.png (decode tokens/s per
 case and cache kind; needs matplotlib: ``--replot DIR/generate.json`` draws it later on another
 machine).
 """
