@@ -7,9 +7,12 @@ Llama-3.1-8B-like heads (8 KV heads, head_dim 128, GQA 4 = 32 query heads; GQA 8
 heads, the Llama-3-70B ratio), INT2 g32, bfloat16 queries. For every (shape, GQA, q_len) it
 times one ``oscar.decode_attention`` call with split kernel v1 everywhere (``SPLIT_VERSION =
 1``) and with the default dispatch (``SPLIT_VERSION = 3``: v3, in row groups beyond 8 rows per
-KV head, in row blocks beyond 32, v1 where v3 does not take the rows), side by side, and for
-steps in row blocks also the head-group path they replaced (``MAX_ROW_BLOCKS = 1``: launches over
-groups of query heads, each reading the cache again): device ms of a CUDA-graph replay
+KV head, in row blocks beyond 32, v1 where v3 does not take the rows), side by side; for steps
+in row blocks also the head-group path they replaced (``MAX_ROW_BLOCKS = 1``: launches over
+groups of query heads, each reading the cache again), and for 9-32 rows (row groups) the same
+step in row blocks of 8 rows (``ROWS_MAX = 8``: every block the q_len-1 kernel's 8-row layout,
+each token lane with its own tiles in flight, the tiles read once per block): device ms of a
+CUDA-graph replay
 (CUDA events, L2 flushed, median; gpu_timing.time_graph) and of the eager call (includes the
 host launch cost; gpu_timing.time_cuda). "x q1" is the new path's graph time over its q_len = 1
 time at the same shape and GQA: the issue's goal is <= 1.3 at q_len 4 and <= 1.6 at q_len 8, GQA
@@ -65,9 +68,9 @@ def row_blocked(gqa, q_len):
 def _warm(job):
     """Compile (into the on-disk kernel cache) every kernel of one (version, batch, GQA, q_len)
     decode shape; runs in a worker process. 0 for a shape no kernel takes."""
-    version, batch, gqa, q_len, max_rb = job
+    version, batch, gqa, q_len, limits = job
     K.SPLIT_VERSION = version
-    K._split_v3.MAX_ROW_BLOCKS = max_rb
+    K._split_v3.ROWS_MAX, K._split_v3.MAX_ROW_BLOCKS = limits
     try:
         return oscar.warmup(num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                             num_q_heads=NUM_KV_HEADS * gqa, dtype="bfloat16",
@@ -83,12 +86,13 @@ def warm(jobs, workers):
         return sum(pool.map(_warm, jobs))
 
 
-def measure(q, cache, version, iters, max_row_blocks=None):
+def measure(q, cache, version, iters, limits=None):
     """Graph and eager ms of one decode call with split kernel ``version``; None where the
     configuration is refused (ValueError: v1 has no kernel for 64 rows at head_dim 128).
-    ``max_row_blocks``: attention_mma.MAX_ROW_BLOCKS for this call (1: head groups)."""
+    ``limits``: (attention_mma.ROWS_MAX, MAX_ROW_BLOCKS) for this call (HEAD_GROUPS,
+    BLOCKS_OF_8; default the library's)."""
     K.SPLIT_VERSION = version
-    K._split_v3.MAX_ROW_BLOCKS = max_row_blocks or RB_DEFAULT
+    K._split_v3.ROWS_MAX, K._split_v3.MAX_ROW_BLOCKS = limits or DEFAULT
     fn = lambda: oscar.decode_attention(q, cache)  # noqa: E731
     try:
         out = fn().float()  # compiles (and checks the call) before timing
@@ -100,7 +104,16 @@ def measure(q, cache, version, iters, max_row_blocks=None):
                 out=out)
 
 
-RB_DEFAULT = K._split_v3.MAX_ROW_BLOCKS
+#: (rows a v3 block holds, most row blocks): the library's, head groups instead of row blocks,
+#: and row blocks of 8 rows instead of row groups
+DEFAULT = (K._split_v3.ROWS_MAX, K._split_v3.MAX_ROW_BLOCKS)
+HEAD_GROUPS = (K._split_v3.ROWS_MAX, 1)
+BLOCKS_OF_8 = (K._split_v3.ROWS_PER_WARP, K._split_v3.MAX_ROW_BLOCKS)
+
+
+def row_grouped(gqa, q_len):
+    """True where the default dispatch runs one block in row groups (9-32 rows)."""
+    return "RG" in path_name(gqa, q_len) and not row_blocked(gqa, q_len)
 
 
 def main(argv=None):
@@ -118,10 +131,13 @@ def main(argv=None):
     qlens = [int(x) for x in args.qlens.split(",")]
     if args.warm > 0:
         t0 = time.perf_counter()
-        jobs = [(v, b, g, lq, RB_DEFAULT) for b in sorted({b for b, _ in shapes}) for g in gqas
-                for lq in qlens for v in (1, 3)]
-        jobs += [(3, b, g, lq, 1) for b in sorted({b for b, _ in shapes}) for g in gqas
-                 for lq in qlens if row_blocked(g, lq)]
+        batches = sorted({b for b, _ in shapes})
+        jobs = [(v, b, g, lq, DEFAULT) for b in batches for g in gqas for lq in qlens
+                for v in (1, 3)]
+        jobs += [(3, b, g, lq, HEAD_GROUPS) for b in batches for g in gqas for lq in qlens
+                 if row_blocked(g, lq)]
+        jobs += [(3, b, g, lq, BLOCKS_OF_8) for b in batches for g in gqas for lq in qlens
+                 if row_grouped(g, lq)]
         n = warm(jobs, min(args.warm, len(jobs)))
         print(f"warm-up: {n} kernels compiled in {time.perf_counter() - t0:.1f} s "
               f"({args.warm} processes)", flush=True)
@@ -138,7 +154,7 @@ def main(argv=None):
             _, k, v = decode_inputs(b, t, seed=t + b)
             # one cache per split version: a cache keeps the launch plans of each step shape,
             # built with the SPLIT_VERSION of its first call
-            caches = {ver: oscar.quantize_kv(k, v) for ver in (1, 3, "hg")}
+            caches = {ver: oscar.quantize_kv(k, v) for ver in (1, 3, "hg", "b8")}
             del k, v
             nbytes = cache_bytes(caches[3])
             for gqa in gqas:
@@ -150,8 +166,10 @@ def main(argv=None):
                     q = q_all[:, :, :q_len].contiguous()
                     old = measure(q, caches[1], 1, args.iters)
                     new = measure(q, caches[3], 3, args.iters)
-                    hg = (measure(q, caches["hg"], 3, args.iters, max_row_blocks=1)
+                    hg = (measure(q, caches["hg"], 3, args.iters, HEAD_GROUPS)
                           if row_blocked(gqa, q_len) else None)
+                    b8 = (measure(q, caches["b8"], 3, args.iters, BLOCKS_OF_8)
+                          if row_grouped(gqa, q_len) else None)
                     row = dict(batch=b, seq_len=t, gqa=gqa, q_len=q_len, rows=gqa * q_len,
                                path=path_name(gqa, q_len) if new else "unsupported")
                     if new:
@@ -167,6 +185,10 @@ def main(argv=None):
                         row.update(hg_ms=hg["graph"], hg_eager_ms=hg["eager"],
                                    vs_hg=hg["graph"] / new["graph"],
                                    hg_diff=float((new["out"] - hg["out"]).abs().max()))
+                    if b8 and new:
+                        row.update(b8_ms=b8["graph"], b8_eager_ms=b8["eager"],
+                                   vs_b8=b8["graph"] / new["graph"],
+                                   b8_diff=float((new["out"] - b8["out"]).abs().max()))
                     if old and new:
                         row.update(speedup=old["graph"] / new["graph"],
                                    max_diff=float((new["out"] - old["out"]).abs().max()))
@@ -174,7 +196,7 @@ def main(argv=None):
                     print(row, flush=True)
     finally:
         K.SPLIT_VERSION = saved
-        K._split_v3.MAX_ROW_BLOCKS = RB_DEFAULT
+        K._split_v3.ROWS_MAX, K._split_v3.MAX_ROW_BLOCKS = DEFAULT
     with open(os.path.join(args.out, "multirow.json"), "w") as f:
         json.dump(dict(env=env, copy_tbps=copy, rows=rows), f, indent=1)
     lines = [f"Date {env['date']}; GPU {env['gpu']}; torch {env['torch']}; numba {env['numba']}; "
@@ -185,7 +207,8 @@ def main(argv=None):
              "x q1: new ms over new ms at q_len 1 (same shape and GQA). TB/s: packed bytes + q + "
              "out over the new path's time. max diff: max |out_new - out_v1|. Row blocks: "
              "head groups ms = the same step as launches over groups of query heads "
-             "(MAX_ROW_BLOCKS = 1), and its time over the row blocks'.", "",
+             "(MAX_ROW_BLOCKS = 1), and its time over the row blocks'. Row groups: blocks of 8 "
+             "ms = the same step in row blocks of 8 rows (ROWS_MAX = 8).", "",
              "| batch | seq_len | GQA | q_len | rows | path | v1 ms | new ms | speedup | x q1 | "
              "v1 eager ms | new eager ms | TB/s (% of copy) | max diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -211,6 +234,16 @@ def main(argv=None):
                          f"{r['rows']} | {r['new_ms']:.4f} | {r['hg_ms']:.4f} | "
                          f"{r['vs_hg']:.2f}x | {r['new_eager_ms']:.4f} / "
                          f"{r['hg_eager_ms']:.4f} | {r['hg_diff']:.1e} |")
+    b8s = [r for r in rows if r.get("b8_ms") is not None]
+    if b8s:
+        lines += ["", "| batch | seq_len | GQA | q_len | rows | row groups ms | blocks of 8 ms | "
+                  "blocks of 8 / row groups | eager (row groups / blocks of 8) | max diff |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in b8s:
+            lines.append(f"| {r['batch']} | {r['seq_len']} | {r['gqa']} | {r['q_len']} | "
+                         f"{r['rows']} | {r['new_ms']:.4f} | {r['b8_ms']:.4f} | "
+                         f"{r['vs_b8']:.2f}x | {r['new_eager_ms']:.4f} / "
+                         f"{r['b8_eager_ms']:.4f} | {r['b8_diff']:.1e} |")
     with open(os.path.join(args.out, "multirow.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

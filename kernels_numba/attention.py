@@ -346,12 +346,13 @@ def _build_merge(head_dim, residual_length, q_dtype, res_dtype, rotate_values,
 
 def _split_kernel(*key):
     """The compiled split kernel of ``key`` under the current module switches (SPLIT_VERSION,
-    V3_MAX_REGISTERS, attention_mma.MAX_ROW_BLOCKS: a benchmark may flip them between calls)."""
-    return _compiled_split(key, SPLIT_VERSION, V3_MAX_REGISTERS, _split_v3.MAX_ROW_BLOCKS)
+    V3_MAX_REGISTERS, the row limits of :func:`_row_limits`: a benchmark may flip them between
+    calls)."""
+    return _compiled_split(key, SPLIT_VERSION, V3_MAX_REGISTERS, _row_limits())
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_split(key, version, max_registers, max_row_blocks):
+def _compiled_split(key, version, max_registers, row_limits):
     fn, sig = _build_split(*key)  # reads the same switches
     name = f"split_v{3 if _uses_v3(key) else 1}" + ("_paged" if _page_size(key) else "")
     # the row blocks change the kernel for the same key: they enter the kernel-cache key
@@ -359,6 +360,13 @@ def _compiled_split(key, version, max_registers, max_row_blocks):
     if _uses_v3(key) and max_registers and not SIMULATOR:
         return jit(fn, sig, name=name, key=ckey, max_registers=max_registers)
     return jit(fn, sig, name=name, key=ckey)
+
+
+def _row_limits():
+    """``(attention_mma.ROWS_MAX, attention_mma.MAX_ROW_BLOCKS)``: the rows one v3 block may
+    hold and the most row blocks. They decide the kernel a key compiles to, so the cached
+    kernels and plans are keyed on them too (benchmarks/multirow.py varies them)."""
+    return _split_v3.ROWS_MAX, _split_v3.MAX_ROW_BLOCKS
 
 
 def row_blocks(split_key):
@@ -376,11 +384,11 @@ def split_blocks_per_sm(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_s
     register and shared-memory use; compiles it if needed), for :func:`choose_num_splits`.
     ``page_size`` > 0: of the paged specialization."""
     key = _split_key(config, head_dim, gqa, q_len, q_dtype, res_dtype, page_size=page_size)
-    return _blocks_per_sm(key, SPLIT_VERSION, V3_MAX_REGISTERS, _split_v3.MAX_ROW_BLOCKS)
+    return _blocks_per_sm(key, SPLIT_VERSION, V3_MAX_REGISTERS, _row_limits())
 
 
 @functools.lru_cache(maxsize=None)
-def _blocks_per_sm(key, version, max_registers, max_row_blocks=None):
+def _blocks_per_sm(key, version, max_registers, row_limits=None):
     if SIMULATOR or not _uses_v3(key):
         return TARGET_BLOCKS_PER_SM
     kern = _split_kernel(*key)
@@ -428,7 +436,7 @@ def _with_fused(split_key, fused):
 
 
 @functools.lru_cache(maxsize=None)
-def _residual_in_split(split_key, version, max_row_blocks=None):
+def _residual_in_split(split_key, version, row_limits=None):
     """:func:`residual_in_split` of a split key, cached (``version``: SPLIT_VERSION). The paged
     specialization has the same residual blocks."""
     return residual_in_split(*split_key[:_KEY_LEN])
@@ -456,12 +464,12 @@ def residual_block_rows(split_key, batch, num_kv_heads, residual_len, num_splits
                          f"'on' or 'off', got {RESIDUAL_BLOCKS!r}")
     if residual_len <= 0 or RESIDUAL_BLOCKS == "off":
         return 0
-    if not _residual_in_split(split_key, SPLIT_VERSION, _split_v3.MAX_ROW_BLOCKS):
+    if not _residual_in_split(split_key, SPLIT_VERSION, _row_limits()):
         return 0
     rb, rows = _residual_rows_per_x(split_key)
     if RESIDUAL_BLOCKS == "auto":
         slots = _blocks_per_sm(split_key, SPLIT_VERSION, V3_MAX_REGISTERS,
-                               _split_v3.MAX_ROW_BLOCKS) * _num_sms()
+                               _row_limits()) * _num_sms()
         if batch * num_kv_heads * rb * (num_splits + rows) > slots:
             return 0
     return rows
@@ -474,7 +482,7 @@ def residual_reserve(split_key, batch, num_kv_heads, residual_len, num_sms, bloc
     they run only where the splits leave room, :func:`residual_block_rows`)."""
     if residual_len <= 0 or RESIDUAL_BLOCKS == "off":
         return 0
-    if not _residual_in_split(split_key, SPLIT_VERSION, _split_v3.MAX_ROW_BLOCKS):
+    if not _residual_in_split(split_key, SPLIT_VERSION, _row_limits()):
         return 0
     rb, rows = _residual_rows_per_x(split_key)
     n = batch * num_kv_heads * rb * rows
@@ -816,7 +824,7 @@ def decode_kernels(config, head_dim, gqa, q_len, q_dtype, res_dtype, out_dtype=N
     out = q_dtype if out_dtype is None else out_dtype
     kernels.append(_merge_kernel(*_merge_key(config, head_dim, q_dtype, res_dtype, out)))
     _blocks_per_sm(skey, SPLIT_VERSION, V3_MAX_REGISTERS,
-                   _split_v3.MAX_ROW_BLOCKS)  # the unfused key, as plan_splits
+                   _row_limits())  # the unfused key, as plan_splits
     return kernels
 
 
