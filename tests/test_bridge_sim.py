@@ -199,6 +199,28 @@ def test_head_groups_at_the_kernels_real_limits():
     assert K.head_groups(f32, 128, 1, 37) is None
 
 
+def test_bridge_more_rows_than_a_block_holds_run_in_row_blocks(bridge, monkeypatch):
+    # A v3 block's rows lowered to 4 so that the simulator stays quick: G 4 x q_len 2 = 8 rows
+    # run in one launch of 2 row blocks (not in head groups); out and lse equal the reference's.
+    from oscar.kernels_numba import attention as K
+
+    monkeypatch.setattr(K._split_v3, "ROWS_MAX", 4)
+    cache = _store_cache(bridge)
+    k, v = _kv(40, 11)
+    cache.append(k, v)
+    ref = oscar.quantize_kv(k.numpy(), v.numpy(), CFG)
+    store = cache._store
+    assert store._head_groups(4, 2) == 1
+    key = K._split_key(CFG, D, 4, 2, "float32", "float32")  # 1 KV head, 4 query heads
+    assert K.row_blocks(key) == 2
+    q = torch.randn(B, 4, 2, D, generator=torch.Generator().manual_seed(13)) * 0.2
+    out, lse = store.decode_attention(q, 1.0 / np.sqrt(D), True)
+    want, wlse = oscar.decode_attention(q, ref, return_lse=True)
+    vmax = float(np.abs(ref.residual()[1]).max())
+    np.testing.assert_allclose(out.numpy(), want.numpy(), atol=0.02 * vmax, rtol=0)
+    np.testing.assert_allclose(lse.numpy(), wlse.numpy(), atol=0.02, rtol=0)
+
+
 def test_bridge_more_rows_than_a_kernel_takes_run_in_head_groups(bridge, monkeypatch):
     # The kernels' limits, lowered so that the simulator stays quick: a kernel takes at most 4
     # rows per KV head, so G 4 x q_len 2 = 8 rows runs as 2 launches of 2 query heads each;
