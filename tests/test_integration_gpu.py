@@ -207,3 +207,29 @@ def test_assisted_decoding_blocks_run_on_the_packed_cache_on_cuda():
         oit.OScaRLayer._packed_path = real
     assert torch.equal(ref, out)
     assert any(q_len > 8 and packed for q_len, packed in calls), calls
+
+
+def test_decode_q_lens_leave_no_kernel_to_prepare_during_generation():
+    """OScaRCache(decode_q_lens=range(1, 12)): after the prefill every verification block of
+    prompt-lookup decoding (up to 11 tokens) finds its kernels ready: the kernel cache's
+    counters (hits = loaded, misses = compiled) do not move during the generation."""
+    pytest.importorskip("transformers")
+    from oscar.integrations import transformers as oit
+    from oscar.runtime import kernel_cache_info
+
+    model = _tiny_llama()
+    model.set_attn_implementation("oscar")
+    ids = torch.randint(0, 16, (1, 60), device="cuda")
+    cache = oit.OScaRCache(model.config, INT2, decode_q_lens=range(1, 12))
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)  # the prefill prepares
+    before = kernel_cache_info()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.generate(input_ids=ids, max_new_tokens=24, do_sample=False,
+                       prompt_lookup_num_tokens=10,
+                       past_key_values=oit.OScaRCache(model.config, INT2,
+                                                      decode_q_lens=range(1, 12)))
+    after = kernel_cache_info()
+    # the second cache's prefill finds everything in memory: no load, no compile at all
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])

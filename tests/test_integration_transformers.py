@@ -589,3 +589,34 @@ def test_packed_path_choice_per_backend():
     assert layer._packed_path(16, 16)  # 128 rows: 4 launches
     assert not layer._packed_path(16, 17)  # 5 launches: the chunk path's one dequantization
     assert not layer._packed_path(2, 40)  # no kernel takes q_len 40
+
+
+def test_decode_q_lens_are_prepared_at_the_prefill(llama, monkeypatch):
+    """OScaRCache(decode_q_lens=...) prepares the decode kernels of those query lengths when
+    the prompt is quantized (CUDA; a stand-in store records what is prepared), only those that
+    run on the packed cache; the host backend has nothing to prepare. Bad values are rejected."""
+    for bad in ((), (0,), (1, 2.0), (True,), 3, None):
+        with pytest.raises(ValueError, match="decode_q_lens"):
+            OScaRCache(llama.config, INT2, decode_q_lens=bad)
+    ids, am = prompts(1, 40, (0,), seed=5)
+    cache = OScaRCache(llama.config, INT2, decode_q_lens=range(1, 6))
+    gen(llama, "oscar", cache, input_ids=ids, attention_mask=am, max_new_tokens=2,
+        do_sample=False)  # the reference backend: nothing to prepare, no error
+    assert all(layer.decode_q_lens == (1, 2, 3, 4, 5) for layer in cache.layers)
+
+    warmed = []
+
+    class Store:
+        def _head_groups(self, num_q_heads, q_len):
+            return 1 if q_len <= 4 else 5  # q_len 5: more launches than the packed path takes
+
+        def _warm_decode(self, num_q_heads, q_len, q_dtype):
+            warmed.append((num_q_heads, q_len, q_dtype))
+
+    class Cuda:
+        backend, num_kv_heads, _store = "numba", 2, Store()
+
+    layer = oit.OScaRLayer(INT2, 0, decode_q_lens=(1, 2, 4, 5))
+    layer.cache = Cuda()
+    layer._prepare_q_lens(8, torch.zeros(1, 8, 1, 32, dtype=torch.bfloat16))
+    assert warmed == [(8, 2, "bfloat16"), (8, 4, "bfloat16")]

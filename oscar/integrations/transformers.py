@@ -199,11 +199,12 @@ class OScaRLayer(CacheLayerMixin):
     is_sliding = False  # keeps every token: windows are applied by the mask (module docstring)
 
     def __init__(self, config: OScaRConfig, layer_idx: int, max_cache_len: int | None = None,
-                 num_kv_heads: int | None = None):
+                 num_kv_heads: int | None = None, decode_q_lens=(1,)):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
         self.max_cache_len = max_cache_len
+        self.decode_q_lens = tuple(decode_q_lens)  # prepared at the prefill (CUDA)
         self.num_kv_heads = num_kv_heads  # the model's (all ranks'), for the sharding check
         self.cache = None  # oscar.QuantizedKVCache once the prompt is in
         self.pad = None  # int64 [batch] first valid token per row, None without padding
@@ -331,6 +332,7 @@ class OScaRLayer(CacheLayerMixin):
             self.cache = quantize_kv(k_s, v_s, self.config, max_seq_len=self.max_cache_len,
                                      num_q_heads=int(query.shape[1]))
             self.pad = pad
+            self._prepare_q_lens(int(query.shape[1]), query)
             return out
         if not _same_padding(self.pad, pad):
             raise ValueError(f"layer {i}: the attention mask's left padding {_fmt(pad)} differs "
@@ -355,6 +357,17 @@ class OScaRLayer(CacheLayerMixin):
                                         dropout=0.0, scaling=scaling, **kwargs)
         return out
 
+
+    def _prepare_q_lens(self, num_q_heads: int, query) -> None:
+        """On CUDA, compile or load the decode kernels of every q_len in ``decode_q_lens`` that
+        runs on the packed cache (quantize_kv prepared q_len 1), so that a verification step of
+        assisted/speculative decoding never compiles in the middle of a generation."""
+        if self.cache.backend != "numba":
+            return
+        for q_len in self.decode_q_lens:
+            if q_len > 1 and self._packed_path(num_q_heads, q_len):
+                self.cache._store._warm_decode(num_q_heads, q_len,
+                                               str(query.dtype).replace("torch.", ""))
 
     def _packed_path(self, num_q_heads: int, q_len: int) -> bool:
         """Whether a step of this query shape runs on the packed cache (MAX_DECODE_ROWS on the
@@ -525,6 +538,11 @@ class OScaRCache(Cache):
             CUDA the packed storage for it is reserved when the prompt is quantized, so no
             decode step reallocates; without it the storage doubles when a flush needs room
             (one slower step per doubling; docs/integrations.md). No effect on the host.
+        decode_q_lens: the query lengths of the decode steps to prepare (CUDA): the kernels of
+            each are compiled or loaded when the prompt is quantized, not at their first step
+            (a first compile takes seconds). q_len 1 always is; assisted or speculative decoding
+            with up to N draft tokens verifies N + 1 tokens a step, so pass e.g.
+            ``tuple(range(1, N + 2))``. No effect on the host.
 
     The model must run ``attn_implementation="oscar"`` (``model.set_attn_implementation``).
     Beam search, ``num_return_sequences``, continuation over several ``generate()`` calls,
@@ -532,12 +550,18 @@ class OScaRCache(Cache):
     :meth:`load` write and read the packed cache (safetensors).
     """
 
-    def __init__(self, config, oscar_config=None, max_cache_len: int | None = None):
+    def __init__(self, config, oscar_config=None, max_cache_len: int | None = None,
+                 decode_q_lens=(1,)):
         if max_cache_len is not None and (isinstance(max_cache_len, bool)
                                           or not isinstance(max_cache_len, int)
                                           or max_cache_len <= 0):
             raise ValueError(f"max_cache_len: expected a positive int or None, "
                              f"got {max_cache_len!r}")
+        if (not isinstance(decode_q_lens, (tuple, list, range)) or not decode_q_lens
+                or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0
+                       for x in decode_q_lens)):
+            raise ValueError(f"decode_q_lens: expected a non-empty sequence of positive ints, "
+                             f"got {decode_q_lens!r}")
         num_layers, head_dim = _model_layout(config)
         configs = layer_configs(oscar_config, num_layers)
         for i, c in enumerate(configs):
@@ -552,8 +576,9 @@ class OScaRCache(Cache):
         self._max_cache_len = max_cache_len
         text = _text_config(config)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-        super().__init__(layers=[OScaRLayer(c, i, max_cache_len, kv_heads) if c is not None
-                                 else DynamicLayer() for i, c in enumerate(configs)])
+        super().__init__(layers=[OScaRLayer(c, i, max_cache_len, kv_heads, decode_q_lens)
+                                 if c is not None else DynamicLayer()
+                                 for i, c in enumerate(configs)])
 
     @property
     def max_cache_len(self) -> int | None:
