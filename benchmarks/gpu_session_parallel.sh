@@ -25,7 +25,10 @@ run_tests compile tests/test_graph_step.py -k "torch_compile or opcheck" &
 run_tests paged tests/test_kernels_paged.py tests/test_paged_cuda.py &
 run_tests integration tests/test_integration_gpu.py &
 run_tests bridge tests/test_gpu_bridge.py -k "underflow or overflow or nonfinite or 64_rows" &
-run_tests multirow tests/test_kernels_attention.py -k "multirow" &
+# the multi-row cases compile their own kernels (about 30 s each): three processes
+run_tests multirow tests/test_kernels_attention.py -k "multirow and (rg2 or v1)" &
+run_tests multirow_rg4 tests/test_kernels_attention.py -k "multirow and rg4" &
+run_tests multirow_rb tests/test_kernels_attention.py -k "multirow and rb" &
 timeout "$T" python3 -c "import oscar; oscar.warmup(num_kv_heads=8, head_dim=128, \
 num_q_heads=32, dtype='bfloat16', batch_sizes=(1, 8), q_lens=(1,))" >/tmp/t_warm.log 2>&1 &
 wait
@@ -33,10 +36,10 @@ step tests_parallel 0 $((SECONDS - t0))
 for n in compile paged bridge; do
   { echo "##### $n"; cat "/tmp/t_$n.log"; } >>"$OUT/tests_a.log"
 done
-for n in integration multirow warm; do
+for n in integration multirow multirow_rg4 multirow_rb warm; do
   { echo "##### $n"; cat "/tmp/t_$n.log"; } >>"$OUT/tests_b.log"
 done
-for n in compile paged integration bridge multirow; do
+for n in compile paged integration bridge multirow multirow_rg4 multirow_rb; do
   echo "-- $n" | tee -a "$LOG"
   grep -E "^== |passed|failed|FAILED|^E  " "/tmp/t_$n.log" | cut -c1-220 | tail -8 | tee -a "$LOG"
 done
