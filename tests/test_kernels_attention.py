@@ -841,6 +841,15 @@ def test_row_blocks_and_their_limits(monkeypatch):
     # MAX_ROW_BLOCKS = 1 turns row blocks off: 64 rows are then 2 head groups again
     monkeypatch.setattr(M, "MAX_ROW_BLOCKS", 1)
     assert not K._uses_v3(key) and K.head_groups(cfg, 128, 8, 8) == 2
+    # the row limits key the compiled kernels: changing them between calls (a benchmark does)
+    # never reuses a kernel built for other row blocks
+    monkeypatch.setattr(M, "MAX_ROW_BLOCKS", 8)
+    k16 = K._split_key(cfg, 64, 4, 4, "float16", "float16")  # 16 rows
+    one = K._split_kernel(*k16)
+    monkeypatch.setattr(M, "ROWS_MAX", 8)
+    assert K.row_blocks(k16) == 2 and K._split_kernel(*k16) is not one
+    monkeypatch.setattr(M, "ROWS_MAX", 32)
+    assert K.row_blocks(k16) == 1 and K._split_kernel(*k16) is one
 
 
 def test_row_groups_and_their_limits():
