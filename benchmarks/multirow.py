@@ -164,14 +164,19 @@ def main(argv=None):
                                     dtype=torch.bfloat16, generator=g)
                 for q_len in qlens:
                     q = q_all[:, :, :q_len].contiguous()
+                    # the default dispatch's path, under the library's row limits (measure()
+                    # changes them for the variants)
+                    K._split_v3.ROWS_MAX, K._split_v3.MAX_ROW_BLOCKS = DEFAULT
+                    path = path_name(gqa, q_len)
+                    blocked, grouped = row_blocked(gqa, q_len), row_grouped(gqa, q_len)
                     old = measure(q, caches[1], 1, args.iters)
                     new = measure(q, caches[3], 3, args.iters)
                     hg = (measure(q, caches["hg"], 3, args.iters, HEAD_GROUPS)
-                          if row_blocked(gqa, q_len) else None)
+                          if blocked else None)
                     b8 = (measure(q, caches["b8"], 3, args.iters, BLOCKS_OF_8)
-                          if row_grouped(gqa, q_len) else None)
+                          if grouped else None)
                     row = dict(batch=b, seq_len=t, gqa=gqa, q_len=q_len, rows=gqa * q_len,
-                               path=path_name(gqa, q_len) if new else "unsupported")
+                               path=path if new else "unsupported")
                     if new:
                         base = new["graph"] if q_len == 1 else base
                         io = 2 * q.numel() * q.element_size()
