@@ -326,7 +326,8 @@ def build_split_v3(key_bits, value_bits, key_group_size, value_group_size, head_
     # the workspace. RB = 1: R0 = 0 and the kernel is the one without row blocks.
     RB = row_blocks(key_bits, value_bits, value_group_size, head_dim, NROWS)
     if RB == 0:
-        raise ValueError(f"v3 split kernel: {unsupported(key_bits, value_bits, value_group_size, head_dim, NROWS, 'float16')}")
+        why = unsupported(key_bits, value_bits, value_group_size, head_dim, NROWS, "float16")
+        raise ValueError(f"v3 split kernel: {why}")
     ROWS = NROWS // RB
     NCH = D // 16
     KB, VB = key_bits, value_bits
