@@ -36,9 +36,9 @@ residual tokens          **residual blocks** (attention_residual.py: extra block
                          v3 launch, partial at workspace slot ``num_splits``) when v3 runs,
                          ``residual_len > 0``, ``attention_residual.unsupported`` is None (a
                          residual row of head_dim elements is a power-of-two 64..2048 bytes;
-                         rows <= 32; ROWS_PER_BLOCK x residual_length scores fit v3's staging
-                         buffers; with row blocks, the head's residual blocks spread over
-                         them), and RESIDUAL_BLOCKS is ``"on"``, or ``"auto"`` and the
+                         rows <= 32 a block; ROWS_PER_BLOCK x residual_length scores fit
+                         v3's staging buffers; with row blocks, the head's residual blocks
+                         spread over them), and RESIDUAL_BLOCKS is ``"on"``, or ``"auto"`` and the
                          grid ``batch * num_kv_heads * (num_splits + residual rows)`` fits one
                          wave of resident blocks (:func:`residual_block_rows`). Otherwise the
                          merge kernel scores them.
