@@ -35,7 +35,13 @@ def _pick_backend(backend, x, name):
     return backend
 
 
+_BRIDGE = None  # the CUDA bridge module once imported (looked up on every decode step)
+
+
 def _numba_backend():
+    global _BRIDGE
+    if _BRIDGE is not None:
+        return _BRIDGE
     try:
         from . import _cuda_bridge
     except ImportError as exc:  # numba-cuda missing or broken
@@ -43,6 +49,7 @@ def _numba_backend():
             "CUDA tensors need the Numba backend: pip install 'oscar-kv[numba]' "
             f"(numba-cuda could not be imported: {exc})"
         ) from exc
+    _BRIDGE = _cuda_bridge
     return _cuda_bridge
 
 
