@@ -12,8 +12,8 @@ TESTS_CAP=${1:-120}; BENCH_CAP=${2:-150}; shift $(( $# < 2 ? $# : 2 ))
 t0=$SECONDS
 # compile the tests' and the benchmark's kernels at once (16 processes; the GPU machine has 16
 # cores), into the kernel cache the later steps load from
-timeout 120 python3 benchmarks/multirow.py --warm 8 --warm-only "$@" >"$OUT/warm_bench.log" 2>&1 &
-timeout 120 python3 benchmarks/warm_tests.py --workers 8 >"$OUT/warm_tests.log" 2>&1
+timeout 180 python3 benchmarks/multirow.py --warm 8 --warm-only "$@" >"$OUT/warm_bench.log" 2>&1 &
+timeout 180 python3 benchmarks/warm_tests.py --workers 8 >"$OUT/warm_tests.log" 2>&1
 echo "warm_tests exit $? in $((SECONDS - t0)) s"; tail -1 "$OUT/warm_tests.log"
 wait; echo "warm (benchmark) done in $((SECONDS - t0)) s"; tail -1 "$OUT/warm_bench.log"
 t0=$SECONDS
