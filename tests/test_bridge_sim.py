@@ -213,12 +213,19 @@ def test_bridge_more_rows_than_a_block_holds_run_in_row_blocks(bridge, monkeypat
     assert store._head_groups(4, 2) == 1
     key = K._split_key(CFG, D, 4, 2, "float32", "float32")  # 1 KV head, 4 query heads
     assert K.row_blocks(key) == 2
-    q = torch.randn(B, 4, 2, D, generator=torch.Generator().manual_seed(13)) * 0.2
+    _step_equals_reference(store, ref, seed=13)
+
+
+def _step_equals_reference(store, ref, seed):
+    """A 4-head q_len-2 decode step of ``store`` equals the reference cache's (out and lse);
+    returns the step's (q, out)."""
+    q = torch.randn(B, 4, 2, D, generator=torch.Generator().manual_seed(seed)) * 0.2
     out, lse = store.decode_attention(q, 1.0 / np.sqrt(D), True)
     want, wlse = oscar.decode_attention(q, ref, return_lse=True)
     vmax = float(np.abs(ref.residual()[1]).max())
     np.testing.assert_allclose(out.numpy(), want.numpy(), atol=0.02 * vmax, rtol=0)
     np.testing.assert_allclose(lse.numpy(), wlse.numpy(), atol=0.02, rtol=0)
+    return q, out
 
 
 def test_bridge_more_rows_than_a_kernel_takes_run_in_head_groups(bridge, monkeypatch):
@@ -235,12 +242,7 @@ def test_bridge_more_rows_than_a_kernel_takes_run_in_head_groups(bridge, monkeyp
     ref = oscar.quantize_kv(k.numpy(), v.numpy(), CFG)
     store = cache._store
     assert store._head_groups(4, 2) == 2 and store._head_groups(4, 1) == 1
-    q = torch.randn(B, 4, 2, D, generator=torch.Generator().manual_seed(12)) * 0.2
-    out, lse = store.decode_attention(q, 1.0 / np.sqrt(D), True)
-    want, wlse = oscar.decode_attention(q, ref, return_lse=True)
-    vmax = float(np.abs(ref.residual()[1]).max())
-    np.testing.assert_allclose(out.numpy(), want.numpy(), atol=0.02 * vmax, rtol=0)
-    np.testing.assert_allclose(lse.numpy(), wlse.numpy(), atol=0.02, rtol=0)
+    q, out = _step_equals_reference(store, ref, seed=12)
     assert torch.equal(store.decode_attention(q, 1.0 / np.sqrt(D), False), out)
     with pytest.raises(ValueError, match="q_len 5 is too many"):  # 5 rows even per head
         store.decode_attention(torch.zeros(B, 4, 5, D), 0.1, False)
