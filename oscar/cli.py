@@ -3,6 +3,8 @@
     oscar report                       # built-in synthetic data with Token Norm Imbalance
     oscar report --kv kv.npz --plots out/ --json out/report.json
     oscar report --model DIR_OR_NAME [--text FILE] [--tokens N] [--device cpu|cuda]  # doctor
+    oscar warmup --model DIR [--batch-sizes 1,8] [--q-lens 1,2,3]   # CUDA kernels ahead of time
+    oscar kernel-cache [--clear]                                     # the compiled kernels
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from . import _doctor_cli  # the --model group (the quantization doctor, oscar/doctor.py)
 
     _doctor_cli.add_arguments(rep)
+    from . import _runtime_cli  # oscar warmup, oscar kernel-cache
+
+    _runtime_cli.add_parsers(sub)
     return parser
 
 
@@ -164,6 +169,10 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in ("warmup", "kernel-cache"):
+            from . import _runtime_cli
+
+            return _runtime_cli.run(args)
         return _report(args)
     except (ValueError, TypeError, ImportError, OSError) as exc:
         print(f"oscar {args.command}: error: {exc}", file=sys.stderr)

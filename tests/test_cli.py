@@ -81,3 +81,73 @@ def test_sinks_without_attention_are_reported_not_zeros():
     assert "sinks receive almost no attention" in extras["sink_note"]
     assert all(np.isnan(r.sink_attn_err) for r in rows)
     assert report.format_table(rows).splitlines()[2].rstrip(" |").endswith("-")
+
+
+# --- oscar warmup, oscar kernel-cache ---------------------------------------------------------
+
+
+def _config_json(tmp_path, name, **cfg):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_warmup_dry_run_reads_the_model_config(capsys, tmp_path):
+    llama = _config_json(tmp_path, "llama", model_type="llama", num_attention_heads=32,
+                         num_key_value_heads=8, hidden_size=4096, torch_dtype="bfloat16")
+    assert cli.main(["warmup", "--model", str(llama), "--q-lens", "1,2,3", "--batch-sizes",
+                     "1,8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "8 KV heads x 128, 32 query heads, bfloat16" in out
+    assert "batch sizes [1, 8]; q_lens [1, 2, 3]" in out and "key_bits=2" in out
+    # a multimodal config's text_config, an explicit head_dim, the file itself, overrides
+    vlm = _config_json(tmp_path, "vlm", model_type="qwen2_5_vl", torch_dtype="float16",
+                       text_config=dict(num_attention_heads=16, num_key_value_heads=2,
+                                        head_dim=64, hidden_size=2048))
+    assert cli.main(["warmup", "--model", str(vlm / "config.json"), "--key-bits", "4",
+                     "--value-bits", "4", "--dtype", "float32", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 KV heads x 64, 16 query heads, float32" in out and "key_bits=4" in out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["warmup"], "expected --model, or --num-kv-heads and --head-dim"),
+    (["warmup", "--model", "/nonexistent"], "--model: expected a model directory"),
+    (["warmup", "--num-kv-heads", "8", "--head-dim", "128", "--q-lens", "1,0"],
+     "--q-lens: expected comma-separated positive ints"),
+    (["warmup", "--num-kv-heads", "8", "--head-dim", "128", "--batch-sizes", "x"],
+     "--batch-sizes: expected"),
+    (["warmup", "--num-kv-heads", "8", "--head-dim", "96"], "head_dim"),
+])
+def test_warmup_bad_arguments(capsys, argv, match):
+    assert cli.main([*argv, "--dry-run"]) == 1
+    assert match in capsys.readouterr().err
+
+
+def test_warmup_bad_model_config(capsys, tmp_path):
+    bad = _config_json(tmp_path, "bad", model_type="x", hidden_size=100)
+    assert cli.main(["warmup", "--model", str(bad), "--dry-run"]) == 1
+    assert "no positive num_attention_heads" in capsys.readouterr().err
+
+
+def test_warmup_without_a_gpu_is_a_clear_error(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: warmup would run")
+    assert cli.main(["warmup", "--num-kv-heads", "8", "--head-dim", "128"]) == 1
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_kernel_cache_info_and_clear(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("numba")
+    monkeypatch.setenv("OSCAR_CACHE_DIR", str(tmp_path / "kc"))
+    (tmp_path / "kc" / "ab").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "kc" / "ab" / f"e{i}.okc").write_bytes(b"x" * 10)
+    assert cli.main(["kernel-cache"]) == 0
+    out = capsys.readouterr().out
+    assert f"directory {tmp_path / 'kc'}" in out and "entries 3" in out and "bytes 30" in out
+    assert cli.main(["kernel-cache", "--clear"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 3 compiled kernels" in out and "entries 0" in out
