@@ -158,6 +158,21 @@ def test_warmup_then_no_compile_in_the_loop(tmp_path, monkeypatch):
     assert kc.stats["misses"] == before["misses"], "a kernel was compiled inside the loop"
 
 
+def test_warmup_command_prepares_a_model_config(tmp_path, capsys):
+    """`oscar warmup --model DIR` on a GPU: the shapes of a config.json, kernels ready."""
+    import json
+
+    from oscar import cli
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="llama", num_attention_heads=8, num_key_value_heads=4, hidden_size=512,
+        torch_dtype="float16")))
+    assert cli.main(["warmup", "--model", str(tmp_path), "--batch-sizes", "1,3",
+                     "--q-lens", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 KV heads x 64, 8 query heads, float16" in out and "kernels ready" in out
+
+
 def test_no_low_occupancy_warning_from_the_library():
     import warnings
 
