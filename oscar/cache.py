@@ -34,8 +34,14 @@ _NUMPY_RESIDUAL_DTYPE = {"float16": np.float16, "float32": np.float32,
 def uniform_length(lens: np.ndarray, name: str) -> int:
     """The common value of per-row lengths ``lens`` (int64 ``[batch]``); ValueError naming
     ``name`` when the rows differ (a variable-length cache: use the per-row ``*_lens``)."""
-    first = int(lens[0])
-    if (lens != first).any():
+    if lens.size <= 64:  # a decode loop reads this every step: Python beats NumPy on a few rows
+        ls = lens.tolist()
+        first = ls[0]
+        uniform = all(x == first for x in ls)
+    else:
+        first = int(lens[0])
+        uniform = not (lens != first).any()
+    if not uniform:
         raise ValueError(f"{name}: the cache's rows have different lengths (seq_lens "
                          f"{lens.tolist() if lens.size <= 16 else '...'}); use the per-row "
                          f"{name.replace('_len', '_lens')} or select_batch() one row")

@@ -340,7 +340,7 @@ class OScaRLayer(CacheLayerMixin):
         t0 = self.cache.seq_len
         k_s, v_s = _fill_padding(i, k_new, v_new, t0, pad)
         self.cache.append(k_s, v_s)
-        q_len, seq_len = int(query.shape[2]), self.cache.seq_len
+        q_len, seq_len = int(query.shape[2]), t0 + int(k_new.shape[2])  # every row grew by n
         ok, start = mask.row_start(q_len, seq_len) if mask is not None else (True, None)
         if ok and self._packed_path(int(query.shape[1]), q_len):
             if start is not None and query.is_cuda:
@@ -574,7 +574,7 @@ class OScaRCache(Cache):
         self.model_config = config
         self.layer_configs = configs
         self._max_cache_len = max_cache_len
-        text = _text_config(config)
+        text = self._text = _text_config(config)  # read on every update (get_text_config is slow)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
         super().__init__(layers=[OScaRLayer(c, i, max_cache_len, kv_heads, decode_q_lens)
                                  if c is not None else DynamicLayer()
@@ -588,7 +588,8 @@ class OScaRCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if isinstance(self.layers[layer_idx], OScaRLayer):
-            impl = getattr(_text_config(self.model_config), "_attn_implementation", None)
+            text = getattr(self, "_text", None) or _text_config(self.model_config)
+            impl = getattr(text, "_attn_implementation", None)
             if impl != ATTN_IMPLEMENTATION:
                 raise ValueError(
                     f"OScaRCache: the model runs attn_implementation={impl!r}; call "
@@ -598,6 +599,9 @@ class OScaRCache(Cache):
 
     def __deepcopy__(self, memo):
         memo[id(self.model_config)] = self.model_config  # share the model's config, copy data
+        text = getattr(self, "_text", None)
+        if text is not None:
+            memo[id(text)] = text
         new = object.__new__(type(self))
         memo[id(self)] = new
         for name, value in self.__dict__.items():
