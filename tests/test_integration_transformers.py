@@ -591,6 +591,18 @@ def test_packed_path_choice_per_backend():
     assert not layer._packed_path(2, 40)  # no kernel takes q_len 40
 
 
+@pytest.mark.parametrize("configs", [INT2, [None, INT2]])
+def test_a_model_not_running_the_oscar_attention_is_a_clear_error(llama, configs):
+    """The check runs once per forward, at the first packed layer (a dense first layer is
+    skipped): a model left on "sdpa" gets the instruction, not a crash inside SDPA."""
+    ids, am = prompts(1, 20, (0,), seed=6)
+    llama.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match=r"call model.set_attn_implementation\('oscar'\)"):
+        with torch.no_grad():
+            llama(input_ids=ids, attention_mask=am,
+                  past_key_values=OScaRCache(llama.config, configs), use_cache=True)
+
+
 def test_decode_q_lens_are_prepared_at_the_prefill(llama, monkeypatch):
     """OScaRCache(decode_q_lens=...) prepares the decode kernels of those query lengths when
     the prompt is quantized (CUDA; a stand-in store records what is prepared), only those that

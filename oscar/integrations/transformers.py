@@ -587,7 +587,13 @@ class OScaRCache(Cache):
         return self._max_cache_len
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        if isinstance(self.layers[layer_idx], OScaRLayer):
+        # every forward passes the first packed layer first: one check per forward (the layers
+        # share the config; a config attribute read costs microseconds in transformers 5)
+        first = getattr(self, "_first_packed", None)
+        if first is None:
+            first = self._first_packed = next(
+                (i for i, x in enumerate(self.layers) if isinstance(x, OScaRLayer)), -1)
+        if layer_idx == first:
             text = getattr(self, "_text", None) or _text_config(self.model_config)
             impl = getattr(text, "_attn_implementation", None)
             if impl != ATTN_IMPLEMENTATION:
