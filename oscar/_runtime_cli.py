@@ -3,6 +3,7 @@
 
     oscar warmup --model DIR_OR_CONFIG_JSON [--batch-sizes 1,8] [--q-lens 1,2,3,4,5]
     oscar warmup --num-kv-heads 8 --head-dim 128 --num-q-heads 32 [--dtype bfloat16]
+    oscar warmup ... --layer-configs plan.json   # the per-layer plan of `oscar report --model`
     oscar warmup ... --dry-run          # print what would be prepared, prepare nothing
     oscar kernel-cache [--clear]        # directory, entries, bytes; --clear deletes them
 
@@ -43,6 +44,10 @@ def add_parsers(sub) -> None:
                    help="query tokens per decode step (default 1; speculative/assisted "
                         "decoding with N draft tokens: 1,..,N+1)")
     cfg = w.add_argument_group("OScaR configuration (default: the paper's INT2)")
+    cfg.add_argument("--layer-configs", metavar="JSON",
+                     help="the per-layer configurations written by `oscar report --model "
+                          "--json` (every distinct one is prepared; unquantized layers need "
+                          "nothing)")
     cfg.add_argument("--key-bits", type=int, choices=(2, 4, 8))
     cfg.add_argument("--value-bits", type=int, choices=(2, 4, 8))
     cfg.add_argument("--residual-length", type=int, metavar="R")
@@ -114,23 +119,40 @@ def run_warmup(args) -> int:
         shapes["dtype"] = args.dtype
     changes = {k: v for k, v in (("key_bits", args.key_bits), ("value_bits", args.value_bits),
                                  ("residual_length", args.residual_length)) if v is not None}
-    config = OScaRConfig(**changes)
-    config.check_head_dim(shapes["head_dim"], "head_dim")
+    if args.layer_configs:
+        if changes:
+            raise ValueError("--layer-configs fixes every layer's configuration: give "
+                             "--key-bits/--value-bits/--residual-length only without it")
+        from .layer_configs import load_layer_configs
+
+        configs = list(dict.fromkeys(c for c in load_layer_configs(args.layer_configs)
+                                     if c is not None))
+    else:
+        configs = [OScaRConfig(**changes)]
+    for config in configs:
+        config.check_head_dim(shapes["head_dim"], "head_dim")
     batch_sizes = _positive_ints("batch-sizes", args.batch_sizes)
     q_lens = _positive_ints("q-lens", args.q_lens)
     print(f"oscar warmup: {shapes['num_kv_heads']} KV heads x {shapes['head_dim']}, "
           f"{shapes['num_q_heads'] or 'no'} query heads, {shapes['dtype']}; batch sizes "
-          f"{list(batch_sizes)}; q_lens {list(q_lens)}; {config}", flush=True)
-    if args.dry_run:
+          f"{list(batch_sizes)}; q_lens {list(q_lens)}; {len(configs)} configuration"
+          f"{'s' if len(configs) != 1 else ''}", flush=True)
+    for config in configs:
+        print(f"  {config}", flush=True)
+    if args.dry_run or not configs:
         return 0
     from .runtime import kernel_cache_info, warmup
 
-    res = warmup(config, num_kv_heads=shapes["num_kv_heads"], head_dim=shapes["head_dim"],
-                 num_q_heads=shapes["num_q_heads"], dtype=shapes["dtype"],
-                 batch_sizes=batch_sizes, q_lens=q_lens, device=args.device)
+    total = {"kernels": 0, "compiled": 0, "loaded": 0, "seconds": 0.0}
+    for config in configs:
+        res = warmup(config, num_kv_heads=shapes["num_kv_heads"], head_dim=shapes["head_dim"],
+                     num_q_heads=shapes["num_q_heads"], dtype=shapes["dtype"],
+                     batch_sizes=batch_sizes, q_lens=q_lens, device=args.device)
+        for k in total:
+            total[k] += res[k]
     info = kernel_cache_info()
-    print(f"oscar warmup: {res['kernels']} kernels ready ({res['compiled']} compiled, "
-          f"{res['loaded']} loaded) in {res['seconds']:.1f} s; kernel cache "
+    print(f"oscar warmup: {total['kernels']} kernels ready ({total['compiled']} compiled, "
+          f"{total['loaded']} loaded) in {total['seconds']:.1f} s; kernel cache "
           f"{info['directory']} ({info['entries']} entries)")
     return 0
 

@@ -100,7 +100,7 @@ def test_warmup_dry_run_reads_the_model_config(capsys, tmp_path):
                      "1,8", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "8 KV heads x 128, 32 query heads, bfloat16" in out
-    assert "batch sizes [1, 8]; q_lens [1, 2, 3]" in out and "key_bits=2" in out
+    assert "batch sizes [1, 8]; q_lens [1, 2, 3]; 1 configuration" in out and "key_bits=2" in out
     # a multimodal config's text_config, an explicit head_dim, the file itself, overrides
     vlm = _config_json(tmp_path, "vlm", model_type="qwen2_5_vl", torch_dtype="float16",
                        text_config=dict(num_attention_heads=16, num_key_value_heads=2,
@@ -109,6 +109,18 @@ def test_warmup_dry_run_reads_the_model_config(capsys, tmp_path):
                      "--value-bits", "4", "--dtype", "float32", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "2 KV heads x 64, 16 query heads, float32" in out and "key_bits=4" in out
+    # a per-layer plan: its distinct quantized configurations (INT2 twice, INT4, one dense)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "oscar-layer-configs", "version": 1, "num_layers": 4,
+                                "layers": [{"key_bits": 2}, {"key_bits": 4, "value_bits": 4},
+                                           None, {"key_bits": 2}]}))
+    assert cli.main(["warmup", "--model", str(llama), "--layer-configs", str(plan),
+                     "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 configurations" in out and out.count("OScaRConfig(") == 2
+    assert cli.main(["warmup", "--model", str(llama), "--layer-configs", str(plan),
+                     "--key-bits", "4", "--dry-run"]) == 1
+    assert "--layer-configs fixes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, match", [
