@@ -90,6 +90,9 @@ def model_shapes(path: str) -> dict:
     if not isinstance(heads, int) or heads <= 0:
         raise ValueError(f"--model: {file} has no positive num_attention_heads")
     kv = text.get("num_key_value_heads") or heads
+    if not isinstance(kv, int) or kv <= 0 or heads % kv:
+        raise ValueError(f"--model: {file}: expected num_key_value_heads a positive divisor of "
+                         f"num_attention_heads ({heads}), got {kv!r}")
     head_dim = text.get("head_dim")
     if not head_dim:
         hidden = text.get("hidden_size")
@@ -97,6 +100,8 @@ def model_shapes(path: str) -> dict:
             raise ValueError(f"--model: {file} has neither head_dim nor a hidden_size "
                              "divisible by num_attention_heads")
         head_dim = hidden // heads
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        raise ValueError(f"--model: {file}: expected a positive int head_dim, got {head_dim!r}")
     dtype = text.get("torch_dtype") or text.get("dtype") or cfg.get("torch_dtype")
     return {"num_kv_heads": int(kv), "head_dim": int(head_dim), "num_q_heads": int(heads),
             "dtype": dtype if dtype in DTYPES else "bfloat16"}

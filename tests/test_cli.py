@@ -137,10 +137,17 @@ def test_warmup_bad_arguments(capsys, argv, match):
     assert match in capsys.readouterr().err
 
 
-def test_warmup_bad_model_config(capsys, tmp_path):
-    bad = _config_json(tmp_path, "bad", model_type="x", hidden_size=100)
+@pytest.mark.parametrize("cfg, match", [
+    (dict(hidden_size=100), "no positive num_attention_heads"),
+    (dict(num_attention_heads=8, num_key_value_heads=3, head_dim=64),
+     "num_key_value_heads a positive divisor"),
+    (dict(num_attention_heads=8, head_dim="64"), "positive int head_dim"),
+    (dict(num_attention_heads=8, hidden_size=100), "neither head_dim nor a hidden_size"),
+])
+def test_warmup_bad_model_config(capsys, tmp_path, cfg, match):
+    bad = _config_json(tmp_path, "bad", model_type="x", **cfg)
     assert cli.main(["warmup", "--model", str(bad), "--dry-run"]) == 1
-    assert "no positive num_attention_heads" in capsys.readouterr().err
+    assert match in capsys.readouterr().err
 
 
 def test_warmup_without_a_gpu_is_a_clear_error(capsys):
